@@ -1,0 +1,81 @@
+"""Backbone and Task: what a suite plugin provides to the harness.
+
+A Backbone is a pretrained model family with fine-tuned checkpoints for the tasks
+of its suite. Its *encoder* (the part that is merged) is an ``nn.Module`` whose
+``forward(**inputs)`` returns one feature vector per input; each task keeps its own
+fixed head on top, which no method merges (as in the papers).
+Checkpoints are safetensors files so that the ModelPool can read them tensor by
+tensor (bounded memory) and nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Mapping
+
+import torch
+from torch import nn
+
+Inputs = Mapping[str, torch.Tensor]  # one batch of model inputs, e.g. input_ids + attention_mask
+
+
+@dataclass(frozen=True)
+class Task:
+    """An evaluation dataset with its label set and metric."""
+
+    name: str
+    classes: tuple[str, ...]
+    metric: str = "accuracy"
+
+
+class Backbone(abc.ABC):
+    name: ClassVar[str]
+    suite: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    @property
+    @abc.abstractmethod
+    def tasks(self) -> tuple[Task, ...]:
+        """The tasks of the suite, in table order."""
+
+    # --- checkpoints -------------------------------------------------------
+    @abc.abstractmethod
+    def pretrained_checkpoint(self) -> Path:
+        """Safetensors file of the pretrained encoder state dict."""
+
+    @abc.abstractmethod
+    def finetuned_checkpoint(self, task: str) -> Path:
+        """Safetensors file of the encoder fine-tuned on ``task``."""
+
+    def prepare(self, force: bool = False) -> None:
+        """Create whatever is missing (data caches, fine-tuned checkpoints)."""
+
+    # --- modules ------------------------------------------------------------
+    @abc.abstractmethod
+    def build_encoder(self) -> nn.Module:
+        """A fresh encoder module (weights are loaded by the caller)."""
+
+    @abc.abstractmethod
+    def head(self, task: str) -> nn.Module:
+        """The task's fixed classification head (features -> logits)."""
+
+    def is_merged(self, key: str, dtype: torch.dtype | None) -> bool:
+        """Which tensors merging methods touch: every floating-point tensor (dtype None: not floating)."""
+        return dtype is not None
+
+    # --- data -----------------------------------------------------------------
+    @abc.abstractmethod
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        """(inputs, labels) batches of a split ("train" or "test"), in a fixed order."""
+
+    @abc.abstractmethod
+    def exemplars(self, task: str, n: int, seed: int) -> dict[str, Any]:
+        """Inputs (no labels) of ``n`` seeded examples of the task's training split."""
+
+    def task(self, name: str) -> Task:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        valid = ", ".join(t.name for t in self.tasks)
+        raise KeyError(f"backbone {self.name!r} has no task {name!r}; its tasks: {valid}")

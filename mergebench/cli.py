@@ -1,0 +1,146 @@
+"""The ``mergebench`` command line: run, list, prepare, leaderboard."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mergebench.method import HyperparameterError
+from mergebench.pool import CheckpointError
+from mergebench.registry import BACKBONES, METHODS, UnknownNameError
+
+EXPECTED_ERRORS = (UnknownNameError, HyperparameterError, CheckpointError, FileNotFoundError, RuntimeError, ValueError)
+
+
+def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, booleans, lists)."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise HyperparameterError(f"hyperparameter {pair!r} is not of the form key=value")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from mergebench.runner import make_method, run
+    from mergebench.table import results_table
+
+    methods = [m for m in args.method.split(",") if m]
+    overrides = parse_hyperparameters(args.hp)
+    for name in methods:  # fail on a bad name or hyperparameter before any work starts
+        make_method(name, overrides if len(methods) == 1 else {})
+    BACKBONES.get(args.backbone)
+    results = []
+    for name in methods:
+        result = run(
+            name,
+            args.backbone,
+            seed=args.seed,
+            hyperparameters=overrides if len(methods) == 1 else None,
+            results_dir=None if args.no_save else args.results_dir,
+            batch_size=args.batch_size,
+        )
+        results.append(result)
+        print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s)", file=sys.stderr)
+    print(results_table(results))
+    if not args.no_save:
+        print(f"\nappended {len(results)} record(s) to {Path(args.results_dir) / (args.backbone + '.jsonl')}")
+    return 0
+
+
+def command_list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    rows = []
+    for name, cls in METHODS.items():
+        kind = "reference" if cls.reference else ("dynamic" if cls.dynamic else "static")
+        defaults = ", ".join(f"{k}={v}" for k, v in cls.hyperparameters.items()) or "-"
+        rows.append([name, kind, "yes" if cls.needs_exemplars else "no", defaults])
+    print("Methods\n" + tabulate(rows, headers=["method", "kind", "exemplars", "defaults"]))
+    rows = [[name, cls.suite, cls.description] for name, cls in BACKBONES.items()]
+    print("\nBackbones\n" + tabulate(rows, headers=["backbone", "suite", "description"]))
+    suites: dict[str, list[str]] = {}
+    for name, cls in BACKBONES.items():
+        suites.setdefault(cls.suite, []).append(name)
+    print("\nSuites\n" + tabulate(sorted((s, ", ".join(b)) for s, b in suites.items()), headers=["suite", "backbones"]))
+    return 0
+
+
+def command_prepare(args: argparse.Namespace) -> int:
+    backbone_cls = BACKBONES.get(args.backbone)
+    packages = list(getattr(backbone_cls, "system_packages", ()))
+    if args.install_data and packages:
+        commands = [["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]]
+        if os.geteuid() != 0:
+            commands = [["sudo", *c] for c in commands]
+        for command in commands:
+            print("+ " + shlex.join(command), file=sys.stderr)
+            subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    backbone_cls().prepare(force=args.force)
+    print(f"{args.backbone}: ready")
+    return 0
+
+
+def command_leaderboard(args: argparse.Namespace) -> int:
+    from mergebench.table import leaderboard_markdown
+
+    text = leaderboard_markdown(Path(args.results_dir))
+    output = Path(args.output)
+    tmp = output.with_name(f".{output.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(output)
+    print(f"wrote {output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergebench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="merge a backbone's fine-tuned models with a method and evaluate every task")
+    run.add_argument("--method", required=True, help="method name, or several separated by commas")
+    run.add_argument("--backbone", required=True)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    run.add_argument("--results-dir", default="results")
+    run.add_argument("--no-save", action="store_true", help="print the table but write no record")
+    run.add_argument("--batch-size", type=int, default=64)
+    run.set_defaults(func=command_run)
+
+    lst = sub.add_parser("list", help="registered methods, backbones and suites")
+    lst.set_defaults(func=command_list)
+
+    prepare = sub.add_parser("prepare", help="build data caches and fine-tuned checkpoints of a backbone")
+    prepare.add_argument("--backbone", required=True)
+    prepare.add_argument("--install-data", action="store_true", help="apt-get install the system data packages first")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
+    prepare.set_defaults(func=command_prepare)
+
+    board = sub.add_parser("leaderboard", help="regenerate leaderboard.md from results/")
+    board.add_argument("--results-dir", default="results")
+    board.add_argument("--output", default="leaderboard.md")
+    board.set_defaults(func=command_leaderboard)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as error:
+        print(f"mergebench: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Method and Merged: the contract between merging algorithms and the harness.
+
+A Method turns a ModelPool (and, if it asks for them, exemplars) into a Merged
+model. A Merged model answers ``predict(task, inputs)`` and lists the
+``artifacts()`` that must be stored beyond the pretrained weights; the storage a
+method is charged is the byte length of those serialized artifacts, never a formula.
+"""
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from mergebench.backbone import Backbone
+from mergebench.pool import ModelPool
+
+Artifact = bytes | Path  # serialized bytes, or a file that is kept as it is
+
+
+class Merged(abc.ABC):
+    """What a method produces."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self._heads: dict[str, nn.Module] = {}
+
+    def head(self, task: str) -> nn.Module:
+        if task not in self._heads:
+            self._heads[task] = self.backbone.head(task).eval()
+        return self._heads[task]
+
+    @abc.abstractmethod
+    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """Logits for one batch of the given task."""
+
+    def artifacts(self) -> dict[str, Artifact]:
+        """Named artifacts kept beyond the pretrained weights (empty: nothing extra)."""
+        return {}
+
+    def storage_bytes(self) -> int:
+        return sum(a.stat().st_size if isinstance(a, Path) else len(a) for a in self.artifacts().values())
+
+
+class StaticMerged(Merged):
+    """One merged encoder for every task. It replaces the pretrained weights, so a
+    static merge keeps nothing extra (the papers' tables print '-' for storage)."""
+
+    def __init__(self, backbone: Backbone, state: Mapping[str, torch.Tensor]):
+        super().__init__(backbone)
+        self.encoder = backbone.build_encoder()
+        self.encoder.load_state_dict(dict(state), strict=True)
+        self.encoder.eval()
+
+    @torch.no_grad()
+    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return self.head(task)(self.encoder(**inputs))
+
+
+def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Safetensors bytes of a state dict (the on-disk form of a dense artifact)."""
+    return save_safetensors({k: v.contiguous() for k, v in state.items()})
+
+
+class HyperparameterError(ValueError):
+    pass
+
+
+class Method(abc.ABC):
+    """A merging method. Subclasses set the class attributes and implement ``merge``.
+
+    ``hyperparameters`` holds the defaults of the method's paper / authors' code;
+    a run may override any of them by name.
+    """
+
+    name: ClassVar[str]
+    hyperparameters: ClassVar[dict[str, Any]] = {}
+    needs_exemplars: ClassVar[bool] = False  # uses (unlabelled) training exemplars
+    uses_task_identity: ClassVar[bool] = False  # needs to know the task at inference
+    dynamic: ClassVar[bool] = False  # composes weights per input / per task at inference
+    uses_test_inputs: ClassVar[bool] = False  # adapts on unlabelled test inputs (AdaMerging)
+    reference: ClassVar[bool] = False  # Pretrained / Individual: bounds, not merges
+
+    def __init__(self, **overrides: Any):
+        unknown = set(overrides) - set(self.hyperparameters)
+        if unknown:
+            valid = ", ".join(sorted(self.hyperparameters)) or "(none)"
+            raise HyperparameterError(
+                f"method {self.name!r} has no hyperparameter {', '.join(sorted(unknown))}; valid: {valid}"
+            )
+        self.hparams: dict[str, Any] = {**self.hyperparameters, **overrides}
+        self.seed = 0
+
+    @property
+    def automatic(self) -> bool:
+        """The papers' 'Automatic' column: no task identity needed at inference."""
+        return not self.uses_task_identity
+
+    @property
+    def exemplars_per_task(self) -> int:
+        return int(self.hparams.get("exemplars", 0)) if self.needs_exemplars else 0
+
+    @abc.abstractmethod
+    def merge(self, pool: ModelPool, exemplars: Mapping[str, Any] | None = None) -> Merged:
+        """Build the merged model from the pool (and exemplars, if requested)."""

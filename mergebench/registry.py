@@ -1,0 +1,74 @@
+"""Name -> plugin registries for methods and backbones.
+
+Built-in plugins are the modules of ``mergebench.methods`` and ``mergebench.tasks``:
+each registers itself with a decorator when imported, so adding a method is one new
+file. Third-party packages add plugins through the entry-point groups
+``mergebench.methods`` and ``mergebench.tasks`` (the way pytest finds plugins).
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from importlib.metadata import entry_points
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """An unknown plugin name; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, package: str, entry_point_group: str):
+        self.kind = kind
+        self._package = package
+        self._group = entry_point_group
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def _load_plugins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        package = importlib.import_module(self._package)
+        for module in pkgutil.iter_modules(package.__path__):
+            if not module.name.startswith("_"):
+                importlib.import_module(f"{self._package}.{module.name}")
+        for entry_point in entry_points(group=self._group):
+            entry_point.load()  # importing the module registers its plugins
+
+    def get(self, name: str) -> T:
+        self._load_plugins()
+        try:
+            return self._items[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._items)) or "(none)"
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; valid {self.kind}s: {valid}") from None
+
+    def names(self) -> list[str]:
+        self._load_plugins()
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        self._load_plugins()
+        return sorted(self._items.items())
+
+
+METHODS: Registry = Registry("method", "mergebench.methods", "mergebench.methods")
+BACKBONES: Registry = Registry("backbone", "mergebench.tasks", "mergebench.tasks")
+
+register_method = METHODS.register
+register_backbone = BACKBONES.register

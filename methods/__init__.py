@@ -1,0 +1,1 @@
+"""Merging methods, one module each; importing a module registers its method."""

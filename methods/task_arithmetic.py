@@ -1,0 +1,21 @@
+"""Task Arithmetic: theta = theta_pre + lambda * sum_k tau_k (Ilharco et al., "Editing
+models with task arithmetic", ICLR 2023). lambda = 0.3 is the value the T-Switch,
+EMR-Merging and AdaMerging papers use for 8 ViT tasks."""
+from __future__ import annotations
+
+import torch
+
+from mergebench.merging import merge_task_vectors
+from mergebench.method import Method, StaticMerged
+from mergebench.registry import register_method
+
+
+@register_method("task-arithmetic")
+class TaskArithmetic(Method):
+    name = "task-arithmetic"
+    hyperparameters = {"scaling": 0.3}
+
+    def merge(self, pool, exemplars=None):
+        scaling = float(self.hparams["scaling"])
+        state = merge_task_vectors(pool, lambda key, taus: scaling * torch.stack(taus).sum(0), desc=self.name)
+        return StaticMerged(pool.backbone, state)

@@ -1,0 +1,19 @@
+"""Weight Averaging: theta = mean_k theta_k (Wortsman et al., "Model soups", ICML 2022;
+the 'Weight Averaging' baseline of the T-Switch and Auto-FlexSwitch tables)."""
+from __future__ import annotations
+
+import torch
+
+from mergebench.merging import merge_task_vectors
+from mergebench.method import Method, StaticMerged
+from mergebench.registry import register_method
+
+
+@register_method("weight-averaging")
+class WeightAveraging(Method):
+    name = "weight-averaging"
+
+    def merge(self, pool, exemplars=None):
+        # mean of the fine-tuned weights == pretrained + mean of the task vectors
+        state = merge_task_vectors(pool, lambda key, taus: torch.stack(taus).mean(0), desc=self.name)
+        return StaticMerged(pool.backbone, state)

@@ -1,0 +1,1 @@
+"""Task suites and their backbones, one module each; importing a module registers its backbones."""

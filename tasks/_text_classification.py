@@ -1,0 +1,250 @@
+"""Shared machinery of the offline text suites: a transformer encoder with mean
+pooling, a fixed linear head per task, and the seeded local fine-tuning recipe.
+
+Recipe (the CLIP task-vector protocol transposed to text): the head of each task is
+a linear probe fitted on frozen *pretrained* features, then frozen; the encoder is
+fine-tuned under that fixed head. The Pretrained row is therefore the linear-probe
+accuracy (the analogue of CLIP's zero-shot head), and only the encoder, the part
+every method merges, carries what fine-tuning learned.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Iterator, Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from mergebench.backbone import Backbone, Task
+from mergebench.cache import cache_dir, write_atomically, write_json
+
+Example = tuple[str, int]
+
+
+class MeanPooledEncoder(nn.Module):
+    """A Hugging Face encoder whose output is the attention-masked mean of its last hidden states."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+@dataclass(frozen=True)
+class FineTuneRecipe:
+    steps: int
+    batch_size: int
+    learning_rate: float
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.01
+    freeze_word_embeddings: bool = True  # halves CPU time; the embedding table is then not part of any task vector
+    probe_examples: int = 1024
+    probe_steps: int = 300
+    probe_learning_rate: float = 1e-2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TextData:
+    classes: tuple[str, ...]
+    train: tuple[Example, ...]
+    test: tuple[Example, ...]
+
+
+class TextClassificationBackbone(Backbone):
+    """Base of the offline text backbones; subclasses give the model, tokenizer and data."""
+
+    recipe: ClassVar[FineTuneRecipe]
+    system_packages: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else cache_dir() / self.name / self._fingerprint()
+        self._data: dict[str, TextData] = {}
+
+    # --- what subclasses provide --------------------------------------------
+    @abc.abstractmethod
+    def task_names(self) -> tuple[str, ...]: ...
+
+    @abc.abstractmethod
+    def build_data(self, task: str) -> TextData:
+        """Build a task's dataset from its sources (called once; the result is cached as JSON)."""
+
+    @abc.abstractmethod
+    def new_model(self) -> nn.Module:
+        """The transformer with pretrained weights."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask for a list of texts."""
+
+    def version_key(self) -> dict[str, Any]:
+        """Everything whose change must invalidate the cache."""
+        return {"recipe": asdict(self.recipe), "tasks": self.task_names()}
+
+    def _fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.version_key(), sort_keys=True).encode()).hexdigest()[:12]
+
+    # --- Backbone interface ---------------------------------------------------
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(Task(name, self.data(name).classes) for name in self.task_names())
+
+    def pretrained_checkpoint(self) -> Path:
+        return self._require(self.root / "pretrained.safetensors")
+
+    def finetuned_checkpoint(self, task: str) -> Path:
+        self._check_task(task)
+        return self._require(self.root / f"{task}.safetensors")
+
+    def build_encoder(self) -> nn.Module:
+        return MeanPooledEncoder(self.new_model())
+
+    def head(self, task: str) -> nn.Module:
+        self._check_task(task)
+        state = load_file(str(self._require(self.root / f"{task}.head.safetensors")))
+        head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        head.load_state_dict(state)
+        return head
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+        examples = self._split(task, split)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            yield self.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
+
+    def exemplars(self, task: str, n: int, seed: int) -> dict[str, Any]:
+        train = self.data(task).train
+        if n > len(train):
+            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the training split has {len(train)}")
+        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(train), size=n, replace=False)
+        return self.tokenize([train[i][0] for i in sorted(picks)])
+
+    # --- data -------------------------------------------------------------------
+    def data(self, task: str) -> TextData:
+        self._check_task(task)
+        if task not in self._data:
+            path = self.root / "data" / f"{task}.json"
+            if not path.exists():
+                data = self.build_data(task)
+                write_json(path, {"classes": data.classes, "train": data.train, "test": data.test})
+            raw = json.loads(path.read_text())
+            self._data[task] = TextData(
+                tuple(raw["classes"]), tuple(map(tuple, raw["train"])), tuple(map(tuple, raw["test"]))
+            )
+        return self._data[task]
+
+    def _split(self, task: str, split: str) -> tuple[Example, ...]:
+        if split not in ("train", "test"):
+            raise ValueError(f"unknown split {split!r}; valid: train, test")
+        return getattr(self.data(task), split)
+
+    # --- preparation ------------------------------------------------------------
+    def prepare(self, force: bool = False) -> None:
+        """Cache the data, save the pretrained encoder, and fine-tune every missing task."""
+        for task in self.task_names():
+            self.data(task)
+        pretrained_path = self.root / "pretrained.safetensors"
+        if force or not pretrained_path.exists():
+            encoder = self.build_encoder()
+            _save(pretrained_path, encoder.state_dict())
+        missing = [t for t in self.task_names() if force or not (self.root / f"{t}.safetensors").exists()]
+        if missing:
+            for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
+                self._fine_tune(task)
+
+    def _fine_tune(self, task: str) -> None:
+        recipe, data = self.recipe, self.data(task)
+        torch.manual_seed(recipe.seed)
+        rng = np.random.default_rng([recipe.seed, _stable_hash(task)])
+        encoder = self.build_encoder()
+        encoder.load_state_dict(load_file(str(self.root / "pretrained.safetensors")))
+        start = time.perf_counter()
+
+        head = self._fit_probe(encoder, data, rng)
+        head.requires_grad_(False)
+        if recipe.freeze_word_embeddings:
+            for name, parameter in encoder.named_parameters():
+                if "word_embeddings" in name:
+                    parameter.requires_grad_(False)
+        parameters = [p for p in encoder.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
+        warmup = max(1, int(recipe.warmup_fraction * recipe.steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min((s + 1) / warmup, max(0.0, (recipe.steps - s) / max(1, recipe.steps - warmup)))
+        )
+        encoder.train()
+        order = _epochs(rng, len(data.train))
+        losses = []
+        for _ in tqdm(range(recipe.steps), desc=f"fine-tune {task}", unit="step", leave=False):
+            batch = [data.train[next(order)] for _ in range(recipe.batch_size)]
+            inputs = self.tokenize([text for text, _ in batch])
+            loss = nn.functional.cross_entropy(head(encoder(**inputs)), torch.tensor([y for _, y in batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(float(loss.detach()))
+        encoder.eval()
+        _save(self.root / f"{task}.head.safetensors", head.state_dict())
+        _save(self.root / f"{task}.safetensors", encoder.state_dict())
+        write_json(
+            self.root / f"{task}.log.json",
+            {"seconds": time.perf_counter() - start, "first_loss": losses[0], "last_losses": losses[-10:]},
+        )
+
+    @torch.no_grad()
+    def _features(self, encoder: nn.Module, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        encoder.eval()
+        return torch.cat([encoder(**self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)])
+
+    def _fit_probe(self, encoder: nn.Module, data: TextData, rng: np.random.Generator) -> nn.Linear:
+        """Linear probe on frozen pretrained features (full-batch Adam, seeded)."""
+        recipe = self.recipe
+        picks = rng.choice(len(data.train), size=min(recipe.probe_examples, len(data.train)), replace=False)
+        features = self._features(encoder, [data.train[i][0] for i in picks])
+        labels = torch.tensor([data.train[i][1] for i in picks])
+        head = nn.Linear(features.shape[1], len(data.classes))
+        optimizer = torch.optim.Adam(head.parameters(), lr=recipe.probe_learning_rate, weight_decay=1e-4)
+        for _ in range(recipe.probe_steps):
+            loss = nn.functional.cross_entropy(head(features), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return head
+
+    # --- helpers -------------------------------------------------------------------
+    def _check_task(self, task: str) -> None:
+        if task not in self.task_names():
+            raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(self.task_names())}")
+
+    def _require(self, path: Path) -> Path:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `mergebench prepare --backbone {self.name}`")
+        return path
+
+
+def _stable_hash(text: str) -> int:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _epochs(rng: np.random.Generator, n: int) -> Iterator[int]:
+    """Indices of successive seeded shuffles of range(n)."""
+    while True:
+        yield from rng.permutation(n).tolist()
+
+
+def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
