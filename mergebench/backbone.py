@@ -48,6 +48,11 @@ class Backbone(abc.ABC):
     def finetuned_checkpoint(self, task: str) -> Path:
         """Safetensors file of the encoder fine-tuned on ``task``."""
 
+    @classmethod
+    def system_commands(cls) -> list[list[str]]:
+        """Commands that install the system data this backbone needs (run by `prepare --install-data`)."""
+        return []
+
     def prepare(self, force: bool = False) -> None:
         """Create whatever is missing (data caches, fine-tuned checkpoints)."""
 

@@ -78,12 +78,10 @@ def command_list(args: argparse.Namespace) -> int:
 
 def command_prepare(args: argparse.Namespace) -> int:
     backbone_cls = BACKBONES.get(args.backbone)
-    packages = list(getattr(backbone_cls, "system_packages", ()))
-    if args.install_data and packages:
-        commands = [["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]]
-        if os.geteuid() != 0:
-            commands = [["sudo", *c] for c in commands]
-        for command in commands:
+    if args.install_data:
+        for command in backbone_cls.system_commands():
+            if os.geteuid() != 0:
+                command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)
             subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     backbone_cls().prepare(force=args.force)

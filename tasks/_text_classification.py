@@ -67,7 +67,6 @@ class TextClassificationBackbone(Backbone):
     """Base of the offline text backbones; subclasses give the model, tokenizer and data."""
 
     recipe: ClassVar[FineTuneRecipe]
-    system_packages: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_dir() / self.name / self._fingerprint()
