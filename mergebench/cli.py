@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mergebench.cache import write_atomically
 from mergebench.method import HyperparameterError
 from mergebench.pool import CheckpointError
 from mergebench.registry import BACKBONES, METHODS, UnknownNameError
@@ -31,14 +32,27 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
     return parsed
 
 
+def hyperparameters_for(method: str, overrides: dict[str, Any], several: bool) -> dict[str, Any]:
+    """With several methods, each takes the overrides it has; with one, all of them
+    (so an unknown name is reported by the method itself)."""
+    if not several:
+        return overrides
+    known = METHODS.get(method).hyperparameters
+    return {key: value for key, value in overrides.items() if key in known}
+
+
 def command_run(args: argparse.Namespace) -> int:
     from mergebench.runner import make_method, run
     from mergebench.table import results_table
 
     methods = [m for m in args.method.split(",") if m]
     overrides = parse_hyperparameters(args.hp)
-    for name in methods:  # fail on a bad name or hyperparameter before any work starts
-        make_method(name, overrides if len(methods) == 1 else {})
+    per_method = {name: hyperparameters_for(name, overrides, several=len(methods) > 1) for name in methods}
+    unused = set(overrides) - {key for chosen in per_method.values() for key in chosen}
+    if unused:
+        raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
+    for name in methods:  # fail on a bad name or value before any work starts
+        make_method(name, per_method[name])
     BACKBONES.get(args.backbone)
     results = []
     for name in methods:
@@ -46,7 +60,7 @@ def command_run(args: argparse.Namespace) -> int:
             name,
             args.backbone,
             seed=args.seed,
-            hyperparameters=overrides if len(methods) == 1 else None,
+            hyperparameters=per_method[name],
             results_dir=None if args.no_save else args.results_dir,
             batch_size=args.batch_size,
         )
@@ -92,11 +106,7 @@ def command_prepare(args: argparse.Namespace) -> int:
 def command_leaderboard(args: argparse.Namespace) -> int:
     from mergebench.table import leaderboard_markdown
 
-    text = leaderboard_markdown(Path(args.results_dir))
-    output = Path(args.output)
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(output)
+    output = write_atomically(Path(args.output), lambda tmp: tmp.write_text(leaderboard_markdown(Path(args.results_dir))))
     print(f"wrote {output}")
     return 0
 

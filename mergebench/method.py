@@ -91,6 +91,11 @@ class Method(abc.ABC):
             raise HyperparameterError(
                 f"method {self.name!r} has no hyperparameter {', '.join(sorted(unknown))}; valid: {valid}"
             )
+        for key, value in overrides.items():
+            default = self.hyperparameters[key]
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise HyperparameterError(f"method {self.name!r}: hyperparameter {key} must be a number, got {value!r}")
         self.hparams: dict[str, Any] = {**self.hyperparameters, **overrides}
         self.seed = 0
 

@@ -88,9 +88,13 @@ class ModelPool:
             if task not in self.tasks:
                 raise KeyError(f"task {task!r} is not in the pool; tasks: {', '.join(self.tasks)}")
             path = self.backbone.finetuned_checkpoint(task)
-            handle = self._stack.enter_context(_open(path))
-            self._validate(path, handle)
-            self._finetuned[task] = handle
+            handle = _open(path)
+            try:
+                self._validate(path, handle)
+            except BaseException:
+                handle.__exit__(None, None, None)
+                raise
+            self._finetuned[task] = self._stack.enter_context(handle)
         return self._finetuned[task]
 
     def _validate(self, path: Path, handle) -> None:

@@ -6,11 +6,11 @@ crash at any moment leaves either the old file or the new one, never half a reco
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mergebench.cache import write_bytes
 
 
 @dataclass
@@ -49,23 +49,12 @@ def results_file(results_dir: Path, backbone: str) -> Path:
 
 
 def append_result(results_dir: Path, result: Result) -> Path:
-    """Append one record atomically (temp file in the same directory, then rename)."""
+    """Append one record atomically (the file is rewritten through a temp file and a rename)."""
     path = results_file(results_dir, result.backbone)
-    path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_bytes() if path.exists() else b""
     if existing and not existing.endswith(b"\n"):
         existing += b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(existing + result.to_json().encode() + b"\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, existing + result.to_json().encode() + b"\n")
 
 
 def load_results(results_dir: Path) -> list[Result]:
@@ -76,7 +65,10 @@ def load_results(results_dir: Path) -> list[Result]:
             if not line.strip():
                 continue
             try:
-                results.append(Result.from_dict(json.loads(line)))
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
+                results.append(Result.from_dict(record))
             except (json.JSONDecodeError, TypeError) as error:
                 raise ValueError(f"{path}:{number}: not a valid result record ({error})") from error
     return results
