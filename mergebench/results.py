@@ -36,7 +36,7 @@ class Result:
     created: str = ""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self))  # insertion order keeps the suite's task order
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Result":
