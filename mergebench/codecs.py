@@ -1,0 +1,827 @@
+"""Storage codecs for compressed task vectors (T-Switch, Indep, SASS).
+
+This module turns one tensor's compressed task vector into a real bitstream and
+a set of named tensors into one artifact (bytes or a file), and back, exactly.
+Everything is vectorised with numpy: there is no Python loop per element or per
+group, only over a fixed handful of bit fields.
+
+Specification
+-------------
+* **T-Switch** (Qi et al., CVPR 2025, Sec. 3.3-3.4; Auto-FlexSwitch Eqs. 3-4):
+  a task vector tau is approximated by ``beta * A (.) P`` with the activation
+  mask ``A`` in {0,1}^n, the polarity ``P = g_b(tau)`` in {-1,+1}^n (``+1`` if
+  tau_j > 0, ``-1`` if tau_j <= 0, Eq. 4) and the knob
+  ``beta = ||tau (.) A||_2 / ||A (.) P||_2`` (Eq. 3; = ||tau (.) A||_2 / sqrt(|A|)).
+* **BAS quantiser** (Auto-FlexSwitch Eq. 13): b-bit asymmetric quantiser over
+  ``[-v_neg, v_pos]`` with step ``delta = (v_pos + v_neg) / 2^b`` and levels
+  ``-v_neg + (I + 0.5) * delta``, ``I`` in ``[0, 2^b - 1]``. See :func:`quantize`
+  for the one deviation from the printed formula (``ceil`` instead of ``floor``).
+* **Indep** (Sec. III-C4): a mask bit for every element and a b-bit code for
+  every element, ``(b + 1) * n`` bits.
+* **SASS** (Sec. III-C4, Eqs. 16-17): grouped COO; see :func:`sass_encode`.
+
+Bit order (chosen once, used everywhere)
+----------------------------------------
+A payload is a bitstream; stream bit ``i`` is bit ``i % 8`` (least significant
+first) of byte ``i // 8`` (``np.packbits(..., bitorder="little")``). A multi-bit
+field of width ``w`` holding the unsigned integer ``v`` occupies ``w`` consecutive
+stream bits, least significant bit first. The last byte is zero padded.
+
+Payload layouts (n = number of elements, K = number of kept entries, in
+row-major (C) order of the original shape)
+----------------------------------------------------------------------------
+* ``tswitch``: n mask bits, then K sign bits (1 = +1, 0 = -1) for the kept
+  entries only (smaller than n sign bits whenever K < n). beta (fp32) is in the
+  header. Payload bits = n + K.
+* ``indep``: n mask bits, then n b-bit codes (code 0 at non-kept entries).
+  Payload bits = (b + 1) n, exactly ``Storage^Indep``. Quantiser parameters
+  (fp32) are in the header.
+* ``sass``: 27-bit group count G = n / c, 8-bit ``c - 1`` (the paper's 35-bit
+  constant), a G-bit bitmap of non-empty groups, then for each non-empty group
+  and each of its non-zero entries, a record of ``ceil(log2 c)`` bits of
+  in-group index, b bits of value code and a 1-bit end-of-group flag (1 on the
+  last entry of the group). Payload bits = 35 + n/c + K (ceil(log2 c) + b + 1),
+  which is Eq. 16 evaluated at the tensor's actual sparsity.
+
+Values: ``quant="sign"`` (1 bit: the T-Switch polarity, value = +-beta, also
+usable inside ``indep``/``sass``), or ``quant="bas"`` (b-bit BAS codes, value =
+``scale * Q``; ``scale`` is the optional calibration factor sigma(kappa) of
+FlexSwitch, 1.0 by default).
+
+Container (one artifact = one file)
+-----------------------------------
+::
+
+    offset 0   8 bytes   magic b"MBCODEC\\0"
+    offset 8   u32 LE    container version (1)
+    offset 12  u32 LE    header length H in bytes
+    offset 16  u32 LE    crc32 of the header bytes
+    offset 20  H bytes   header: UTF-8 JSON
+    offset 20+H          payloads, concatenated (offsets relative to here)
+
+The JSON header holds ``{"version", "payload_bytes", "tensors": [...]}`` and for
+each tensor its name, shape, dtype, format, bits, quant, params (fp32 values),
+sparsity, n_kept, group_size (sass), payload offset, byte length, bit length and
+crc32. Nothing is pickled. Any corrupt, truncated or inconsistent input raises
+:class:`CorruptArtifactError` naming the file (or ``<bytes>``) and the tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+__all__ = [
+    "MAGIC",
+    "CONTAINER_VERSION",
+    "FORMATS",
+    "MAX_GROUP_SIZE",
+    "CorruptArtifactError",
+    "BASParams",
+    "CompressedTensor",
+    "pack_bits",
+    "unpack_bits",
+    "pack_codes",
+    "unpack_codes",
+    "quantize",
+    "dequantize",
+    "choose_group_size",
+    "sass_bits_eq16",
+    "sass_bits_exact",
+    "indep_bits",
+    "tswitch_bits",
+    "entropy_bound_bits",
+    "magnitude_mask",
+    "tswitch_from_task_vector",
+    "quantized_from_task_vector",
+    "encode_payload",
+    "decode_payload",
+    "sass_encode",
+    "sass_decode",
+    "encode_tensors",
+    "decode_tensors",
+    "write_artifact",
+    "read_artifact",
+]
+
+MAGIC = b"MBCODEC\x00"
+CONTAINER_VERSION = 1
+FORMATS = ("tswitch", "indep", "sass")
+QUANTS = ("sign", "bas")
+MAX_GROUP_SIZE = 256          # SASS: "a maximum group size of 256, for which 8 bits are allocated"
+SASS_COUNT_BITS = 27          # SASS: "27 bits are reserved to store the group count"
+SASS_SIZE_BITS = 8
+SASS_CONST_BITS = SASS_COUNT_BITS + SASS_SIZE_BITS  # = 35, the constant of Eq. 16
+_PREAMBLE = struct.Struct("<8sIII")  # magic, version, header length, header crc32
+
+
+class CorruptArtifactError(ValueError):
+    """A codec artifact (file or bytes) is corrupt, truncated or inconsistent."""
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def pack_bits(bits: np.ndarray) -> bytes:
+    """Pack a 0/1 (or bool) array into bytes, stream bit i = bit i%8 (LSB first) of byte i//8."""
+    bits = np.ascontiguousarray(bits, dtype=np.uint8).ravel()
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def unpack_bits(data: bytes | np.ndarray, nbits: int | None = None) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: a uint8 0/1 array of ``nbits`` (default all) bits."""
+    buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
+    return np.unpackbits(buf, bitorder="little", count=nbits)
+
+
+def _codes_to_bits(codes: np.ndarray, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(m,) uint8 codes -> (m, width) uint8 bits, LSB first (written into ``out`` if given).
+    A loop over the <= 8 bit planes, each one vectorised over all codes."""
+    codes = np.asarray(codes, dtype=np.uint8).ravel()
+    if out is None:
+        out = np.empty((codes.size, width), dtype=np.uint8)
+    for j in range(width):
+        np.bitwise_and(codes >> j, 1, out=out[:, j])
+    return out
+
+
+def _bits_to_codes(bits: np.ndarray) -> np.ndarray:
+    """(m, width <= 8) 0/1 bits (LSB first) -> (m,) uint8 codes."""
+    acc = np.zeros(bits.shape[0], dtype=np.uint8)
+    for j in range(bits.shape[1]):
+        acc |= bits[:, j].astype(np.uint8) << j
+    return acc
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+    """Pack unsigned integer codes of ``bits`` (1..8) bits each densely: code i occupies
+    stream bits [i*bits, (i+1)*bits), least significant bit first."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    if codes.size and (codes.min() < 0 or codes.max() >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+    codes = codes.astype(np.uint8).ravel()
+    if bits == 8:
+        return codes.tobytes()
+    if 8 % bits:  # 3, 5, 6, 7 bits: through the bit planes
+        return pack_bits(_codes_to_bits(codes, bits))
+    per = 8 // bits  # 1, 2, 4 bits: whole codes per byte
+    pad = (-codes.size) % per
+    if pad:
+        codes = np.concatenate([codes, np.zeros(pad, dtype=np.uint8)])
+    v = codes.reshape(-1, per)
+    acc = v[:, 0].copy()
+    for j in range(1, per):
+        acc |= v[:, j] << (j * bits)
+    return acc.tobytes()
+
+
+def unpack_codes(data: bytes, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: ``count`` uint8 codes."""
+    _check_bits(bits)
+    if len(data) * 8 < count * bits:
+        raise ValueError(f"{len(data)} bytes cannot hold {count} codes of {bits} bits")
+    if bits == 8:
+        return np.frombuffer(data, dtype=np.uint8, count=count).copy()
+    if 8 % bits:
+        return _bits_to_codes(unpack_bits(data, count * bits).reshape(count, bits))
+    per = 8 // bits
+    raw = np.frombuffer(data, dtype=np.uint8, count=-(-count // per))
+    out = np.empty((raw.size, per), dtype=np.uint8)
+    lowmask = np.uint8((1 << bits) - 1)
+    for j in range(per):
+        np.bitwise_and(raw >> (j * bits), lowmask, out=out[:, j])
+    return out.reshape(-1)[:count].copy()
+
+
+def _int_to_bits(value: int, width: int) -> np.ndarray:
+    return ((int(value) >> np.arange(width, dtype=np.int64)) & 1).astype(np.uint8)
+
+
+def _bits_to_int(bits: np.ndarray) -> int:
+    return int((bits.astype(np.int64) << np.arange(bits.size, dtype=np.int64)).sum())
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= bits <= 8:
+        raise ValueError(f"bit-width must be an integer in 1..8, got {bits!r}")
+
+
+def _ceil_log2(c: int) -> int:
+    return int(c - 1).bit_length()  # 0 for c = 1, exact ceil(log2 c) for c >= 1
+
+
+# --------------------------------------------------------------------------- BAS quantiser
+
+
+@dataclass(frozen=True)
+class BASParams:
+    """Parameters of the BAS quantiser of Eq. 13 (stored as fp32 in the header)."""
+
+    v_neg: float  # v_max^-: magnitude of the most negative value (range starts at -v_neg)
+    v_pos: float  # v_max^+: the largest value (range ends at v_pos)
+    bits: int
+
+    @property
+    def step(self) -> float:
+        """delta = (v_pos + v_neg) / 2^b."""
+        return (self.v_pos + self.v_neg) / float(1 << self.bits)
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+def quantize(x: Any, bits: int, *, as_printed: bool = False) -> tuple[np.ndarray, BASParams]:
+    """BAS asymmetric quantiser, Auto-FlexSwitch Eq. 13.
+
+    ``v_pos = max(x)``, ``v_neg = -min(x)`` (fp32), ``delta = (v_pos + v_neg) / 2^b``
+    and the bin index ``I = Clamp(ceil((x + v_neg) / delta), 1, 2^b) - 1`` in
+    ``[0, 2^b - 1]``; :func:`dequantize` gives ``-v_neg + (I + 0.5) delta``.
+
+    Deviation: the paper prints ``floor`` inside the clamp. Taken literally, an
+    element in bin k (k >= 1) is mapped to the centre of bin k - 1, so the error
+    reaches 1.5 steps and the two lowest bins collapse; with ``ceil`` (the 1-based
+    form the ``Clamp(., 1, 2^b) - 1`` is written for) every element is mapped to
+    the centre of its own bin, error <= delta / 2. ``as_printed=True`` gives the
+    literal formula, for comparison.
+
+    A constant (or empty) input has delta = 0: all codes are 0 and dequantise to
+    the constant exactly.
+    """
+    _check_bits(bits)
+    x = _as_numpy_f32(x).ravel()
+    if x.size == 0:
+        return np.zeros(0, dtype=np.uint8), BASParams(0.0, 0.0, int(bits))
+    v_pos = _f32(x.max())
+    v_neg = _f32(-x.min())
+    if not (math.isfinite(v_pos) and math.isfinite(v_neg)):
+        raise ValueError("cannot quantise non-finite values")
+    params = BASParams(v_neg, v_pos, int(bits))
+    delta = params.step
+    if delta == 0.0:
+        return np.zeros(x.size, dtype=np.uint8), params
+    t = (x.astype(np.float64) + v_neg) / delta
+    t = np.floor(t) if as_printed else np.ceil(t)
+    idx = np.clip(t, 1, 1 << bits) - 1
+    return idx.astype(np.uint8), params
+
+
+def dequantize(codes: np.ndarray, params: BASParams) -> np.ndarray:
+    """``-v_neg + (I + 0.5) * delta`` as float32 (Eq. 13)."""
+    codes = np.asarray(codes)
+    return (-params.v_neg + (codes.astype(np.float64) + 0.5) * params.step).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def choose_group_size(n: int, alpha: float, max_group_size: int = MAX_GROUP_SIZE) -> int:
+    """SASS group size, Eq. 17: ``argmin_{c | n, c <= 256} |ln 2 / (1 - alpha) - c|``.
+
+    The divisors are capped at 256, the largest group size the 8-bit field of
+    Eq. 16's 35-bit constant can hold (the paper's stated maximum). alpha = 1
+    (nothing kept) gives the largest allowed divisor; ties go to the smaller c.
+    For n = 0 the answer is 1.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"sparsity alpha must be in [0, 1], got {alpha}")
+    if n == 0:
+        return 1
+    cand = np.arange(1, min(n, int(max_group_size)) + 1, dtype=np.int64)
+    cand = cand[n % cand == 0]
+    if alpha >= 1.0:
+        return int(cand[-1])
+    target = math.log(2.0) / (1.0 - alpha)
+    return int(cand[np.argmin(np.abs(target - cand.astype(np.float64)))])
+
+
+def sass_bits_eq16(n: int, alpha: float, b: int, c: int) -> float:
+    """Eq. 16: ``35 + n/c + n (1 - alpha) (ceil(log2 c) + b + 1)`` bits."""
+    return SASS_CONST_BITS + n / c + n * (1.0 - alpha) * (_ceil_log2(c) + b + 1)
+
+
+def sass_bits_exact(n: int, n_kept: int, b: int, c: int) -> int:
+    """Exact SASS payload bits for a tensor with ``n_kept`` non-zeros (Eq. 16 at the actual alpha)."""
+    return SASS_CONST_BITS + n // c + n_kept * (_ceil_log2(c) + b + 1)
+
+
+def indep_bits(n: int, b: int) -> int:
+    """``Storage^Indep = (b + 1) n`` bits."""
+    return (b + 1) * n
+
+
+def tswitch_bits(n: int, n_kept: int) -> int:
+    """T-Switch payload: n mask bits + one sign bit per kept entry (beta is in the header)."""
+    return n + n_kept
+
+
+def _binary_entropy(p: float) -> float:
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def entropy_bound_bits(n: int, alpha: float, b: int) -> float:
+    """Entropy bound: n * (H(1 - alpha) + (1 - alpha) b) bits (i.i.d. Bernoulli mask, b-bit values)."""
+    return n * (_binary_entropy(1.0 - alpha) + (1.0 - alpha) * b)
+
+
+# --------------------------------------------------------------------------- the data class
+
+
+def _as_numpy_f32(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float32).numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def _as_numpy_bool(m: Any) -> np.ndarray:
+    if isinstance(m, torch.Tensor):
+        m = m.detach().cpu().numpy()
+    m = np.asarray(m)
+    if m.dtype != np.bool_:
+        if m.size and not np.isin(m, (0, 1)).all():
+            raise ValueError("mask must be boolean (or 0/1)")
+        m = m.astype(np.bool_)
+    return m
+
+
+def _dtype_name(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return str(x.dtype).removeprefix("torch.")
+    return str(np.asarray(x).dtype)
+
+
+@dataclass(eq=False)
+class CompressedTensor:
+    """One tensor's compressed task vector.
+
+    ``mask`` is the flat boolean activation mask (n,) in row-major order; ``codes``
+    holds one uint8 code per kept entry, in the same order. ``quant="sign"``: 1-bit
+    polarity codes (1 = +1, 0 = -1), value ``params["beta"] * (+-1)``;
+    ``quant="bas"``: b-bit BAS codes, value ``params["scale"] * Q`` with
+    ``params = {"v_neg", "v_pos", "scale"}``. ``fmt`` picks the storage layout.
+    """
+
+    shape: tuple[int, ...]
+    fmt: str
+    bits: int
+    mask: np.ndarray
+    codes: np.ndarray
+    quant: str
+    params: dict[str, float]
+    dtype: str = "float32"  # dtype of the original task vector (metadata only)
+
+    def __post_init__(self) -> None:
+        self.shape = tuple(int(s) for s in self.shape)
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"bad shape {self.shape}")
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown codec format {self.fmt!r}; expected one of {FORMATS}")
+        if self.quant not in QUANTS:
+            raise ValueError(f"unknown value quantisation {self.quant!r}; expected one of {QUANTS}")
+        _check_bits(self.bits)
+        self.bits = int(self.bits)
+        if self.quant == "sign" and self.bits != 1:
+            raise ValueError("sign values are 1 bit")
+        if self.fmt == "tswitch" and self.quant != "sign":
+            raise ValueError("the tswitch format stores signs only (quant='sign', bits=1)")
+        self.mask = np.ascontiguousarray(self.mask, dtype=np.bool_).ravel()
+        self.codes = np.ascontiguousarray(self.codes, dtype=np.uint8).ravel()
+        if self.mask.size != self.n:
+            raise ValueError(f"mask has {self.mask.size} entries, shape {self.shape} has {self.n}")
+        n_kept = int(np.count_nonzero(self.mask))
+        if self.codes.size != n_kept:
+            raise ValueError(f"{self.codes.size} codes for {n_kept} kept entries")
+        if self.codes.size and int(self.codes.max()) >= 1 << self.bits:
+            raise ValueError(f"codes exceed {self.bits} bits")
+        self._n_kept = n_kept
+        needed = ("beta",) if self.quant == "sign" else ("v_neg", "v_pos", "scale")
+        params = dict(self.params)
+        if self.quant == "bas":
+            params.setdefault("scale", 1.0)
+        if set(params) != set(needed):
+            raise ValueError(f"quant={self.quant!r} needs params {needed}, got {sorted(params)}")
+        for k, v in params.items():
+            v = float(v)
+            if not math.isfinite(v):
+                raise ValueError(f"parameter {k} is not finite: {v}")
+            params[k] = _f32(v)
+        self.params = {k: params[k] for k in needed}
+
+    # ---- derived quantities
+    @property
+    def n(self) -> int:
+        return int(math.prod(self.shape))
+
+    @property
+    def n_kept(self) -> int:
+        return self._n_kept
+
+    @property
+    def sparsity(self) -> float:
+        """alpha: fraction of zero (not kept) entries; 1.0 for an empty tensor."""
+        return 1.0 - self._n_kept / self.n if self.n else 1.0
+
+    @property
+    def group_size(self) -> int | None:
+        """SASS group size chosen by Eq. 17 from the actual sparsity (None for other formats)."""
+        return choose_group_size(self.n, self.sparsity) if self.fmt == "sass" else None
+
+    @property
+    def bas_params(self) -> BASParams:
+        return BASParams(self.params["v_neg"], self.params["v_pos"], self.bits)
+
+    @property
+    def payload_bits(self) -> int:
+        """Exact length of the packed payload bitstream (before byte padding)."""
+        if self.fmt == "tswitch":
+            return tswitch_bits(self.n, self.n_kept)
+        if self.fmt == "indep":
+            return indep_bits(self.n, self.bits)
+        return sass_bits_exact(self.n, self.n_kept, self.bits, self.group_size)
+
+    @property
+    def storage_bits(self) -> int:
+        """Payload bits plus 32 bits per fp32 parameter kept in the header."""
+        return self.payload_bits + 32 * len(self.params)
+
+    # ---- values
+    def values(self) -> np.ndarray:
+        """The float32 values of the kept entries."""
+        if self.quant == "sign":
+            beta = self.params["beta"]
+            return np.array([-beta, beta], dtype=np.float32)[self.codes]  # code 1 -> +beta, 0 -> -beta
+        vals = dequantize(self.codes, self.bas_params)
+        if self.params["scale"] != 1.0:
+            vals = (vals * np.float32(self.params["scale"])).astype(np.float32)
+        return vals
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.zeros(self.n, dtype=np.float32)
+        out[np.flatnonzero(self.mask)] = self.values()  # (integer scatter: faster than out[mask])
+        return out.reshape(self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        """The decoded task vector as a float32 CPU tensor of the original shape."""
+        return torch.from_numpy(self.to_numpy())
+
+    def with_format(self, fmt: str) -> "CompressedTensor":
+        """The same content in another storage layout."""
+        return CompressedTensor(self.shape, fmt, self.bits, self.mask, self.codes, self.quant,
+                                dict(self.params), self.dtype)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CompressedTensor):
+            return NotImplemented
+        return (self.shape == other.shape and self.fmt == other.fmt and self.bits == other.bits
+                and self.quant == other.quant and self.params == other.params
+                and self.dtype == other.dtype and np.array_equal(self.mask, other.mask)
+                and np.array_equal(self.codes, other.codes))
+
+    def __repr__(self) -> str:
+        return (f"CompressedTensor(shape={self.shape}, fmt={self.fmt!r}, bits={self.bits}, "
+                f"quant={self.quant!r}, n_kept={self.n_kept}, params={self.params})")
+
+
+def magnitude_mask(tau: Any, sparsity: float) -> np.ndarray:
+    """P-Spar / P-Discard mask: keep the round(n (1 - sparsity)) largest |tau| (ties by position)."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    a = np.abs(_as_numpy_f32(tau))
+    flat = a.ravel()
+    k = int(round(flat.size * (1.0 - sparsity)))
+    mask = np.zeros(flat.size, dtype=np.bool_)
+    if k >= flat.size:
+        mask[:] = True
+    elif k > 0:
+        mask[np.argpartition(-flat, k - 1)[:k]] = True
+    return mask.reshape(a.shape)
+
+
+def _prepare(tau: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], str]:
+    t = _as_numpy_f32(tau)
+    m = _as_numpy_bool(mask)
+    if m.size != t.size or (m.ndim > 1 and m.shape != t.shape):
+        raise ValueError(f"mask shape {m.shape} does not match task vector shape {t.shape}")
+    if not np.isfinite(t).all():
+        raise ValueError("task vector has non-finite values (NaN or inf)")
+    return t.ravel(), m.ravel(), tuple(t.shape), _dtype_name(tau)
+
+
+def tswitch_from_task_vector(tau: Any, mask: Any, fmt: str = "tswitch") -> CompressedTensor:
+    """T-Switch decomposition {A, P, beta}: A = mask, P = sign(tau) with 0 -> -1 (Eq. 4),
+    beta = ||tau (.) A||_2 / ||A (.) P||_2 (Eq. 3; beta = 0 when nothing is kept).
+    ``fmt`` may also be "sass" or "indep" (1-bit sign values in those layouts)."""
+    t, m, shape, dtype = _prepare(tau, mask)
+    kept = t[m]
+    beta = float(np.linalg.norm(kept.astype(np.float64)) / math.sqrt(kept.size)) if kept.size else 0.0
+    codes = (kept > 0).astype(np.uint8)
+    return CompressedTensor(shape, fmt, 1, m, codes, "sign", {"beta": beta}, dtype)
+
+
+def quantized_from_task_vector(tau: Any, mask: Any, bits: int, fmt: str = "sass", *,
+                               scale: float = 1.0) -> CompressedTensor:
+    """BAS-quantised (Eq. 13) kept entries of ``tau`` at ``bits`` bits, stored as
+    ``fmt`` ("sass" or "indep"). The quantiser range is that of the kept entries.
+    ``scale`` (the FlexSwitch sigma(kappa)) multiplies the decoded values."""
+    if fmt == "tswitch":
+        raise ValueError("the tswitch format stores signs; use tswitch_from_task_vector")
+    t, m, shape, dtype = _prepare(tau, mask)
+    codes, p = quantize(t[m], bits)
+    return CompressedTensor(shape, fmt, bits, m, codes, "bas",
+                            {"v_neg": p.v_neg, "v_pos": p.v_pos, "scale": float(scale)}, dtype)
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def sass_encode(mask: np.ndarray, codes: np.ndarray, bits: int, c: int) -> tuple[bytes, int]:
+    """SASS grouped-COO bitstream -> (bytes, exact bit length).
+
+    Layout: G = n/c (27 bits), c - 1 (8 bits), G-bit bitmap of non-empty groups, then
+    one record per non-zero entry in order: in-group index (ceil(log2 c) bits, none
+    for c = 1), value code (``bits`` bits), end-of-group flag (1 bit). Records have a
+    constant length L, so record j starts at 35 + G + j L; the records are built as a
+    (K, L) bit matrix and the whole stream is packed at once.
+    """
+    n = mask.size
+    if n % c:
+        raise ValueError(f"group size {c} does not divide n = {n}")
+    if not 1 <= c <= MAX_GROUP_SIZE:
+        raise ValueError(f"group size must be in 1..{MAX_GROUP_SIZE}, got {c}")
+    groups = n // c
+    if groups >= 1 << SASS_COUNT_BITS:
+        raise ValueError(f"tensor too large for SASS: {groups} groups do not fit the 27-bit count")
+    ib = _ceil_log2(c)
+    L = ib + bits + 1
+    idx = np.flatnonzero(mask)
+    k = idx.size
+    rec = np.empty((k, L), dtype=np.uint8)
+    if ib:
+        grp, local = np.divmod(idx, c)
+        bitmap = np.zeros(groups, dtype=np.bool_)
+        bitmap[grp] = True  # (a scatter: much faster than mask.reshape(G, c).any(1) for small c)
+    else:
+        bitmap = mask  # c = 1: the bitmap is the mask
+    if k:
+        if ib:
+            _codes_to_bits(local.astype(np.uint8), ib, out=rec[:, :ib])
+            np.not_equal(grp[1:], grp[:-1], out=rec[:-1, L - 1], casting="unsafe")
+        else:
+            rec[:, L - 1] = 1  # c = 1: every non-empty group holds exactly one entry
+        _codes_to_bits(codes, bits, out=rec[:, ib:ib + bits])
+        rec[-1, L - 1] = 1
+    stream = np.concatenate([
+        _int_to_bits(groups, SASS_COUNT_BITS),
+        _int_to_bits(c - 1, SASS_SIZE_BITS),
+        bitmap.view(np.uint8),
+        rec.reshape(-1),
+    ])
+    return pack_bits(stream), int(stream.size)
+
+
+def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Inverse of :func:`sass_encode` -> (mask, codes, c). Raises ValueError on an
+    inconsistent stream. Group boundaries come from the end-of-group flags: the group
+    ordinal of record j is the number of flags before it (an exclusive cumsum of the
+    flags), computed here as ``np.repeat`` of the non-empty group starts by the group
+    sizes (the gaps between flag positions), which is the same thing, faster."""
+    if nbits < SASS_CONST_BITS or len(payload) * 8 < nbits:
+        raise ValueError(f"SASS stream of {nbits} bits does not fit its {len(payload)} bytes")
+    stream = unpack_bits(payload)
+    if stream[nbits:].any():
+        raise ValueError("non-zero padding bits after the SASS stream")
+    groups = _bits_to_int(stream[:SASS_COUNT_BITS])
+    c = _bits_to_int(stream[SASS_COUNT_BITS:SASS_CONST_BITS]) + 1
+    if groups * c != n:
+        raise ValueError(f"SASS stream says {groups} groups of {c}, tensor has {n} elements")
+    ib = _ceil_log2(c)
+    L = ib + bits + 1
+    base = SASS_CONST_BITS + groups
+    if nbits < base or (nbits - base) % L:
+        raise ValueError(f"SASS stream length {nbits} is not 35 + {groups} + K * {L}")
+    k = (nbits - base) // L
+    bitmap = stream[SASS_CONST_BITS:base].astype(np.bool_)
+    rec = stream[base:nbits].reshape(k, L)
+    eog = rec[:, L - 1]
+    nonempty = np.flatnonzero(bitmap)
+    if int(eog.sum()) != nonempty.size or (k and not eog[-1]):
+        raise ValueError(f"{int(eog.sum())} end-of-group flags for {nonempty.size} non-empty groups")
+    if ib == 0:  # c = 1: every non-empty group is one entry, the bitmap is the mask
+        if k != nonempty.size:
+            raise ValueError(f"{k} records for {nonempty.size} non-empty groups of size 1")
+        mask = bitmap
+    else:
+        # group of record j = the number of end-of-group flags before it; with the
+        # flag positions `ends`, group i covers records (ends[i-1], ends[i]].
+        ends = np.flatnonzero(eog)
+        sizes = np.diff(ends, prepend=-1)
+        local = _bits_to_codes(rec[:, :ib]).astype(np.int64)
+        if k and int(local.max()) >= c:
+            raise ValueError("in-group index out of range")
+        idx = np.repeat(nonempty * c, sizes) + local
+        if k > 1 and not (np.diff(idx) > 0).all():
+            raise ValueError("in-group indices are not strictly increasing")
+        mask = np.zeros(n, dtype=np.bool_)
+        mask[idx] = True
+    codes = _bits_to_codes(rec[:, ib:ib + bits])
+    return mask, codes, c
+
+
+def encode_payload(ct: CompressedTensor) -> tuple[bytes, int]:
+    """The packed payload of one tensor and its exact bit length."""
+    if ct.fmt == "sass":
+        data, nbits = sass_encode(ct.mask, ct.codes, ct.bits, ct.group_size)
+    elif ct.fmt == "tswitch":
+        stream = np.concatenate([ct.mask.view(np.uint8), ct.codes])
+        data, nbits = pack_bits(stream), int(stream.size)
+    else:  # indep
+        full = np.zeros(ct.n, dtype=np.uint8)
+        full[ct.mask] = ct.codes
+        if ct.n % 8 == 0:  # byte-aligned blocks: pack each block on its own
+            data = pack_bits(ct.mask) + pack_codes(full, ct.bits)
+        else:
+            data = pack_bits(np.concatenate([ct.mask.view(np.uint8), _codes_to_bits(full, ct.bits).ravel()]))
+        nbits = indep_bits(ct.n, ct.bits)
+    if nbits != ct.payload_bits:  # internal consistency (cheap)
+        raise AssertionError(f"payload is {nbits} bits, expected {ct.payload_bits}")
+    return data, nbits
+
+
+def decode_payload(data: bytes, nbits: int, *, shape: tuple[int, ...], fmt: str, bits: int, quant: str,
+                   params: dict[str, float], dtype: str = "float32") -> CompressedTensor:
+    """Inverse of :func:`encode_payload`; ValueError when the payload is inconsistent."""
+    n = int(math.prod(shape))
+    if len(data) != (nbits + 7) // 8:
+        raise ValueError(f"payload of {len(data)} bytes for {nbits} bits")
+    if fmt == "sass":
+        mask, codes, c = sass_decode(data, nbits, n, bits)
+        expected = choose_group_size(n, 1.0 - np.count_nonzero(mask) / n if n else 1.0)
+        if c != expected:
+            raise ValueError(f"SASS stream uses group size {c}, Eq. 17 gives {expected}")
+    elif fmt == "tswitch":
+        if nbits < n:
+            raise ValueError(f"tswitch payload of {nbits} bits is shorter than its {n}-bit mask")
+        stream = unpack_bits(data)
+        if stream[nbits:].any():
+            raise ValueError("non-zero padding bits")
+        mask = stream[:n].astype(np.bool_)
+        codes = stream[n:nbits]
+        if codes.size != int(np.count_nonzero(mask)):
+            raise ValueError(f"{codes.size} sign bits for {int(np.count_nonzero(mask))} kept entries")
+    elif fmt == "indep":
+        if nbits != indep_bits(n, bits):
+            raise ValueError(f"indep payload is {nbits} bits, expected {(bits + 1) * n}")
+        if n % 8 == 0:
+            mask = unpack_bits(data[: n // 8]).astype(np.bool_)
+            full = unpack_codes(data[n // 8:], bits, n)
+        else:
+            stream = unpack_bits(data)
+            mask = stream[:n].astype(np.bool_)
+            full = _bits_to_codes(stream[n:nbits].reshape(n, bits))
+        if not _padding_is_zero(data, nbits):
+            raise ValueError("non-zero padding bits")
+        codes = full[mask]
+        if np.count_nonzero(full) != np.count_nonzero(codes):
+            raise ValueError("non-zero value codes at masked-out entries")
+    else:
+        raise ValueError(f"unknown codec format {fmt!r}")
+    return CompressedTensor(tuple(shape), fmt, bits, mask, codes, quant, params, dtype)
+
+
+def _padding_is_zero(data: bytes, nbits: int) -> bool:
+    r = nbits % 8
+    return r == 0 or (data[-1] >> r) == 0
+
+
+# --------------------------------------------------------------------------- container
+
+
+def encode_tensors(tensors: Mapping[str, CompressedTensor]) -> bytes:
+    """Serialise named compressed tensors into one artifact (see the module docstring)."""
+    entries: list[dict[str, Any]] = []
+    payloads: list[bytes] = []
+    offset = 0
+    for name, ct in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be strings, got {name!r}")
+        if not isinstance(ct, CompressedTensor):
+            raise TypeError(f"tensor {name!r}: expected a CompressedTensor, got {type(ct).__name__}")
+        data, nbits = encode_payload(ct)
+        entries.append({
+            "name": name, "shape": list(ct.shape), "dtype": ct.dtype, "format": ct.fmt,
+            "bits": ct.bits, "quant": ct.quant, "params": ct.params,
+            "sparsity": ct.sparsity, "n_kept": ct.n_kept, "group_size": ct.group_size,
+            "offset": offset, "length": len(data), "nbits": nbits, "crc32": zlib.crc32(data),
+        })
+        payloads.append(data)
+        offset += len(data)
+    header = json.dumps({"version": CONTAINER_VERSION, "payload_bytes": offset, "tensors": entries},
+                        separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return b"".join([_PREAMBLE.pack(MAGIC, CONTAINER_VERSION, len(header), zlib.crc32(header)), header, *payloads])
+
+
+def decode_tensors(data: bytes | bytearray | memoryview, source: str = "<bytes>") -> dict[str, CompressedTensor]:
+    """Inverse of :func:`encode_tensors`. ``source`` names the file in error messages."""
+    data = bytes(data)
+    where = str(source)
+    if len(data) < _PREAMBLE.size:
+        if not MAGIC.startswith(data[: len(MAGIC)]):
+            raise CorruptArtifactError(f"{where}: not a mergebench codec artifact (bad magic)")
+        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, shorter than the {_PREAMBLE.size}-byte preamble")
+    magic, version, hlen, hcrc = _PREAMBLE.unpack_from(data)
+    if magic != MAGIC:
+        raise CorruptArtifactError(f"{where}: not a mergebench codec artifact (bad magic {magic!r})")
+    if version != CONTAINER_VERSION:
+        raise CorruptArtifactError(f"{where}: unsupported container version {version} (this reader: {CONTAINER_VERSION})")
+    hend = _PREAMBLE.size + hlen
+    if len(data) < hend:
+        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, the header alone needs {hend}")
+    header_bytes = data[_PREAMBLE.size:hend]
+    if zlib.crc32(header_bytes) != hcrc:
+        raise CorruptArtifactError(f"{where}: header checksum mismatch (corrupt header)")
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        entries = header["tensors"]
+        total = int(header["payload_bytes"])
+        if header.get("version") != CONTAINER_VERSION or not isinstance(entries, list):
+            raise ValueError("bad header fields")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise CorruptArtifactError(f"{where}: malformed header: {exc}") from None
+    body = data[hend:]
+    if len(body) < total:
+        cut = next((e.get("name", "?") for e in entries if isinstance(e, dict)
+                    and int(e.get("offset", 0)) + int(e.get("length", 0)) > len(body)), "?")
+        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, header declares "
+                                   f"{hend + total}; payload of tensor {cut!r} is cut off")
+    if len(body) > total:
+        raise CorruptArtifactError(f"{where}: {len(body) - total} unexpected trailing bytes after the payloads")
+    out: dict[str, CompressedTensor] = {}
+    for i, e in enumerate(entries):
+        name = e.get("name") if isinstance(e, dict) else None
+        label = f"tensor {name!r}" if isinstance(name, str) else f"tensor #{i}"
+        try:
+            if not isinstance(name, str):
+                raise ValueError("missing name")
+            if name in out:
+                raise ValueError("duplicate tensor name")
+            off, length, nbits = int(e["offset"]), int(e["length"]), int(e["nbits"])
+            if off < 0 or length < 0 or off + length > total:
+                raise ValueError(f"payload range [{off}, {off + length}) outside the {total} payload bytes")
+            payload = body[off:off + length]
+            if zlib.crc32(payload) != int(e["crc32"]):
+                raise ValueError("payload checksum mismatch (corrupt payload)")
+            ct = decode_payload(payload, nbits, shape=tuple(int(s) for s in e["shape"]), fmt=e["format"],
+                                bits=int(e["bits"]), quant=e["quant"],
+                                params={k: float(v) for k, v in e["params"].items()}, dtype=str(e["dtype"]))
+            if ct.n_kept != int(e["n_kept"]):
+                raise ValueError(f"{ct.n_kept} kept entries, header says {e['n_kept']}")
+            if ct.group_size != e.get("group_size"):
+                raise ValueError(f"group size {ct.group_size}, header says {e.get('group_size')}")
+        except CorruptArtifactError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise CorruptArtifactError(f"{where}: {label}: {exc}") from None
+        out[name] = ct
+    return out
+
+
+def write_artifact(path: str | os.PathLike, tensors: Mapping[str, CompressedTensor]) -> int:
+    """Write the artifact atomically (temporary file, then rename); returns its size in bytes."""
+    path = Path(path)
+    data = encode_tensors(tensors)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return len(data)
+
+
+def read_artifact(path: str | os.PathLike) -> dict[str, CompressedTensor]:
+    """Read an artifact written by :func:`write_artifact`; errors name the file."""
+    path = Path(path)
+    return decode_tensors(path.read_bytes(), source=str(path))

@@ -1,0 +1,122 @@
+"""Dynamic inference: theta(x) = theta_pre + sum_k w_k(x) * tau_hat_k, without one
+weight materialisation per sample.
+
+The inputs of a batch are grouped by their routing-weight vectors (Auto-Switch
+weights are multiples of 1/C, so a batch has few distinct vectors); merged
+weights are built once per distinct vector and kept in a small LRU cache, and the
+encoder runs through ``torch.func.functional_call`` so no module is copied.
+"""
+from __future__ import annotations
+
+import abc
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.func import functional_call
+
+from mergebench.backbone import Backbone
+from mergebench.method import Merged
+
+Router = Callable[[Mapping[str, Any]], torch.Tensor]  # inputs -> (batch, K) weights
+
+
+class TaskVectorStore(abc.ABC):
+    """The compressed per-task parts, in a form that is fast to combine."""
+
+    tasks: list[str]
+
+    @abc.abstractmethod
+    def keys(self) -> list[str]:
+        """The tensors some task vector changes."""
+
+    @abc.abstractmethod
+    def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[k] * tau_hat_k[key] as a dense float tensor."""
+
+
+class DynamicMerged(Merged):
+    def __init__(
+        self,
+        backbone: Backbone,
+        pretrained: Mapping[str, torch.Tensor],
+        store: TaskVectorStore,
+        router: Router | None = None,
+        cache_size: int = 4,
+    ):
+        super().__init__(backbone)
+        self.encoder = backbone.build_encoder().eval()
+        self.encoder.load_state_dict(dict(pretrained), strict=True)
+        self.pretrained = {key: pretrained[key] for key in store.keys()}
+        self.store = store
+        self.router = router
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
+        self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
+
+    def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(batch, K) composition weights: the router's, or one-hot on the known task."""
+        if self.router is not None:
+            return self.router(inputs)
+        batch = next(iter(inputs.values())).shape[0]
+        weights = torch.zeros(batch, len(self.store.tasks))
+        weights[:, self.store.tasks.index(task)] = 1.0
+        return weights
+
+    def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        key = tuple(weights.tolist())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        params = {name: self.pretrained[name] + self.store.combine(name, weights) for name in self.pretrained}
+        self.materialisations += 1
+        self._cache[key] = params
+        if len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return params
+
+    @torch.no_grad()
+    def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+        """Encoder features, each input under its own composed weights, one forward per group."""
+        unique, inverse = torch.unique(weights, dim=0, return_inverse=True)
+        if len(unique) == 1:
+            return functional_call(self.encoder, self.merged_parameters(unique[0]), args=(), kwargs=dict(inputs))
+        output = None
+        for group, row in enumerate(unique):
+            index = (inverse == group).nonzero().squeeze(1)
+            subset = {name: value[index] for name, value in inputs.items()}
+            features = functional_call(self.encoder, self.merged_parameters(row), args=(), kwargs=subset)
+            if output is None:
+                output = features.new_empty((weights.shape[0], *features.shape[1:]))
+            output[index] = features
+        return output
+
+    @torch.no_grad()
+    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return self.head(task)(self.features(inputs, self.routing_weights(task, inputs)))
+
+
+class KNNRouter:
+    """w_k(x) = |Q_k ∩ N_x| / C over the C nearest query features (Euclidean), the
+    Auto-Switch rule (T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5)."""
+
+    def __init__(self, extract: Callable[[Mapping[str, Any]], torch.Tensor], queries: torch.Tensor,
+                 owners: torch.Tensor, num_tasks: int, neighbours: int):
+        if neighbours > len(queries):
+            raise ValueError(f"{neighbours} neighbours asked, the query set has {len(queries)} features")
+        self.extract = extract
+        self.queries = queries
+        self.owners = owners
+        self.num_tasks = num_tasks
+        self.neighbours = neighbours
+
+    @torch.no_grad()
+    def __call__(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        return self.weights_for_features(self.extract(inputs))
+
+    def weights_for_features(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.reshape(len(features), -1).float()
+        distances = torch.cdist(features, self.queries.reshape(len(self.queries), -1).float())
+        nearest = distances.topk(self.neighbours, largest=False).indices
+        counts = torch.nn.functional.one_hot(self.owners[nearest], self.num_tasks).sum(1)
+        return counts.float() / self.neighbours

@@ -1,0 +1,156 @@
+"""T-Switch and Auto-Switch (Qi et al., "Less is More: Efficient Model Merging with
+Binary Task Switch", CVPR 2025; Auto-FlexSwitch 2026 §III-B, Eqs. 2-5).
+
+Per merged tensor l of task k, the task vector tau is replaced by three switches:
+* activation switch A (P-Spar, Eq. 2): keep the positive entries above the
+  alpha-quantile of the positive entries and the negative entries below the
+  alpha-quantile of the negative ones, i.e. drop the alpha fraction of smallest
+  magnitudes on each side separately;
+* polarity switch P = sign(tau) with 0 -> -1 (Eq. 4);
+* knob beta = ||tau (.) A||_2 / ||A (.) P||_2 (Eq. 3).
+T-Switch uses the task identity: theta_k = theta + beta_k A_k (.) P_k.
+Auto-Switch routes per input: w_k(x) = |Q_k ∩ N_x| / C over the C nearest query
+features (Eq. 5), the query set Q_k holding the pretrained encoder's features of
+N unlabelled exemplars of task k.
+
+Switched tensors: every floating-point tensor of the encoder whose fine-tuned value
+differs from the pretrained one (identical tensors, e.g. embeddings frozen during
+fine-tuning, have no task vector and store nothing). Each task's switches are
+written as one artifact in the bit-packed ``tswitch`` format of
+``mergebench.codecs``; inference decodes exactly those bytes.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from mergebench.codecs import decode_tensors, encode_tensors, tswitch_from_task_vector
+from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore
+from mergebench.method import Method
+from mergebench.pool import ModelPool
+from mergebench.registry import register_method
+
+
+def pulse_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
+    """P-Spar (Eq. 2): drop the alpha fraction of smallest positive and of smallest
+    negative entries (by magnitude), separately; zeros are never kept."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    mask = torch.zeros_like(tau, dtype=torch.bool)
+    for side in (tau > 0, tau < 0):
+        magnitudes = tau[side].abs()
+        drop = int(alpha * magnitudes.numel())
+        if magnitudes.numel() == 0:
+            continue
+        if drop == 0:
+            mask |= side
+        else:
+            level = magnitudes.kthvalue(drop).values  # the alpha-quantile of this side
+            mask |= side & (tau.abs() > level)
+    return mask
+
+
+class SwitchStore(TaskVectorStore):
+    """Decoded switches as int8 ternary tensors A (.) P plus one beta per tensor and task:
+    1 byte per entry per task in memory, combined by one matrix product per tensor."""
+
+    def __init__(self, tasks: list[str], artifacts: dict[str, bytes]):
+        self.tasks = tasks
+        decoded = [decode_tensors(artifacts[f"{task}.tswitch"], source=f"{task}.tswitch") for task in tasks]
+        self._keys = sorted(set().union(*(d.keys() for d in decoded)))
+        self.ternary: dict[str, torch.Tensor] = {}
+        self.beta: dict[str, torch.Tensor] = {}
+        for key in self._keys:
+            rows, betas = [], []
+            for task_switches in decoded:
+                switch = task_switches.get(key)
+                dense = switch.to_dense() if switch is not None else None
+                beta = switch.params["beta"] if switch is not None else 0.0
+                rows.append(torch.sign(dense).to(torch.int8) if dense is not None else None)
+                betas.append(beta)
+            shape = next(r.shape for r in rows if r is not None)
+            self.ternary[key] = torch.stack([r if r is not None else torch.zeros(shape, dtype=torch.int8) for r in rows])
+            self.beta[key] = torch.tensor(betas, dtype=torch.float32)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
+        ternary = self.ternary[key]
+        coefficients = weights.float() * self.beta[key]
+        active = coefficients.nonzero().squeeze(1)
+        if len(active) == 0:
+            return torch.zeros(ternary.shape[1:])
+        if len(active) == 1:
+            return coefficients[active[0]] * ternary[active[0]].float()
+        flat = ternary[active].reshape(len(active), -1).float()
+        return (coefficients[active] @ flat).reshape(ternary.shape[1:])
+
+
+def encode_switches(pool: ModelPool, alpha: float) -> dict[str, bytes]:
+    """One ``tswitch`` artifact per task (mask bits, sign bits of kept entries, beta)."""
+    artifacts = {}
+    for task in tqdm(pool.tasks, desc="t-switch: encoding", unit="task", leave=False):
+        switches = {}
+        for key in pool.merged_keys:
+            tau = pool.task_vector(task, key)
+            if torch.count_nonzero(tau) == 0:
+                continue
+            switches[key] = tswitch_from_task_vector(tau, pulse_mask(tau, alpha))
+        artifacts[f"{task}.tswitch"] = encode_tensors(switches)
+    return artifacts
+
+
+class SwitchMerged(DynamicMerged):
+    def __init__(self, pool: ModelPool, artifacts: dict[str, bytes], router=None):
+        super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts), router)
+        self._artifacts = artifacts
+
+    def artifacts(self):
+        return dict(self._artifacts)
+
+
+@register_method("t-switch")
+class TSwitch(Method):
+    name = "t-switch"
+    hyperparameters = {"alpha": 0.5}
+    uses_task_identity = True
+    dynamic = True
+
+    def merge(self, pool, exemplars=None):
+        return SwitchMerged(pool, encode_switches(pool, float(self.hparams["alpha"])))
+
+
+@register_method("auto-switch")
+class AutoSwitch(Method):
+    name = "auto-switch"
+    # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation)
+    hyperparameters = {"alpha": 0.5, "exemplars": 100, "neighbours": 10}
+    needs_exemplars = True
+    dynamic = True
+
+    def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
+        if not exemplars:
+            raise ValueError("auto-switch needs exemplars to build its query sets")
+        artifacts = encode_switches(pool, float(self.hparams["alpha"]))
+        merged = SwitchMerged(pool, artifacts)
+        extract = merged.encoder  # the pretrained encoder: f_ex(x; Theta)
+        with torch.no_grad():
+            queries = [_batched_features(extract, exemplars[task]) for task in pool.tasks]
+        owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
+        queries = torch.cat(queries)
+        merged.router = KNNRouter(lambda inputs: extract(**inputs), queries, owners, len(pool.tasks), int(self.hparams["neighbours"]))
+        # the query features are stored beside the switches
+        artifacts["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
+        merged._artifacts = artifacts
+        return merged
+
+
+def _batched_features(encoder, inputs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    n = next(iter(inputs.values())).shape[0]
+    return torch.cat([
+        encoder(**{k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)
+    ])
