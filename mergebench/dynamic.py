@@ -42,7 +42,7 @@ class DynamicMerged(Merged):
         pretrained: Mapping[str, torch.Tensor],
         store: TaskVectorStore,
         router: Router | None = None,
-        cache_size: int = 4,
+        cache_bytes: int = 2 * 1024**3,
     ):
         super().__init__(backbone)
         self.encoder = backbone.build_encoder().eval()
@@ -50,7 +50,8 @@ class DynamicMerged(Merged):
         self.pretrained = {key: pretrained[key] for key in store.keys()}
         self.store = store
         self.router = router
-        self.cache_size = cache_size
+        entry_bytes = sum(t.numel() * 4 for t in self.pretrained.values()) or 1
+        self.cache_size = max(1, cache_bytes // entry_bytes)  # how many merged weight sets fit the budget
         self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
 

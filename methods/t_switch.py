@@ -21,6 +21,7 @@ written as one artifact in the bit-packed ``tswitch`` format of
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -54,40 +55,28 @@ def pulse_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class SwitchStore(TaskVectorStore):
-    """Decoded switches as int8 ternary tensors A (.) P plus one beta per tensor and task:
-    1 byte per entry per task in memory, combined by one matrix product per tensor."""
+    """The decoded switches beta_k A_k (.) P_k of every task, stacked per tensor as a
+    (K, n) float matrix, so composing any weight vector is one matrix product."""
 
     def __init__(self, tasks: list[str], artifacts: dict[str, bytes]):
         self.tasks = tasks
         decoded = [decode_tensors(artifacts[f"{task}.tswitch"], source=f"{task}.tswitch") for task in tasks]
         self._keys = sorted(set().union(*(d.keys() for d in decoded)))
-        self.ternary: dict[str, torch.Tensor] = {}
-        self.beta: dict[str, torch.Tensor] = {}
+        self.switches: dict[str, torch.Tensor] = {}
         for key in self._keys:
-            rows, betas = [], []
-            for task_switches in decoded:
-                switch = task_switches.get(key)
-                dense = switch.to_dense() if switch is not None else None
-                beta = switch.params["beta"] if switch is not None else 0.0
-                rows.append(torch.sign(dense).to(torch.int8) if dense is not None else None)
-                betas.append(beta)
-            shape = next(r.shape for r in rows if r is not None)
-            self.ternary[key] = torch.stack([r if r is not None else torch.zeros(shape, dtype=torch.int8) for r in rows])
-            self.beta[key] = torch.tensor(betas, dtype=torch.float32)
+            shape = next(d[key].shape for d in decoded if key in d)
+            rows = [d[key].to_dense().flatten() if key in d else torch.zeros(math.prod(shape)) for d in decoded]
+            self.switches[key] = torch.stack(rows).view(len(tasks), *shape)
 
     def keys(self) -> list[str]:
         return list(self._keys)
 
     def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
-        ternary = self.ternary[key]
-        coefficients = weights.float() * self.beta[key]
-        active = coefficients.nonzero().squeeze(1)
-        if len(active) == 0:
-            return torch.zeros(ternary.shape[1:])
-        if len(active) == 1:
-            return coefficients[active[0]] * ternary[active[0]].float()
-        flat = ternary[active].reshape(len(active), -1).float()
-        return (coefficients[active] @ flat).reshape(ternary.shape[1:])
+        switches = self.switches[key]
+        active = weights.nonzero().squeeze(1)
+        if len(active) == 1:  # task identity known: a scaled copy, no product needed
+            return weights[active[0]] * switches[active[0]]
+        return (weights.float() @ switches.view(len(self.tasks), -1)).view(switches.shape[1:])
 
 
 def encode_switches(pool: ModelPool, alpha: float) -> dict[str, bytes]:
