@@ -26,6 +26,7 @@ from typing import Any, Mapping
 
 import torch
 from safetensors.torch import save as save_safetensors
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from mergebench.codecs import decode_tensors, encode_tensors, tswitch_from_task_vector
@@ -116,17 +117,27 @@ class TSwitch(Method):
 @register_method("auto-switch")
 class AutoSwitch(Method):
     name = "auto-switch"
-    # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation)
-    hyperparameters = {"alpha": 0.5, "exemplars": 100, "neighbours": 10}
+    # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation).
+    # query_model: "pretrained" (Auto-FlexSwitch Eq. 5) or "averaged", the CVPR paper's choice: features
+    # under theta + (1/K) sum_k tau_hat_k, which it found makes tasks easier to tell apart.
+    hyperparameters = {"alpha": 0.5, "exemplars": 100, "neighbours": 10, "query_model": "pretrained"}
     needs_exemplars = True
     dynamic = True
 
     def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
         if not exemplars:
             raise ValueError("auto-switch needs exemplars to build its query sets")
+        query_model = self.hparams["query_model"]
+        if query_model not in ("pretrained", "averaged"):
+            raise ValueError(f"auto-switch: query_model must be 'pretrained' or 'averaged', got {query_model!r}")
         artifacts = encode_switches(pool, float(self.hparams["alpha"]))
         merged = SwitchMerged(pool, artifacts)
-        extract = merged.encoder  # the pretrained encoder: f_ex(x; Theta)
+        if query_model == "pretrained":
+            extract = merged.encoder  # f_ex(x; Theta)
+        else:
+            uniform = torch.full((len(pool.tasks),), 1.0 / len(pool.tasks))
+            averaged = merged.merged_parameters(uniform)
+            extract = lambda **inputs: functional_call(merged.encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
         with torch.no_grad():
             queries = [_batched_features(extract, exemplars[task]) for task in pool.tasks]
         owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])

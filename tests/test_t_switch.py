@@ -107,3 +107,23 @@ def test_auto_switch_routes_each_task_to_itself_on_separable_features(pool):
 def test_auto_switch_needs_exemplars(pool):
     with pytest.raises(ValueError, match="exemplars"):
         make_method("auto-switch").merge(pool, None)
+
+
+def test_auto_switch_averaged_query_model_routes_too(pool):
+    exemplars = {"t1": {"x": torch.full((12,), -1.0)}, "t2": {"x": torch.full((12,), 1.0)}}
+    merged = make_method("auto-switch", {"exemplars": 12, "neighbours": 5, "query_model": "averaged"}).merge(pool, exemplars)
+    weights = merged.routing_weights("t1", {"x": torch.tensor([-1.0, 1.0])})
+    assert torch.equal(weights, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="query_model"):
+        make_method("auto-switch", {"query_model": "other"}).merge(pool, exemplars)
+
+
+def test_corrupt_switch_artifact_names_the_task_file(pool):
+    from mergebench.codecs import CorruptArtifactError
+
+    artifacts = encode_switches(pool, alpha=0.5)
+    damaged = bytearray(artifacts["t2.tswitch"])
+    damaged[-1] ^= 0xFF
+    artifacts["t2.tswitch"] = bytes(damaged)
+    with pytest.raises(CorruptArtifactError, match="t2.tswitch"):
+        SwitchStore(pool.tasks, artifacts)
