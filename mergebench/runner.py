@@ -81,6 +81,7 @@ def run(
     results_dir: Path | None = Path("results"),
     batch_size: int = 64,
 ) -> Result:
+    commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     method = make_method(method_name, hyperparameters, seed)
     backbone: Backbone = BACKBONES.get(backbone_name)()
     backbone.prepare()
@@ -116,7 +117,7 @@ def run(
         uses_test_inputs=method.uses_test_inputs,
         reference=method.reference,
         versions=package_versions(),
-        git_commit=git_commit(),
+        git_commit=commit,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     if results_dir is not None:

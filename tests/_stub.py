@@ -62,6 +62,11 @@ def tensors(**values) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
 
 
+def finetuned_from(pretrained: dict, *taus: dict) -> dict[str, dict]:
+    """Fine-tuned states t1, t2, ... = pretrained + each task vector."""
+    return {f"t{i}": {k: pretrained[k] + tau[k] for k in pretrained} for i, tau in enumerate(taus, 1)}
+
+
 def make_pool(tmp_path: Path, pretrained: dict, finetuned: dict[str, dict]) -> ModelPool:
     return ModelPool(StubBackbone(tmp_path, pretrained, finetuned))
 

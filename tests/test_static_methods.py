@@ -4,7 +4,7 @@ import torch
 
 from mergebench.runner import make_method
 from mergebench.methods.ties import elect_and_merge, magnitude_threshold
-from tests._stub import make_pool, merged_state, tensors
+from tests._stub import finetuned_from, make_pool, merged_state, tensors
 
 PRE = tensors(a=[1.0, 1.0, 1.0, 1.0], b=[0.0, 0.0], c=[2.0])
 TAU1 = tensors(a=[1.0, -2.0, 0.5, 3.0], b=[0.1, -0.2], c=[4.0])
@@ -12,7 +12,7 @@ TAU2 = tensors(a=[-1.5, -1.0, 0.2, 2.0], b=[0.3, 0.4], c=[-5.0])
 
 
 def finetuned(*taus):
-    return {f"t{i}": {k: PRE[k] + tau[k] for k in PRE} for i, tau in enumerate(taus, 1)}
+    return finetuned_from(PRE, *taus)
 
 
 @pytest.fixture

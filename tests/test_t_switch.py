@@ -8,7 +8,7 @@ import torch
 from mergebench.dynamic import DynamicMerged, KNNRouter
 from mergebench.methods.t_switch import SwitchStore, encode_switches, pulse_mask
 from mergebench.runner import make_method
-from tests._stub import make_pool, tensors
+from tests._stub import finetuned_from, make_pool, tensors
 
 PRE = tensors(a=[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], b=[0.0, 0.0])
 TAU1 = tensors(a=[3.0, 1.0, 2.0, -1.0, -4.0, -0.5, 0.0], b=[0.5, -0.25])
@@ -16,7 +16,7 @@ TAU2 = tensors(a=[-1.0, 2.0, 0.0, 0.0, 1.0, 1.0, -2.0], b=[0.0, 0.0])  # b uncha
 
 
 def finetuned(*taus):
-    return {f"t{i}": {k: PRE[k] + tau[k] for k in PRE} for i, tau in enumerate(taus, 1)}
+    return finetuned_from(PRE, *taus)
 
 
 @pytest.fixture
