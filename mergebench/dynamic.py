@@ -54,6 +54,7 @@ class DynamicMerged(Merged):
         self.cache_size = max(1, cache_bytes // entry_bytes)  # how many merged weight sets fit the budget
         self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
+        self._routed: dict[str, list[int]] = {}  # task -> [inputs whose top weight is the task, inputs]
 
     def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
         """(batch, K) composition weights: the router's, or one-hot on the known task."""
@@ -94,7 +95,20 @@ class DynamicMerged(Merged):
 
     @torch.no_grad()
     def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        return self.head(task)(self.features(inputs, self.routing_weights(task, inputs)))
+        weights = self.routing_weights(task, inputs)
+        if self.router is not None:
+            hits = int((weights.argmax(1) == self.store.tasks.index(task)).sum())
+            counts = self._routed.setdefault(task, [0, 0])
+            counts[0] += hits
+            counts[1] += len(weights)
+        return self.head(task)(self.features(inputs, weights))
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Routing accuracy: the share of inputs whose largest weight goes to their own task."""
+        if not self._routed:
+            return {}
+        accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
+        return {"routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
 
 
 class KNNRouter:

@@ -41,6 +41,10 @@ class Merged(abc.ABC):
         """Named artifacts kept beyond the pretrained weights (empty: nothing extra)."""
         return {}
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Method-specific figures measured during evaluation (e.g. routing accuracy)."""
+        return {}
+
     def storage_bytes(self) -> int:
         return sum(a.stat().st_size if isinstance(a, Path) else len(a) for a in self.artifacts().values())
 

@@ -31,6 +31,7 @@ class Result:
     dynamic: bool = False
     uses_test_inputs: bool = False
     reference: bool = False
+    diagnostics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     created: str = ""

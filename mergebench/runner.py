@@ -116,6 +116,7 @@ def run(
         dynamic=method.dynamic,
         uses_test_inputs=method.uses_test_inputs,
         reference=method.reference,
+        diagnostics=merged.diagnostics(),
         versions=package_versions(),
         git_commit=commit,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -127,3 +127,13 @@ def test_corrupt_switch_artifact_names_the_task_file(pool):
     artifacts["t2.tswitch"] = bytes(damaged)
     with pytest.raises(CorruptArtifactError, match="t2.tswitch"):
         SwitchStore(pool.tasks, artifacts)
+
+
+def test_routing_accuracy_is_recorded_during_prediction(pool):
+    exemplars = {"t1": {"x": torch.full((12,), -1.0)}, "t2": {"x": torch.full((12,), 1.0)}}
+    merged = make_method("auto-switch", {"exemplars": 12, "neighbours": 5}).merge(pool, exemplars)
+    merged.predict("t1", {"x": torch.tensor([-1.0, -1.0, 1.0, -1.0])})  # one of four routed to t2
+    merged.predict("t2", {"x": torch.tensor([1.0, 1.0])})
+    diagnostics = merged.diagnostics()
+    assert diagnostics["routing_accuracy"] == {"t1": 0.75, "t2": 1.0}
+    assert diagnostics["routing_accuracy_mean"] == 0.875
