@@ -1,0 +1,272 @@
+"""EMR-Merging: Elect, Mask & Rescale (Huang et al., "EMR-Merging: Tuning-Free
+High-Performance Model Merging", NeurIPS 2024; authors' code
+github.com/harveyhuang18/EMR_Merging, ``emr_merging`` in
+``merge_lm/model_merging_methods/merging_methods.py`` and ``emr_merge`` in
+``merge_vit/src/main_emr_merging.py``).
+
+Per merged tensor, with the task vectors tau_1..tau_K:
+* Elect a unified task vector: gamma = sign(sum_k tau_k); epsilon = max_k |tau_k|
+  over the tasks whose tau_k has the sign gamma (0 where no task does);
+  tau_uni = gamma (.) epsilon.
+* Masks: M_k = (tau_k (.) tau_uni > 0).
+* Rescalers, one scalar per task over ALL merged parameters of the model:
+  lambda_k = sum |tau_k| / sum |M_k (.) tau_uni|.
+* Inference with the task identity: theta_k = theta_pre + lambda_k M_k (.) tau_uni.
+
+No hyperparameters (the method is tuning-free). The task vectors are read one
+tensor at a time (K copies of one tensor in memory): one pass over the pool elects
+tau_uni and the masks and accumulates both sums of lambda_k; lambda is applied at
+inference, never baked into the stored vectors, so no second read of the pool is
+needed.
+
+Storage (what ``artifacts()`` returns, all of it decoded again for inference):
+* ``unified.safetensors``: tau_uni in fp32, one safetensors tensor per stored key;
+* ``<task>.masks.safetensors`` per task: that task's mask bit-packed, 1 bit per
+  entry (``mask/<key>``: uint8, ``np.packbits`` little bit order, the layout of
+  ``mergebench.codecs.pack_bits``), and lambda_k (``lambda``: one fp32 scalar).
+Both are plain safetensors files (no pickle) whose metadata holds a format tag,
+the task name(s) and a crc32 of every tensor's bytes; anything corrupt,
+truncated or inconsistent raises :class:`~mergebench.codecs.CorruptArtifactError`
+naming the artifact (and the tensor). Tensors whose tau_uni is all zero (every
+task vector zero there, or every entry cancelling) store nothing.
+
+Deviations from the authors' code (the paper's equations are followed):
+* lambda_k: the authors' code accumulates per-tensor *means*,
+  sum_l mean|tau_k^l| / sum_l mean|M_k^l (.) tau_uni^l|, which weights each
+  tensor by 1/numel; here it is the paper's ratio of sums over all merged entries.
+* A zero sum: the authors' flag ``(mean > 0) * 2 - 1`` treats sum_k tau_k = 0 as
+  negative (tau_uni = -max of the negative entries there); here gamma = sign(0) = 0,
+  so tau_uni = 0 and no mask is set. They differ only where the K entries cancel
+  exactly while some are non-zero.
+* A zero denominator (task k agrees with tau_uni nowhere, e.g. a task identical
+  to the pretrained model) gives lambda_k = 1 instead of inf/NaN; M_k is then all
+  zero, so task k runs with theta_pre whatever lambda_k is.
+* Merged tensors are the backbone's ``merged_keys``; tau_uni is stored as fp32
+  whatever the checkpoint dtype.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from typing import Mapping
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from tqdm.auto import tqdm
+
+from mergebench.codecs import CorruptArtifactError
+from mergebench.dynamic import DynamicMerged, TaskVectorStore
+from mergebench.method import Method
+from mergebench.pool import ModelPool
+from mergebench.registry import register_method
+
+UNIFIED = "unified.safetensors"
+UNIFIED_FORMAT = "emr-merging/unified/1"
+MASKS_FORMAT = "emr-merging/masks/1"
+MASK_PREFIX = "mask/"
+LAMBDA = "lambda"
+
+
+def masks_artifact(task: str) -> str:
+    return f"{task}.masks.safetensors"
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+
+def elect(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tau_uni, masks) of the stacked (K, ...) task vectors of one tensor.
+
+    gamma = sign(sum_k tau_k), epsilon = max |tau_k| over the tasks agreeing with
+    gamma, tau_uni = gamma * epsilon; masks[k] = tau_k * tau_uni > 0, which is
+    exactly "tau_k agrees with gamma" (an agreeing entry makes epsilon > 0)."""
+    gamma = torch.sign(taus.sum(0))
+    agrees = taus * gamma > 0
+    epsilon = (taus.abs() * agrees).amax(0) if taus.shape[0] else torch.zeros_like(gamma)
+    return gamma * epsilon, agrees
+
+
+def rescalers(numerators: torch.Tensor, denominators: torch.Tensor) -> torch.Tensor:
+    """lambda_k = sum|tau_k| / sum|M_k (.) tau_uni| as fp32; 1 where the denominator is 0."""
+    safe = torch.where(denominators > 0, denominators, torch.ones_like(denominators))
+    return torch.where(denominators > 0, numerators / safe, torch.ones_like(numerators)).float()
+
+
+def emr_merge(pool: ModelPool) -> dict[str, bytes]:
+    """Elect, mask and rescale over the whole pool; returns the serialized artifacts."""
+    K = len(pool.tasks)
+    numerators = torch.zeros(K, dtype=torch.float64)
+    denominators = torch.zeros(K, dtype=torch.float64)
+    unified: dict[str, torch.Tensor] = {}
+    masks: list[dict[str, np.ndarray]] = [{} for _ in pool.tasks]
+    for key in tqdm(pool.merged_keys, desc="emr-merging: elect", unit="tensor", leave=False):
+        taus = torch.stack(pool.task_vectors(key)).float()
+        numerators += taus.abs().reshape(K, -1).sum(1, dtype=torch.float64)
+        tau_uni, agrees = elect(taus)
+        if not torch.any(tau_uni):
+            continue  # nothing to store: every M_k (.) tau_uni is zero here
+        denominators += (tau_uni.abs() * agrees).reshape(K, -1).sum(1, dtype=torch.float64)
+        unified[key] = tau_uni.contiguous()
+        for k in range(K):
+            masks[k][key] = np.packbits(agrees[k].reshape(-1).numpy(), bitorder="little")
+        del taus, agrees
+    lambdas = rescalers(numerators, denominators)
+    return encode_artifacts(pool.tasks, unified, masks, lambdas)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def _crc(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.contiguous().numpy().tobytes())
+
+
+def _save_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    crcs = {name: _crc(t) for name, t in tensors.items()}
+    return save_safetensors(tensors, metadata={**metadata, "crc32": json.dumps(crcs, sort_keys=True, separators=(",", ":"))})
+
+
+def _load_checked(data: bytes, name: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a checked safetensors artifact; every tensor's crc32 verified."""
+    try:
+        tensors = load_safetensors(bytes(data))
+        (length,) = struct.unpack_from("<Q", data)
+        metadata = json.loads(bytes(data[8 : 8 + length]).decode("utf-8")).get("__metadata__") or {}
+        crcs = json.loads(metadata["crc32"])
+        if not isinstance(crcs, dict):
+            raise ValueError("crc32 table is not a mapping")
+    except Exception as error:  # safetensors raises its own error type
+        raise CorruptArtifactError(f"{name}: not a readable EMR-Merging artifact: {error}") from None
+    if metadata.get("format") != fmt:
+        raise CorruptArtifactError(f"{name}: format {metadata.get('format')!r}, expected {fmt!r}")
+    if set(crcs) != set(tensors):
+        raise CorruptArtifactError(f"{name}: the checksum table does not list the stored tensors")
+    for tensor_name, tensor in tensors.items():
+        if _crc(tensor) != crcs[tensor_name]:
+            raise CorruptArtifactError(f"{name}: tensor {tensor_name!r}: checksum mismatch (corrupt data)")
+    return tensors, metadata
+
+
+def encode_artifacts(tasks: list[str], unified: Mapping[str, torch.Tensor],
+                     masks: list[Mapping[str, np.ndarray]], lambdas: torch.Tensor) -> dict[str, bytes]:
+    """``unified.safetensors`` (tau_uni, fp32) and one ``<task>.masks.safetensors`` per task
+    (its bit-packed mask per key and lambda_k as fp32)."""
+    artifacts = {UNIFIED: _save_checked({key: t.float().contiguous() for key, t in unified.items()},
+                                        {"format": UNIFIED_FORMAT, "tasks": json.dumps(list(tasks))})}
+    for k, task in enumerate(tasks):
+        tensors = {f"{MASK_PREFIX}{key}": torch.from_numpy(np.ascontiguousarray(packed, dtype=np.uint8))
+                   for key, packed in masks[k].items()}
+        tensors[LAMBDA] = lambdas[k].reshape(()).float().clone()
+        artifacts[masks_artifact(task)] = _save_checked(tensors, {"format": MASKS_FORMAT, "task": task})
+    return artifacts
+
+
+def decode_unified(data: bytes, tasks: list[str], name: str = UNIFIED) -> dict[str, torch.Tensor]:
+    tensors, metadata = _load_checked(data, name, UNIFIED_FORMAT)
+    try:
+        stored_tasks = json.loads(metadata.get("tasks", "null"))
+    except ValueError:
+        stored_tasks = None
+    if stored_tasks != list(tasks):
+        raise CorruptArtifactError(f"{name}: built for tasks {stored_tasks}, the pool has {list(tasks)}")
+    for key, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            raise CorruptArtifactError(f"{name}: tensor {key!r} is {tensor.dtype}, expected float32")
+        if not torch.isfinite(tensor).all():
+            raise CorruptArtifactError(f"{name}: tensor {key!r} has NaN or infinite values")
+    return tensors
+
+
+def decode_masks(data: bytes, task: str, unified: Mapping[str, torch.Tensor],
+                 name: str | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """(lambda_k, {key: packed mask}) of one task, checked against the unified vector's keys
+    and sizes (packed length ceil(n/8), zero padding bits)."""
+    name = name or masks_artifact(task)
+    tensors, metadata = _load_checked(data, name, MASKS_FORMAT)
+    if metadata.get("task") != task:
+        raise CorruptArtifactError(f"{name}: holds the masks of task {metadata.get('task')!r}, expected {task!r}")
+    lam = tensors.pop(LAMBDA, None)
+    if lam is None or lam.dtype != torch.float32 or lam.numel() != 1 or not math.isfinite(float(lam)):
+        raise CorruptArtifactError(f"{name}: missing or invalid fp32 scalar {LAMBDA!r}")
+    packed: dict[str, np.ndarray] = {}
+    for tensor_name, tensor in tensors.items():
+        if not tensor_name.startswith(MASK_PREFIX):
+            raise CorruptArtifactError(f"{name}: unexpected tensor {tensor_name!r}")
+        packed[tensor_name[len(MASK_PREFIX):]] = tensor.numpy()
+    if set(packed) != set(unified):
+        missing, extra = sorted(set(unified) - set(packed)), sorted(set(packed) - set(unified))
+        raise CorruptArtifactError(f"{name}: mask keys differ from {UNIFIED} (missing: {missing[:5]}, extra: {extra[:5]})")
+    for key, bits in packed.items():
+        n = unified[key].numel()
+        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != (n + 7) // 8:
+            raise CorruptArtifactError(f"{name}: mask {key!r} is {bits.dtype} {list(bits.shape)}, "
+                                       f"expected uint8 [{(n + 7) // 8}] for {n} entries")
+        if n % 8 and bits[-1] >> (n % 8):
+            raise CorruptArtifactError(f"{name}: mask {key!r} has non-zero padding bits")
+    return float(lam), packed
+
+
+class EMRStore(TaskVectorStore):
+    """The decoded tau_uni, bit-packed masks and rescalers; ``combine`` returns
+    sum_k w_k lambda_k M_k (.) tau_uni (one-hot weights with the task identity).
+    Masks stay packed (1 bit per entry) and are unpacked for the active tasks only."""
+
+    def __init__(self, tasks: list[str], artifacts: Mapping[str, bytes]):
+        self.tasks = list(tasks)
+        names = [UNIFIED, *(masks_artifact(t) for t in self.tasks)]
+        missing = [n for n in names if n not in artifacts]
+        if missing:
+            raise CorruptArtifactError(f"missing EMR-Merging artifact(s): {', '.join(missing)}")
+        self.unified = decode_unified(artifacts[UNIFIED], self.tasks)
+        self.masks: list[dict[str, np.ndarray]] = []
+        lambdas = []
+        for task in self.tasks:
+            lam, packed = decode_masks(artifacts[masks_artifact(task)], task, self.unified)
+            lambdas.append(lam)
+            self.masks.append(packed)
+        self.lambdas = torch.tensor(lambdas, dtype=torch.float32)
+
+    def keys(self) -> list[str]:
+        return sorted(self.unified)
+
+    def mask(self, k: int, key: str) -> torch.Tensor:
+        """M_k of one tensor as a bool tensor of its shape."""
+        tau_uni = self.unified[key]
+        bits = np.unpackbits(self.masks[k][key], count=tau_uni.numel(), bitorder="little")
+        return torch.from_numpy(bits.astype(np.bool_)).view(tau_uni.shape)
+
+    def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
+        tau_uni = self.unified[key]
+        coefficients = weights.float() * self.lambdas
+        active = coefficients.nonzero().squeeze(1).tolist()
+        if len(active) == 1:  # task identity: lambda_k M_k (.) tau_uni
+            k = active[0]
+            return torch.where(self.mask(k, key), coefficients[k] * tau_uni, torch.zeros((), dtype=tau_uni.dtype))
+        scale = torch.zeros_like(tau_uni)
+        for k in active:
+            scale += coefficients[k] * self.mask(k, key)
+        return scale * tau_uni
+
+
+class EMRMerged(DynamicMerged):
+    def __init__(self, pool: ModelPool, artifacts: dict[str, bytes]):
+        super().__init__(pool.backbone, pool.pretrained_state(), EMRStore(pool.tasks, artifacts))
+        self._artifacts = artifacts
+
+    def artifacts(self):
+        return dict(self._artifacts)
+
+
+@register_method("emr-merging")
+class EMRMerging(Method):
+    name = "emr-merging"
+    hyperparameters: dict = {}  # tuning-free
+    uses_task_identity = True
+    dynamic = True
+
+    def merge(self, pool, exemplars=None):
+        return EMRMerged(pool, emr_merge(pool))
