@@ -75,8 +75,9 @@ class Backbone(abc.ABC):
         """(inputs, labels) batches of a split ("train" or "test"), in a fixed order."""
 
     @abc.abstractmethod
-    def exemplars(self, task: str, n: int, seed: int) -> dict[str, Any]:
-        """Inputs (no labels) of ``n`` seeded examples of the task's training split."""
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        """Inputs (no labels) of ``n`` seeded examples of a split: "train" for exemplars,
+        "test" for methods that adapt on unlabelled test inputs (AdaMerging's protocol)."""
 
     def task(self, name: str) -> Task:
         for task in self.tasks:

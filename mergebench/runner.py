@@ -61,9 +61,9 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def draw_exemplars(backbone: Backbone, tasks: list[str], n: int, seed: int) -> dict[str, Any]:
+def draw_exemplars(backbone: Backbone, tasks: list[str], n: int, seed: int, split: str = "train") -> dict[str, Any]:
     """The same seeded, label-free exemplars for every method asking for ``n`` per task."""
-    return {task: backbone.exemplars(task, n, seed) for task in tasks}
+    return {task: backbone.exemplars(task, n, seed, split) for task in tasks}
 
 
 def make_method(name: str, hyperparameters: dict[str, Any] | None = None, seed: int = 0) -> Method:
@@ -89,7 +89,9 @@ def run(
     seed_everything(seed)
 
     with ModelPool(backbone, tasks) as pool:
-        exemplars = draw_exemplars(backbone, tasks, method.exemplars_per_task, seed) if method.needs_exemplars else None
+        # AdaMerging's protocol adapts on unlabelled *test* inputs; the record says so (uses_test_inputs)
+        split = "test" if method.uses_test_inputs else "train"
+        exemplars = draw_exemplars(backbone, tasks, method.exemplars_per_task, seed, split) if method.needs_exemplars else None
         start = time.perf_counter()
         merged = method.merge(pool, exemplars)
         merge_seconds = time.perf_counter() - start

@@ -123,12 +123,12 @@ class TextClassificationBackbone(Backbone):
             chunk = examples[start : start + batch_size]
             yield self.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
 
-    def exemplars(self, task: str, n: int, seed: int) -> dict[str, Any]:
-        train = self.data(task).train
-        if n > len(train):
-            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the training split has {len(train)}")
-        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(train), size=n, replace=False)
-        return self.tokenize([train[i][0] for i in sorted(picks)])
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        examples = self._split(task, split)
+        if n > len(examples):
+            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the {split} split has {len(examples)}")
+        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(examples), size=n, replace=False)
+        return self.tokenize([examples[i][0] for i in sorted(picks)])
 
     # --- data -------------------------------------------------------------------
     def data(self, task: str) -> TextData:

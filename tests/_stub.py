@@ -54,7 +54,7 @@ class StubBackbone(Backbone):
     def batches(self, task, split, batch_size):
         yield {"x": torch.ones(1)}, torch.zeros(1, dtype=torch.long)
 
-    def exemplars(self, task, n, seed):
+    def exemplars(self, task, n, seed, split="train"):
         return {"x": torch.ones(n)}
 
 
