@@ -135,3 +135,9 @@ class KNNRouter:
         nearest = distances.topk(self.neighbours, largest=False).indices
         counts = torch.nn.functional.one_hot(self.owners[nearest], self.num_tasks).sum(1)
         return counts.float() / self.neighbours
+
+
+def batched_features(encoder: Callable[..., torch.Tensor], inputs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+    """encoder(**inputs) over a large input batch, ``batch_size`` rows at a time."""
+    n = next(iter(inputs.values())).shape[0]
+    return torch.cat([encoder(**{k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)])

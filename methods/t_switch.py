@@ -30,7 +30,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from mergebench.codecs import decode_tensors, encode_tensors, tswitch_from_task_vector
-from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore
+from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore, batched_features
 from mergebench.method import Method
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
@@ -139,7 +139,7 @@ class AutoSwitch(Method):
             averaged = merged.merged_parameters(uniform)
             extract = lambda **inputs: functional_call(merged.encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
         with torch.no_grad():
-            queries = [_batched_features(extract, exemplars[task]) for task in pool.tasks]
+            queries = [batched_features(extract, exemplars[task]) for task in pool.tasks]
         owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
         queries = torch.cat(queries)
         merged.router = KNNRouter(lambda inputs: extract(**inputs), queries, owners, len(pool.tasks), int(self.hparams["neighbours"]))
@@ -147,10 +147,3 @@ class AutoSwitch(Method):
         artifacts["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
         merged._artifacts = artifacts
         return merged
-
-
-def _batched_features(encoder, inputs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    n = next(iter(inputs.values())).shape[0]
-    return torch.cat([
-        encoder(**{k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)
-    ])

@@ -1,0 +1,249 @@
+"""Twin-Merging (Lu et al., "Twin-Merging: Dynamic Integration of Modular Expertise
+in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
+
+* Shared expert theta_s: a static merge of the task vectors, by default Task
+  Arithmetic with lambda = 0.3 (hyperparameters ``shared`` / ``shared_scaling``;
+  ``shared`` may name any registered static, exemplar-free method, e.g. ``ties``).
+* Exclusive experts: for every merged tensor that is the weight of an ``nn.Linear``
+  of the encoder, theta_k - theta_s is compressed by truncated SVD to rank r
+  (``rank``, default 16: for a 384x384 MiniLM matrix that is 16*(384+384+1) floats,
+  ~8% of the matrix; the authors' discriminative setting keeps a small fraction).
+  Every other tensor (biases, LayerNorm, embeddings -- also 2-D but not a Linear
+  weight) stays at the shared expert.
+* Router: the authors' ``SimpleMLP`` (Linear d->2d, BatchNorm, LeakyReLU, Dropout
+  0.5, Linear 2d->2d, BatchNorm, LeakyReLU, Dropout, Linear 2d->K) trained with
+  cross-entropy to predict the task index of the exemplars from encoder features
+  (full-batch Adam, lr 5e-4, ``router_steps`` steps, seeded with the run seed).
+  ``router_features``: "shared" (default, as the authors' router.py: features of the
+  shared expert) or "pretrained" (features of the pretrained encoder).
+  At inference w(x) = softmax(router(features(x))).
+* theta(x) = theta_s + sum_k w_k(x) U_k S_k V_k^T on the Linear weights.
+
+Inference without per-sample weights (``TwinMerged``): the encoder holds theta_s and
+each Linear with exclusive experts carries a forward hook that adds, per sample b,
+``sum_k w_k[b] ((h_b @ V_k) * S_k) @ U_k^T``. This is exact, because a Linear layer
+is linear in its weight: h (W_s + sum_k w_k U_k S_k V_k^T)^T + bias
+= (h W_s^T + bias) + sum_k w_k ((h V_k) * S_k) U_k^T, and the hook sees exactly
+h = the layer's input of sample b under theta(x_b) (every earlier layer is itself
+already corrected for sample b), so the whole network equals a forward with
+materialised weights theta(x_b), for every sample at once.
+
+Storage (``artifacts()``): the shared expert as a full fp32 state dict (Twin-Merging
+keeps theta_s beside the pretrained model, which the router reads; the T-Switch
+paper's Table 2 charges it as large storage), the U, S, V factors of each task as
+fp32 safetensors, and the router's state dict (with the feature standardisation).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from mergebench.dynamic import batched_features
+from mergebench.method import Merged, Method, serialize_state
+from mergebench.pool import ModelPool
+from mergebench.registry import METHODS, register_method
+
+
+class RouterMLP(nn.Module):
+    """The authors' ``SimpleMLP`` router, on standardised features."""
+
+    def __init__(self, dim: int, num_tasks: int, hidden: int, dropout: float = 0.5):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_tasks),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.reshape(len(features), -1).float()
+        return self.net((features - self.mean) / self.std)
+
+
+def train_router(features: torch.Tensor, labels: torch.Tensor, num_tasks: int, steps: int, lr: float,
+                 seed: int, hidden: int | None = None) -> RouterMLP:
+    features = features.reshape(len(features), -1).float()
+    dim = features.shape[1]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        router = RouterMLP(dim, num_tasks, hidden or 2 * dim)
+        router.mean.copy_(features.mean(0))
+        router.std.copy_(features.std(0, unbiased=False).clamp_min(1e-6))
+        optimizer = torch.optim.Adam(router.parameters(), lr=lr)
+        router.train()
+        for _ in range(steps):
+            optimizer.zero_grad()
+            F.cross_entropy(router(features), labels).backward()
+            optimizer.step()
+    return router.eval()
+
+
+def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD delta ~ U diag(S) V^T with U (out, r), S (r,), V (in, r)."""
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = min(rank, len(s))
+    return u[:, :r].float().contiguous(), s[:r].float().contiguous(), vh[:r].T.float().contiguous()
+
+
+def linear_weight_keys(encoder: nn.Module, keys: list[str]) -> list[str]:
+    """The merged keys that are the weight of an nn.Linear of the encoder."""
+    modules = dict(encoder.named_modules())
+    return [k for k in keys if k.endswith(".weight") and isinstance(modules.get(k[: -len(".weight")]), nn.Linear)]
+
+
+class TwinMerged(Merged):
+    """theta_s in one encoder plus low-rank exclusive experts applied by forward hooks
+    with per-sample routing weights (see the module docstring for why it is exact)."""
+
+    def __init__(self, pool: ModelPool, shared: Mapping[str, torch.Tensor], artifacts: dict[str, bytes],
+                 router: RouterMLP | None = None, router_features: str = "pretrained"):
+        super().__init__(pool.backbone)
+        self.tasks = list(pool.tasks)
+        self.encoder = pool.backbone.build_encoder().eval()
+        self.encoder.load_state_dict(dict(shared), strict=True)
+        self.router = router
+        self.router_features = router_features
+        self.feature_encoder = None
+        if router_features == "pretrained":
+            self.feature_encoder = pool.backbone.build_encoder().eval()
+            self.feature_encoder.load_state_dict(pool.pretrained_state(), strict=True)
+        self._artifacts = artifacts
+        # the factors used at inference are decoded from the stored bytes
+        decoded = [load_safetensors(artifacts[f"{task}.experts.safetensors"]) for task in self.tasks]
+        self.expert_keys = sorted({name[: -len(".U")] for name in decoded[0] if name.endswith(".U")})
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for key in self.expert_keys:
+            self.factors[key] = tuple(torch.stack([d[f"{key}.{part}"] for d in decoded]) for part in "USV")
+        self._weights: torch.Tensor | None = None  # (B, K) for the forward in progress
+        modules = dict(self.encoder.named_modules())
+        self._hooks = [modules[key[: -len(".weight")]].register_forward_hook(self._hook(key)) for key in self.expert_keys]
+        self._routed: dict[str, list[int]] = {}
+
+    def _hook(self, key: str):
+        U, S, V = self.factors[key]  # (K, out, r), (K, r), (K, in, r)
+
+        def hook(module, args, output):
+            weights = self._weights
+            if weights is None:
+                return None
+            h = args[0]
+            if h.shape[0] != weights.shape[0]:
+                raise RuntimeError(f"twin-merging: {key} input batch {h.shape[0]} != routing batch {weights.shape[0]}")
+            flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(V.dtype)  # (B, N, in)
+            z = torch.einsum("bni,kir->bknr", flat, V) * S[None, :, None, :]
+            z = z * weights.to(z.dtype)[:, :, None, None]
+            delta = torch.einsum("bknr,kor->bno", z, U)
+            return output + delta.reshape(output.shape).to(output.dtype)
+
+        return hook
+
+    @torch.no_grad()
+    def features_for_routing(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.feature_encoder is not None:
+            return self.feature_encoder(**inputs)
+        self._weights = None  # the shared expert alone
+        return self.encoder(**inputs)
+
+    @torch.no_grad()
+    def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        if self.router is None:  # oracle: one-hot on the known task
+            batch = next(iter(inputs.values())).shape[0]
+            weights = torch.zeros(batch, len(self.tasks))
+            weights[:, self.tasks.index(task)] = 1.0
+            return weights
+        return torch.softmax(self.router(self.features_for_routing(inputs)), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+        self._weights = weights
+        try:
+            return self.encoder(**inputs)
+        finally:
+            self._weights = None
+
+    @torch.no_grad()
+    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        weights = self.routing_weights(task, inputs)
+        if self.router is not None:
+            counts = self._routed.setdefault(task, [0, 0])
+            counts[0] += int((weights.argmax(1) == self.tasks.index(task)).sum())
+            counts[1] += len(weights)
+        return self.head(task)(self.encode(inputs, weights))
+
+    def artifacts(self):
+        return dict(self._artifacts)
+
+    def diagnostics(self) -> dict[str, Any]:
+        if not self._routed:
+            return {}
+        accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
+        return {"routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
+
+
+@register_method("twin-merging")
+class TwinMerging(Method):
+    name = "twin-merging"
+    hyperparameters = {
+        "exemplars": 100,
+        "rank": 16,
+        "shared": "task-arithmetic",
+        "shared_scaling": 0.3,
+        "router_steps": 500,
+        "router_lr": 5e-4,
+        "router_features": "shared",  # the authors embed inputs with the shared expert
+    }
+    needs_exemplars = True
+    dynamic = True
+    uses_task_identity = False
+
+    def shared_state(self, pool: ModelPool) -> dict[str, torch.Tensor]:
+        name = self.hparams["shared"]
+        method_class = METHODS.get(name)
+        if method_class.needs_exemplars or method_class.dynamic or method_class.reference:
+            raise ValueError(f"twin-merging: shared expert must be a static exemplar-free merge, got {name!r}")
+        overrides = {"scaling": float(self.hparams["shared_scaling"])} if "scaling" in method_class.hyperparameters else {}
+        method = method_class(**overrides)
+        method.seed = self.seed
+        return {k: v.detach().clone() for k, v in method.merge(pool).encoder.state_dict().items()}
+
+    def build(self, pool: ModelPool) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+        """The shared expert and the artifacts (shared state, per-task U/S/V factors)."""
+        rank = int(self.hparams["rank"])
+        if rank < 1:
+            raise ValueError(f"twin-merging: rank must be >= 1, got {rank}")
+        shared = self.shared_state(pool)
+        keys = linear_weight_keys(pool.backbone.build_encoder(), pool.merged_keys)
+        artifacts = {"shared.safetensors": serialize_state(shared)}
+        for task in pool.tasks:
+            factors = {}
+            for key in keys:
+                u, s, v = svd_factors(pool.finetuned(task, key).float() - shared[key].float(), rank)
+                factors.update({f"{key}.U": u, f"{key}.S": s, f"{key}.V": v})
+            artifacts[f"{task}.experts.safetensors"] = save_safetensors(factors)
+        return shared, artifacts
+
+    def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
+        if not exemplars:
+            raise ValueError("twin-merging needs exemplars to train its router")
+        router_features = self.hparams["router_features"]
+        if router_features not in ("pretrained", "shared"):
+            raise ValueError(f"twin-merging: router_features must be 'pretrained' or 'shared', got {router_features!r}")
+        shared, artifacts = self.build(pool)
+        merged = TwinMerged(pool, shared, artifacts, router=None, router_features=router_features)
+        with torch.no_grad():
+            extract = lambda **inputs: merged.features_for_routing(inputs)  # noqa: E731
+            features = [batched_features(extract, exemplars[task]) for task in pool.tasks]
+        labels = torch.cat([torch.full((len(f),), k) for k, f in enumerate(features)])
+        router = train_router(torch.cat(features), labels, len(pool.tasks), int(self.hparams["router_steps"]),
+                              float(self.hparams["router_lr"]), self.seed)
+        merged.router = router
+        artifacts["router.safetensors"] = serialize_state(router.state_dict())
+        merged._artifacts = artifacts
+        return merged

@@ -1,0 +1,219 @@
+"""Twin-Merging on a tiny two-Linear encoder: SVD experts, hook-based per-sample
+composition against materialised weights, the router, and storage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+from torch import nn
+from torch.func import functional_call
+
+from mergebench.backbone import Backbone, Task
+from mergebench.methods.twin_merging import TwinMerged, TwinMerging, svd_factors
+from mergebench.pool import ModelPool
+from mergebench.registry import METHODS
+from mergebench.runner import make_method
+
+LINEAR = ["net.0.weight", "net.2.weight"]
+
+
+class LinearEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LinearBackbone(Backbone):
+    name = "linear-stub"
+    suite = "stub"
+
+    def __init__(self, root: Path, pretrained: dict, finetuned: dict[str, dict]):
+        self.root = root
+        save_file(pretrained, str(root / "pre.safetensors"))
+        for task, state in finetuned.items():
+            save_file(state, str(root / f"{task}.safetensors"))
+        self._tasks = tuple(Task(t, ("a", "b", "c")) for t in finetuned)
+
+    @property
+    def tasks(self):
+        return self._tasks
+
+    def pretrained_checkpoint(self):
+        return self.root / "pre.safetensors"
+
+    def finetuned_checkpoint(self, task):
+        return self.root / f"{task}.safetensors"
+
+    def build_encoder(self):
+        return LinearEncoder()
+
+    def head(self, task):
+        return nn.Identity()
+
+    def batches(self, task, split, batch_size):
+        yield {"x": torch.ones(2, 4)}, torch.zeros(2, dtype=torch.long)
+
+    def exemplars(self, task, n, seed, split="train"):
+        return {"x": torch.ones(n, 4)}
+
+
+def states(bias_changes: bool = True):
+    generator = torch.Generator().manual_seed(0)
+    pretrained = {k: v.detach().clone() for k, v in LinearEncoder().state_dict().items()}
+    pretrained = {k: torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+    finetuned = {}
+    for task in ("t1", "t2"):
+        finetuned[task] = {
+            k: v + (torch.randn(v.shape, generator=generator) if bias_changes or k in LINEAR else 0.0)
+            for k, v in pretrained.items()
+        }
+    return pretrained, finetuned
+
+
+@pytest.fixture
+def pool(tmp_path):
+    pretrained, finetuned = states(bias_changes=False)
+    with ModelPool(LinearBackbone(tmp_path, pretrained, finetuned)) as pool:
+        yield pool
+
+
+def clusters(n: int = 20):
+    generator = torch.Generator().manual_seed(1)
+    return {
+        "t1": {"x": torch.full((n, 4), -2.0) + 0.3 * torch.randn(n, 4, generator=generator)},
+        "t2": {"x": torch.full((n, 4), 2.0) + 0.3 * torch.randn(n, 4, generator=generator)},
+    }
+
+
+def test_registration_flags():
+    cls = METHODS.get("twin-merging")
+    assert cls is TwinMerging
+    assert cls.needs_exemplars and cls.dynamic and not cls.uses_task_identity
+    assert cls.hyperparameters["shared"] == "task-arithmetic" and cls.hyperparameters["exemplars"] == 100
+
+
+def test_svd_factors_truncate_to_rank():
+    delta = torch.diag(torch.tensor([3.0, 2.0, 1.0]))
+    u, s, v = svd_factors(delta, 2)
+    assert s.tolist() == [3.0, 2.0] and u.shape == (3, 2) and v.shape == (3, 2)
+    assert torch.allclose(u @ torch.diag(s) @ v.T, torch.diag(torch.tensor([3.0, 2.0, 0.0])), atol=1e-6)
+
+
+def test_shared_expert_is_task_arithmetic_with_lambda_0_3(pool):
+    shared, _ = make_method("twin-merging").build(pool)
+    for key in pool.merged_keys:
+        expected = pool.pretrained(key) + 0.3 * sum(pool.task_vectors(key))
+        assert torch.allclose(shared[key], expected, atol=1e-6)
+
+
+def test_full_rank_experts_reconstruct_finetuned_minus_shared(pool):
+    shared, artifacts = make_method("twin-merging", {"rank": 4}).build(pool)
+    for task in pool.tasks:
+        factors = load_safetensors(artifacts[f"{task}.experts.safetensors"])
+        assert sorted({name.rsplit(".", 1)[0] for name in factors}) == LINEAR  # biases: no expert
+        for key in LINEAR:
+            u, s, v = (factors[f"{key}.{p}"] for p in "USV")
+            expected = pool.finetuned(task, key) - shared[key]
+            assert torch.allclose(u @ torch.diag(s) @ v.T, expected, atol=1e-5)
+
+
+def test_one_hot_full_rank_equals_the_finetuned_model(pool):
+    # biases are not fine-tuned in this pool, so theta_s + expert_k is exactly theta_k
+    shared, artifacts = make_method("twin-merging", {"rank": 4}).build(pool)
+    merged = TwinMerged(pool, shared, artifacts)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
+    for k, task in enumerate(pool.tasks):
+        finetuned = LinearEncoder()
+        finetuned.load_state_dict(pool.finetuned_state(task))
+        weights = torch.zeros(5, 2)
+        weights[:, k] = 1.0
+        assert torch.allclose(merged.encode({"x": x}, weights), finetuned(x), atol=1e-5)
+        assert torch.allclose(merged.predict(task, {"x": x}), finetuned(x), atol=1e-5)  # no router: oracle
+
+
+@pytest.mark.parametrize("shape", [(2, 4), (2, 3, 4)])
+def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
+    pretrained, finetuned = states(bias_changes=True)
+    with ModelPool(LinearBackbone(tmp_path, pretrained, finetuned)) as pool:
+        shared, artifacts = make_method("twin-merging", {"rank": 2}).build(pool)  # truncated experts
+        merged = TwinMerged(pool, shared, artifacts)
+        weights = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+        out = merged.encode({"x": x}, weights)
+        decoded = [load_safetensors(artifacts[f"{t}.experts.safetensors"]) for t in pool.tasks]
+        for b in range(2):
+            params = dict(shared)
+            for key in LINEAR:
+                params[key] = shared[key] + sum(
+                    weights[b, k] * d[f"{key}.U"] @ torch.diag(d[f"{key}.S"]) @ d[f"{key}.V"].T
+                    for k, d in enumerate(decoded)
+                )
+            reference = functional_call(LinearEncoder(), params, (x[b : b + 1],))  # fresh, hook-free
+            assert torch.allclose(out[b : b + 1], reference, atol=1e-5)
+        assert merged._weights is None  # hooks are inactive outside a composed forward
+
+
+
+def test_router_separates_two_clusters(pool):
+    exemplars = clusters()
+    merged = make_method("twin-merging", {"exemplars": 20, "router_steps": 200, "router_lr": 1e-2}).merge(pool, exemplars)
+    for k, task in enumerate(pool.tasks):
+        probe = clusters(n=10)[task]  # points drawn around the same centres
+        weights = merged.routing_weights(task, probe)
+        assert torch.allclose(weights.sum(1), torch.ones(10))
+        assert (weights.argmax(1) == k).all()
+        fresh = {"x": torch.full((3, 4), 2.5 if k else -2.5)}  # unseen points of the cluster
+        assert (merged.routing_weights(task, fresh)[:, k] > 0.9).all()
+    merged.predict("t1", exemplars["t1"])
+    assert merged.diagnostics()["routing_accuracy"] == {"t1": 1.0}
+
+
+def test_router_training_is_seeded(pool):
+    exemplars = clusters()
+    a = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
+    b = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
+    assert a.artifacts()["router.safetensors"] == b.artifacts()["router.safetensors"]
+
+
+def test_shared_router_features_route_too(pool):
+    merged = make_method("twin-merging", {"router_steps": 200, "router_lr": 1e-2, "router_features": "shared"}).merge(
+        pool, clusters())
+    assert merged.feature_encoder is None
+    weights = merged.routing_weights("t1", {"x": torch.tensor([[-2.0] * 4, [2.0] * 4])})
+    assert weights.argmax(1).tolist() == [0, 1]
+
+
+def test_storage_is_the_artifacts_bytes(pool):
+    merged = make_method("twin-merging", {"rank": 2, "router_steps": 5}).merge(pool, clusters())
+    artifacts = merged.artifacts()
+    assert set(artifacts) == {"shared.safetensors", "t1.experts.safetensors", "t2.experts.safetensors", "router.safetensors"}
+    assert merged.storage_bytes() == sum(len(a) for a in artifacts.values())
+    shared = load_safetensors(artifacts["shared.safetensors"])
+    assert set(shared) == set(pool.keys())  # the full shared model
+    factors = load_safetensors(artifacts["t1.experts.safetensors"])
+    assert factors["net.0.weight.U"].shape == (4, 2) and factors["net.2.weight.V"].shape == (4, 2)
+    assert all(t.dtype == torch.float32 for t in factors.values())
+
+
+def test_errors(pool):
+    with pytest.raises(ValueError, match="exemplars"):
+        make_method("twin-merging").merge(pool, None)
+    with pytest.raises(ValueError, match="router_features"):
+        make_method("twin-merging", {"router_features": "other"}).merge(pool, clusters())
+    with pytest.raises(ValueError, match="static"):
+        make_method("twin-merging", {"shared": "auto-switch"}).build(pool)
+    with pytest.raises(ValueError, match="rank"):
+        make_method("twin-merging", {"rank": 0}).build(pool)
+
+
+def test_ties_shared_expert(pool):
+    shared, _ = make_method("twin-merging", {"shared": "ties"}).build(pool)
+    ties = make_method("ties").merge(pool)
+    for key, value in ties.encoder.state_dict().items():
+        assert torch.allclose(shared[key], value)
