@@ -26,7 +26,7 @@ def _automatic(result: Result) -> str:
 
 def _exemplars(result: Result) -> str:
     if result.uses_test_inputs:
-        return "test inputs"
+        return f"{result.exemplars_per_task} test inputs"
     return str(result.exemplars_per_task) if result.exemplars_per_task else "-"
 
 
