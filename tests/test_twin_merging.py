@@ -2,20 +2,18 @@
 composition against materialised weights, the router, and storage."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call
 
-from mergebench.backbone import Backbone, Task
 from mergebench.methods.twin_merging import TwinMerged, TwinMerging, svd_factors
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS
 from mergebench.runner import make_method
+from tests._stub import StubBackbone
 
 LINEAR = ["net.0.weight", "net.2.weight"]
 
@@ -24,37 +22,17 @@ class LinearEncoder(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))  # the stub's integer buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
-class LinearBackbone(Backbone):
-    name = "linear-stub"
-    suite = "stub"
-
-    def __init__(self, root: Path, pretrained: dict, finetuned: dict[str, dict]):
-        self.root = root
-        save_file(pretrained, str(root / "pre.safetensors"))
-        for task, state in finetuned.items():
-            save_file(state, str(root / f"{task}.safetensors"))
-        self._tasks = tuple(Task(t, ("a", "b", "c")) for t in finetuned)
-
-    @property
-    def tasks(self):
-        return self._tasks
-
-    def pretrained_checkpoint(self):
-        return self.root / "pre.safetensors"
-
-    def finetuned_checkpoint(self, task):
-        return self.root / f"{task}.safetensors"
+class LinearBackbone(StubBackbone):
+    """The stub backbone with a two-Linear encoder taking 4-feature inputs."""
 
     def build_encoder(self):
         return LinearEncoder()
-
-    def head(self, task):
-        return nn.Identity()
 
     def batches(self, task, split, batch_size):
         yield {"x": torch.ones(2, 4)}, torch.zeros(2, dtype=torch.long)
@@ -65,8 +43,8 @@ class LinearBackbone(Backbone):
 
 def states(bias_changes: bool = True):
     generator = torch.Generator().manual_seed(0)
-    pretrained = {k: v.detach().clone() for k, v in LinearEncoder().state_dict().items()}
-    pretrained = {k: torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+    shapes = {k: v.shape for k, v in LinearEncoder().state_dict().items() if v.is_floating_point()}
+    pretrained = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
     finetuned = {}
     for task in ("t1", "t2"):
         finetuned[task] = {
