@@ -43,8 +43,10 @@ class DynamicMerged(Merged):
         store: TaskVectorStore,
         router: Router | None = None,
         cache_bytes: int = 2 * 1024**3,
+        artifacts: Mapping[str, bytes] | None = None,
     ):
         super().__init__(backbone)
+        self.stored = dict(artifacts or {})  # the serialized parts this model was decoded from
         self.encoder = backbone.build_encoder().eval()
         self.encoder.load_state_dict(dict(pretrained), strict=True)
         self.pretrained = {key: pretrained[key] for key in store.keys()}
@@ -55,6 +57,9 @@ class DynamicMerged(Merged):
         self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
         self._routed: dict[str, list[int]] = {}  # task -> [inputs whose top weight is the task, inputs]
+
+    def artifacts(self) -> dict[str, bytes]:
+        return dict(self.stored)
 
     def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
         """(batch, K) composition weights: the router's, or one-hot on the known task."""

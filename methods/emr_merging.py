@@ -254,11 +254,7 @@ class EMRStore(TaskVectorStore):
 
 class EMRMerged(DynamicMerged):
     def __init__(self, pool: ModelPool, artifacts: dict[str, bytes]):
-        super().__init__(pool.backbone, pool.pretrained_state(), EMRStore(pool.tasks, artifacts))
-        self._artifacts = artifacts
-
-    def artifacts(self):
-        return dict(self._artifacts)
+        super().__init__(pool.backbone, pool.pretrained_state(), EMRStore(pool.tasks, artifacts), artifacts=artifacts)
 
 
 @register_method("emr-merging")

@@ -96,11 +96,8 @@ def encode_switches(pool: ModelPool, alpha: float) -> dict[str, bytes]:
 
 class SwitchMerged(DynamicMerged):
     def __init__(self, pool: ModelPool, artifacts: dict[str, bytes], router=None):
-        super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts), router)
-        self._artifacts = artifacts
-
-    def artifacts(self):
-        return dict(self._artifacts)
+        super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts), router,
+                         artifacts=artifacts)
 
 
 @register_method("t-switch")
@@ -144,6 +141,5 @@ class AutoSwitch(Method):
         queries = torch.cat(queries)
         merged.router = KNNRouter(lambda inputs: extract(**inputs), queries, owners, len(pool.tasks), int(self.hparams["neighbours"]))
         # the query features are stored beside the switches
-        artifacts["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
-        merged._artifacts = artifacts
+        merged.stored["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
         return merged
