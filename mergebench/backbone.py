@@ -20,6 +20,11 @@ from torch import nn
 Inputs = Mapping[str, torch.Tensor]  # one batch of model inputs, e.g. input_ids + attention_mask
 
 
+class MissingResourceError(FileNotFoundError):
+    """A checkpoint or dataset is not on this machine and cannot be fetched. The message
+    names what is missing and how to provide it (``--checkpoint-dir`` / ``--data-dir``)."""
+
+
 @dataclass(frozen=True)
 class Task:
     """An evaluation dataset with its label set and metric."""
@@ -33,6 +38,13 @@ class Backbone(abc.ABC):
     name: ClassVar[str]
     suite: ClassVar[str]
     description: ClassVar[str] = ""
+
+    def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None):
+        """``checkpoint_dir`` / ``data_dir``: local copies of the checkpoints and datasets a
+        backbone would otherwise fetch from a hub (``mergebench run --checkpoint-dir/--data-dir``,
+        or ``$MERGEBENCH_CHECKPOINT_DIR`` / ``$MERGEBENCH_DATA_DIR``)."""
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.data_dir = Path(data_dir) if data_dir else None
 
     @property
     @abc.abstractmethod

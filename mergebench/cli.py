@@ -63,6 +63,8 @@ def command_run(args: argparse.Namespace) -> int:
             hyperparameters=per_method[name],
             results_dir=None if args.no_save else args.results_dir,
             batch_size=args.batch_size,
+            checkpoint_dir=args.checkpoint_dir,
+            data_dir=args.data_dir,
         )
         results.append(result)
         print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s)", file=sys.stderr)
@@ -98,7 +100,7 @@ def command_prepare(args: argparse.Namespace) -> int:
                 command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)
             subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    backbone_cls().prepare(force=args.force)
+    backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir).prepare(force=args.force)
     print(f"{args.backbone}: ready")
     return 0
 
@@ -109,6 +111,14 @@ def command_leaderboard(args: argparse.Namespace) -> int:
     output = write_atomically(Path(args.output), lambda tmp: tmp.write_text(leaderboard_markdown(Path(args.results_dir))))
     print(f"wrote {output}")
     return 0
+
+
+def add_location_options(parser: argparse.ArgumentParser) -> None:
+    """Where a backbone finds checkpoints and datasets it would otherwise fetch from a hub."""
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("MERGEBENCH_CHECKPOINT_DIR"),
+                        help="local checkpoints (default $MERGEBENCH_CHECKPOINT_DIR); see the suite's docs for the layout")
+    parser.add_argument("--data-dir", default=os.environ.get("MERGEBENCH_DATA_DIR"),
+                        help="local datasets (default $MERGEBENCH_DATA_DIR); see the suite's docs for the layout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results")
     run.add_argument("--no-save", action="store_true", help="print the table but write no record")
     run.add_argument("--batch-size", type=int, default=64)
+    add_location_options(run)
     run.set_defaults(func=command_run)
 
     lst = sub.add_parser("list", help="registered methods, backbones and suites")
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--backbone", required=True)
     prepare.add_argument("--install-data", action="store_true", help="apt-get install the system data packages first")
     prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
+    add_location_options(prepare)
     prepare.set_defaults(func=command_prepare)
 
     board = sub.add_parser("leaderboard", help="regenerate leaderboard.md from results/")

@@ -80,10 +80,12 @@ def run(
     hyperparameters: dict[str, Any] | None = None,
     results_dir: Path | None = Path("results"),
     batch_size: int = 64,
+    checkpoint_dir: Path | None = None,
+    data_dir: Path | None = None,
 ) -> Result:
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     method = make_method(method_name, hyperparameters, seed)
-    backbone: Backbone = BACKBONES.get(backbone_name)()
+    backbone: Backbone = BACKBONES.get(backbone_name)(checkpoint_dir=checkpoint_dir, data_dir=data_dir)
     backbone.prepare()
     tasks = [task.name for task in backbone.tasks]
     seed_everything(seed)

@@ -68,7 +68,8 @@ class TextClassificationBackbone(Backbone):
 
     recipe: ClassVar[FineTuneRecipe]
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, **locations: Any):
+        super().__init__(**locations)
         self.root = Path(root) if root is not None else cache_dir() / self.name / self._fingerprint()
         self._data: dict[str, TextData] = {}
 
