@@ -38,6 +38,7 @@ class Backbone(abc.ABC):
     name: ClassVar[str]
     suite: ClassVar[str]
     description: ClassVar[str] = ""
+    task_type: ClassVar[str] = "classification"  # what its tasks are; methods declare which types they can merge
 
     def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None):
         """``checkpoint_dir`` / ``data_dir``: local copies of the checkpoints and datasets a
@@ -81,10 +82,25 @@ class Backbone(abc.ABC):
         """Which tensors merging methods touch: every floating-point tensor (dtype None: not floating)."""
         return dtype is not None
 
+    def routing_features(self, features: torch.Tensor) -> torch.Tensor:
+        """What k-NN routers compare, from encoder features: (batch, D), one vector per input
+        (default: the features, flattened), or (batch, T, D), T vectors per input whose
+        votes are aggregated per input (DETR's object queries; see ``KNNRouter``)."""
+        return features.reshape(len(features), -1)
+
+    def score(self, task: str, outputs: list[torch.Tensor], targets: list[Any]) -> float:
+        """The task's metric over a whole split, from the ``Merged.predict`` outputs and the
+        targets of every batch of ``batches``. Default: the classification metric of the
+        argmax predictions; a backbone whose outputs are not class logits (detection) overrides it."""
+        from mergebench.evaluate import classification_score  # evaluate imports this module
+
+        return classification_score(self.task(task).metric, outputs, targets)
+
     # --- data -----------------------------------------------------------------
     @abc.abstractmethod
     def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """(inputs, labels) batches of a split ("train" or "test"), in a fixed order."""
+        """(inputs, targets) batches of a split ("train" or "test"), in a fixed order; targets are
+        what ``score`` reads (class labels; image ids for detection)."""
 
     @abc.abstractmethod
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:

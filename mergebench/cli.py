@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from mergebench.cache import write_atomically
-from mergebench.method import HyperparameterError
+from mergebench.method import HyperparameterError, NotApplicableError
 from mergebench.pool import CheckpointError
 from mergebench.registry import BACKBONES, METHODS, UnknownNameError
 
-EXPECTED_ERRORS = (UnknownNameError, HyperparameterError, CheckpointError, FileNotFoundError, RuntimeError, ValueError)
+EXPECTED_ERRORS = (UnknownNameError, HyperparameterError, NotApplicableError, CheckpointError, FileNotFoundError,
+                   RuntimeError, ValueError)
 
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
@@ -51,9 +52,17 @@ def command_run(args: argparse.Namespace) -> int:
     unused = set(overrides) - {key for chosen in per_method.values() for key in chosen}
     if unused:
         raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
+    backbone_class = BACKBONES.get(args.backbone)
+    applicable = []
     for name in methods:  # fail on a bad name or value before any work starts
-        make_method(name, per_method[name])
-    BACKBONES.get(args.backbone)
+        try:
+            make_method(name, per_method[name]).check_applicable(backbone_class)
+            applicable.append(name)
+        except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
+            print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
+    methods = applicable
+    if not methods:
+        return 0
     results = []
     for name in methods:
         result = run(

@@ -118,10 +118,23 @@ class DynamicMerged(Merged):
 
 class KNNRouter:
     """w_k(x) = |Q_k ∩ N_x| / C over the C nearest query features (Euclidean), the
-    Auto-Switch rule (T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5)."""
+    Auto-Switch rule (T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5).
+
+    Features of shape (batch, T, D) give T vectors per input, e.g. DETR's T object
+    queries. Auto-FlexSwitch §IV-A2: "since DETR returns multiple object queries per
+    sample, we first aggregate the KNN prediction probabilities for each sample via
+    majority voting before performing the merging". Here each vector is routed against
+    the query set (which then holds every vector of every exemplar), votes for the task
+    its k-NN weights favour, and the input is composed with the task most of its vectors
+    vote for: w(x) one-hot on the majority (ties go to the lower task index).
+    """
 
     def __init__(self, extract: Callable[[Mapping[str, Any]], torch.Tensor], queries: torch.Tensor,
                  owners: torch.Tensor, num_tasks: int, neighbours: int):
+        if queries.dim() == 3:  # (N, T, D): each of an exemplar's T vectors is a query of its task
+            owners = owners.repeat_interleave(queries.shape[1])
+            queries = queries.flatten(0, 1)
+        queries = queries.reshape(len(queries), -1).float()
         if neighbours > len(queries):
             raise ValueError(f"{neighbours} neighbours asked, the query set has {len(queries)} features")
         self.extract = extract
@@ -135,11 +148,24 @@ class KNNRouter:
         return self.weights_for_features(self.extract(inputs))
 
     def weights_for_features(self, features: torch.Tensor) -> torch.Tensor:
-        features = features.reshape(len(features), -1).float()
-        distances = torch.cdist(features, self.queries.reshape(len(self.queries), -1).float())
+        if features.dim() == 3:
+            return self.majority_weights(features)
+        return self.knn_weights(features.reshape(len(features), -1))
+
+    def knn_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """(n, D) vectors -> (n, K) shares of their C nearest queries per task."""
+        distances = torch.cdist(features.float(), self.queries)
         nearest = distances.topk(self.neighbours, largest=False).indices
         counts = torch.nn.functional.one_hot(self.owners[nearest], self.num_tasks).sum(1)
         return counts.float() / self.neighbours
+
+    def majority_weights(self, features: torch.Tensor) -> torch.Tensor:
+        """(batch, T, D) -> (batch, K): one-hot on the task most of an input's T vectors vote for."""
+        weights = torch.zeros(len(features), self.num_tasks)
+        for i, vectors in enumerate(features):  # one input at a time: distances are T x |queries|
+            votes = torch.bincount(self.knn_weights(vectors).argmax(1), minlength=self.num_tasks)
+            weights[i, votes.argmax()] = 1.0
+        return weights
 
 
 def batched_features(encoder: Callable[..., torch.Tensor], inputs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:

@@ -26,16 +26,23 @@ def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
 METRICS = {"accuracy": accuracy, "matthews": matthews_correlation}
 
 
+def classification_score(metric: str, outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
+    """A METRICS entry on the argmax predictions of a split's logits (one tensor per batch)."""
+    predictions = np.concatenate([output.argmax(-1).numpy() for output in outputs])
+    return METRICS[metric](predictions, np.concatenate([batch.numpy() for batch in labels]))
+
+
 def evaluate_task(merged: Merged, backbone: Backbone, task: str, batch_size: int = 64) -> float:
-    metric = METRICS[backbone.task(task).metric]
-    predictions, labels = [], []
+    """The task's metric on its test split. ``Backbone.score`` reads the raw outputs of the
+    whole split (logits for classification; logits and boxes for detection's mAP)."""
+    outputs, targets = [], []
     with torch.no_grad():
-        for inputs, batch_labels in tqdm(
+        for inputs, batch_targets in tqdm(
             backbone.batches(task, "test", batch_size), desc=f"eval {task}", unit="batch", leave=False
         ):
-            predictions.append(merged.predict(task, inputs).argmax(-1).numpy())
-            labels.append(batch_labels.numpy())
-    return metric(np.concatenate(predictions), np.concatenate(labels))
+            outputs.append(merged.predict(task, inputs))
+            targets.append(batch_targets)
+    return backbone.score(task, outputs, targets)
 
 
 def evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int = 64) -> dict[str, float]:

@@ -73,6 +73,11 @@ class HyperparameterError(ValueError):
     pass
 
 
+class NotApplicableError(Exception):
+    """A method that cannot merge a backbone's kind of task (e.g. AdaMerging's entropy
+    objective on a detector): reported as not applicable, and no result is recorded."""
+
+
 class Method(abc.ABC):
     """A merging method. Subclasses set the class attributes and implement ``merge``.
 
@@ -87,6 +92,7 @@ class Method(abc.ABC):
     dynamic: ClassVar[bool] = False  # composes weights per input / per task at inference
     uses_test_inputs: ClassVar[bool] = False  # adapts on unlabelled test inputs (AdaMerging)
     reference: ClassVar[bool] = False  # Pretrained / Individual: bounds, not merges
+    task_types: ClassVar[frozenset[str] | None] = None  # Backbone.task_type values it can merge; None: any
 
     def __init__(self, **overrides: Any):
         unknown = set(overrides) - set(self.hyperparameters)
@@ -107,6 +113,14 @@ class Method(abc.ABC):
     def automatic(self) -> bool:
         """The papers' 'Automatic' column: no task identity needed at inference."""
         return not self.uses_task_identity
+
+    def check_applicable(self, backbone: Backbone | type[Backbone]) -> None:
+        """Raise NotApplicableError if the method cannot merge this backbone's kind of task."""
+        if self.task_types is not None and backbone.task_type not in self.task_types:
+            raise NotApplicableError(
+                f"method {self.name!r} is not applicable to backbone {backbone.name!r}: it merges "
+                f"{' and '.join(sorted(self.task_types))} models, {backbone.name!r} has {backbone.task_type} tasks"
+            )
 
     @property
     def exemplars_per_task(self) -> int:

@@ -85,7 +85,9 @@ def run(
 ) -> Result:
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     method = make_method(method_name, hyperparameters, seed)
-    backbone: Backbone = BACKBONES.get(backbone_name)(checkpoint_dir=checkpoint_dir, data_dir=data_dir)
+    backbone_class = BACKBONES.get(backbone_name)
+    method.check_applicable(backbone_class)  # before any work: NotApplicableError, nothing recorded
+    backbone: Backbone = backbone_class(checkpoint_dir=checkpoint_dir, data_dir=data_dir)
     backbone.prepare()
     tasks = [task.name for task in backbone.tasks]
     seed_everything(seed)

@@ -171,6 +171,9 @@ class AdaMerging(Method):
     name = "adamerging"
     needs_exemplars = True
     uses_test_inputs = True
+    # the entropy of class probabilities is its objective; the Auto-FlexSwitch paper excludes it from
+    # detection for that reason (§IV-A2), and so does mergebench (AdaMerging++ inherits this)
+    task_types = frozenset({"classification"})
     hyperparameters: dict[str, Any] = {
         "exemplars": 256, "steps": 500, "batch_size": 16, "lr": 1e-3, "init": 0.3, "clamp": True,
     }

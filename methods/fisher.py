@@ -168,6 +168,9 @@ def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
 class FisherMerging(Method):
     name = "fisher"
     needs_exemplars = True
+    # the Fisher is that of a classifier's softmax over one output per example; a detector's
+    # set prediction (per-query classes and boxes) has no such likelihood here (see README, RF100)
+    task_types = frozenset({"classification"})
     hyperparameters = {"exemplars": 256, "fisher_floor": 1e-6, "normalize": True}
 
     def merge(self, pool, exemplars=None):

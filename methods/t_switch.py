@@ -11,7 +11,8 @@ Per merged tensor l of task k, the task vector tau is replaced by three switches
 T-Switch uses the task identity: theta_k = theta + beta_k A_k (.) P_k.
 Auto-Switch routes per input: w_k(x) = |Q_k ∩ N_x| / C over the C nearest query
 features (Eq. 5), the query set Q_k holding the pretrained encoder's features of
-N unlabelled exemplars of task k.
+N unlabelled exemplars of task k (``Backbone.routing_features``; for a detector, one
+vector per object query, aggregated per image by majority vote: ``KNNRouter``).
 
 Switched tensors: every floating-point tensor of the encoder whose fine-tuned value
 differs from the pretrained one (identical tensors, e.g. embeddings frozen during
@@ -135,11 +136,13 @@ class AutoSwitch(Method):
             uniform = torch.full((len(pool.tasks),), 1.0 / len(pool.tasks))
             averaged = merged.merged_parameters(uniform)
             extract = lambda **inputs: functional_call(merged.encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
+        routed = pool.backbone.routing_features  # e.g. DETR: one vector per object query, majority vote
         with torch.no_grad():
-            queries = [batched_features(extract, exemplars[task]) for task in pool.tasks]
+            queries = [routed(batched_features(extract, exemplars[task])) for task in pool.tasks]
         owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
         queries = torch.cat(queries)
-        merged.router = KNNRouter(lambda inputs: extract(**inputs), queries, owners, len(pool.tasks), int(self.hparams["neighbours"]))
+        merged.router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
+                                  int(self.hparams["neighbours"]))
         # the query features are stored beside the switches
         merged.stored["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
         return merged
