@@ -16,6 +16,8 @@ in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
   (full-batch Adam, lr 5e-4, ``router_steps`` steps, seeded with the run seed).
   ``router_features``: "shared" (default, as the authors' router.py: features of the
   shared expert) or "pretrained" (features of the pretrained encoder).
+  The features are ``Backbone.routing_features`` of the encoder output; a backbone that
+  gives several vectors per input (a detector's object queries) is read as their mean.
   At inference w(x) = softmax(router(features(x))).
 * theta(x) = theta_s + sum_k w_k(x) U_k S_k V_k^T on the Linear weights.
 
@@ -147,9 +149,14 @@ class TwinMerged(Merged):
     @torch.no_grad()
     def features_for_routing(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.feature_encoder is not None:
-            return self.feature_encoder(**inputs)
-        self._weights = None  # the shared expert alone
-        return self.encoder(**inputs)
+            features = self.feature_encoder(**inputs)
+        else:
+            self._weights = None  # the shared expert alone
+            features = self.encoder(**inputs)
+        features = self.backbone.routing_features(features)
+        # several vectors per input (DETR's 100 object queries): the router reads their mean; flattened,
+        # they would make a 25600-wide input and a router of billions of parameters
+        return features.mean(1) if features.dim() == 3 else features
 
     @torch.no_grad()
     def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
