@@ -47,6 +47,12 @@ class Backbone(abc.ABC):
         self.data_dir = Path(data_dir) if data_dir else None
 
     @property
+    def checkpoint_family(self) -> str | None:
+        """Which family of checkpoints the weights come from, where a backbone reads several
+        (e.g. "huggingface" or "open_clip"); recorded with every result."""
+        return None
+
+    @property
     @abc.abstractmethod
     def tasks(self) -> tuple[Task, ...]:
         """The tasks of the suite, in table order."""
