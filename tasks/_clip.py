@@ -124,7 +124,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} is not a plain state dict ({str(error).splitlines()[0]}). {PICKLED_MODULE_HELP}") from error
+        raise CheckpointError(
+            f"{path} is not a plain state dict: torch.load(weights_only=True) refused it, it holds pickled "
+            f"objects. {PICKLED_MODULE_HELP}"
+        ) from error
     except Exception as error:
         raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):

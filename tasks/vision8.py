@@ -210,7 +210,7 @@ class Vision8Backbone(Backbone):
         names = getattr(feature, "names", None)
         if names is not None and len(names) != classes:
             raise ValueError(f"{source.describe()} ({task}/{split}): {len(names)} label names, the task has {classes} classes")
-        labels = dataset.with_format("numpy")["label"]
+        labels = np.asarray(list(dataset["label"]), dtype=np.int64)
         if len(labels) and not 0 <= labels.min() <= labels.max() < classes:
             raise ValueError(f"{source.describe()} ({task}/{split}): labels outside 0..{classes - 1}")
         return dataset
