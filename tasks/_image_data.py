@@ -9,8 +9,8 @@ A task's data comes from the first of:
    tanganke/sun397 --repo-type dataset --local-dir <data-dir>/tanganke/sun397`` leaves them;
 3. the Hugging Face hub cache, or the hub itself (the same parquet files, fetched once).
 
-A split's parquet files are those with the split name as a path component or file-name
-prefix (``data/test-00000-of-00001.parquet``, ``cropped_digits/train-...``), read with
+A split's parquet files are those with the split name as a folder name or as the file-name
+stem before a "-" (``data/test-00000-of-00001.parquet``, ``cropped_digits/train-...``), read with
 ``datasets.load_dataset("parquet", ...)``, which needs no network.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class DatasetSpec:
 
     def patterns(self, splits: tuple[str, ...]) -> list[str]:
         prefix = f"{self.config}/" if self.config else ""
-        return [f"{prefix}*{split}*.parquet" for split in splits] + ["README.md"]
+        return [f"{prefix}*{split}{tail}" for split in splits for tail in ("-*.parquet", ".parquet", "/*.parquet")]
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class DataSource:
 
 def _split_files(root: Path, split: str, config: str | None) -> list[Path]:
     base = root / config if config and (root / config).is_dir() else root
-    pattern = re.compile(rf"(^|/){re.escape(split)}([-_.][^/]*)?(/|$)")
+    pattern = re.compile(rf"(^|/){re.escape(split)}([-.][^/]*)?(/|$)")  # not test_contrast-*: a corrupted variant
     return sorted(p for p in base.rglob("*.parquet") if pattern.search(p.relative_to(base).as_posix()))
 
 

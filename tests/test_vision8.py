@@ -203,6 +203,7 @@ def files(tmp_path_factory, hub_isolation):
     svhn.mkdir(parents=True)
     image_dataset(3, 12).to_parquet(str(svhn / "train-00000-of-00001.parquet"))
     image_dataset(4, 8).to_parquet(str(svhn / "test-00000-of-00001.parquet"))
+    image_dataset(6, 2).to_parquet(str(svhn / "test_contrast-00000-of-00001.parquet"))
     (svhn.parent / "full_numbers").mkdir()
     image_dataset(5, 3).to_parquet(str(svhn.parent / "full_numbers" / "test-00000-of-00001.parquet"))
     return {"hf": hf, "open_clip": oc, "data": data, "pretrained": pretrained, "towers": towers}
@@ -359,7 +360,7 @@ def test_exemplars_are_seeded_label_free_train_samples(hf_backbone):
 
 
 def test_svhn_reads_only_its_configuration_from_the_parquet_layout(hf_backbone):
-    assert len(hf_backbone.dataset("svhn", "test")) == 8  # not the 3 rows of full_numbers
+    assert len(hf_backbone.dataset("svhn", "test")) == 8  # neither full_numbers nor test_contrast
     assert len(hf_backbone.dataset("svhn", "train")) == 12
 
 
@@ -410,7 +411,7 @@ def test_convnext_backbone_merges_the_trunk_and_keeps_each_fine_tuned_classifier
     ConvNextImageProcessor(size={"shortest_edge": 32}).save_pretrained(checkpoints / "facebook" / "convnext-base-224")
     finetuned = {}
     for task in TinyConvNext.task_names:
-        model = ConvNextForImageClassification(ConvNextConfig(**{**config.to_dict(), "num_labels": 10})).eval()
+        model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=32, num_labels=10)).eval()
         model.convnext.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in pretrained.convnext.state_dict().items()})
         model.save_pretrained(checkpoints / task)
         finetuned[task] = model
