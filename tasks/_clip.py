@@ -10,6 +10,20 @@ open_clip's ``visual``, projection included); its state dict has the key layout 
 Zero-shot head (CLIP paper; task_vectors ``src/heads.py``): per class, embed the class name
 in every template with the text tower, L2-normalise each embedding, average, L2-normalise;
 logits = logit_scale * normalize(image_features) @ W^T.
+
+open_clip state dicts (task_vectors / EMR-Merging checkpoints) map onto the encoder as in
+transformers' ``convert_clip_original_pytorch_to_hf.py``:
+
+    open_clip key (prefix "visual.")                  -> CLIPVisionModelWithProjection key
+    class_embedding                                   -> vision_model.embeddings.class_embedding
+    positional_embedding                              -> vision_model.embeddings.position_embedding.weight
+    conv1.weight                                      -> vision_model.embeddings.patch_embedding.weight
+    ln_pre.* / ln_post.*                              -> vision_model.pre_layrnorm.* / vision_model.post_layernorm.*
+    transformer.resblocks.N.ln_1.* / ln_2.*           -> vision_model.encoder.layers.N.layer_norm1.* / layer_norm2.*
+    transformer.resblocks.N.attn.in_proj_weight|bias  -> split in 3 along dim 0: self_attn.q_proj, k_proj, v_proj
+    transformer.resblocks.N.attn.out_proj.*           -> vision_model.encoder.layers.N.self_attn.out_proj.*
+    transformer.resblocks.N.mlp.c_fc.* / c_proj.*     -> vision_model.encoder.layers.N.mlp.fc1.* / fc2.*
+    proj (width x embed_dim)                          -> visual_projection.weight (transposed)
 """
 from __future__ import annotations
 
@@ -70,8 +84,7 @@ def zero_shot_weights(clip_model, tokenizer, class_names: Sequence[str], templat
 
 
 # --- open_clip state dicts ------------------------------------------------------------
-# open_clip VisionTransformer key (after the leading "visual.") -> CLIPVisionModelWithProjection key.
-# The layout is that of transformers' convert_clip_original_pytorch_to_hf.py.
+# open_clip VisionTransformer key (after the leading "visual.") -> CLIPVisionModelWithProjection key
 _OPEN_CLIP_NAMES = {
     "class_embedding": "vision_model.embeddings.class_embedding",
     "positional_embedding": "vision_model.embeddings.position_embedding.weight",
@@ -90,17 +103,6 @@ _OPEN_CLIP_BLOCK = {
 }
 _BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
 _IN_PROJ = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
-OPEN_CLIP_KEY_MAPPING_DOC = """\
-open_clip key (prefix "visual.")                  -> CLIPVisionModelWithProjection key
-class_embedding                                   -> vision_model.embeddings.class_embedding
-positional_embedding                              -> vision_model.embeddings.position_embedding.weight
-conv1.weight                                      -> vision_model.embeddings.patch_embedding.weight
-ln_pre.* / ln_post.*                              -> vision_model.pre_layrnorm.* / vision_model.post_layernorm.*
-transformer.resblocks.N.ln_1.* / ln_2.*           -> vision_model.encoder.layers.N.layer_norm1.* / layer_norm2.*
-transformer.resblocks.N.attn.in_proj_weight|bias  -> split in 3 along dim 0: self_attn.q_proj, k_proj, v_proj
-transformer.resblocks.N.attn.out_proj.*           -> vision_model.encoder.layers.N.self_attn.out_proj.*
-transformer.resblocks.N.mlp.c_fc.* / c_proj.*     -> vision_model.encoder.layers.N.mlp.fc1.* / fc2.*
-proj (width x embed_dim)                          -> visual_projection.weight (transposed)"""
 
 PICKLED_MODULE_HELP = (
     "mergebench never unpickles code. If this is a whole pickled module (as the task_vectors / "

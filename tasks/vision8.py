@@ -15,7 +15,7 @@ Backbones:
     likewise ``openai/clip-vit-large-patch14`` / ``tanganke/clip-vit-large-patch14_<task>``.
   * ``open_clip`` (task_vectors / EMR-Merging): ``zeroshot.pt`` and ``<Task>/finetuned.pt``
     state dicts (Task: SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD), converted
-    by the key mapping of ``_clip.OPEN_CLIP_KEY_MAPPING_DOC``. The heads, the image processor
+    by the key mapping documented in ``tasks/_clip.py``. The heads, the image processor
     and the encoder config still come from the Hugging Face pretrained CLIPModel (the same
     OpenAI weights).
 
@@ -267,10 +267,11 @@ class Vision8Backbone(Backbone):
         missing = [r for r in resources if found[r.key] is None]
         if not missing:
             return found
-        fetchable = all(r.fetch is not None for r in missing)
-        if not fetchable or not _hub.hub_reachable():
-            reason = "offline" if fetchable else "local"
-            raise MissingResourceError(self._missing_message([r.what for r in missing], reason))
+        local_only = [r.what for r in missing if r.fetch is None]
+        if local_only:
+            raise MissingResourceError(self._missing_message(local_only, "local"))
+        if not _hub.hub_reachable():
+            raise MissingResourceError(self._missing_message([r.what for r in missing], "offline"))
         for resource in tqdm(missing, desc=f"{self.name}: fetching", unit="item"):
             try:
                 found[resource.key] = resource.fetch()
@@ -285,7 +286,7 @@ class Vision8Backbone(Backbone):
             "offline": "and the Hugging Face Hub cannot be reached ("
             + ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if _hub.offline_by_choice() else "no connection")
             + ")",
-            "local": "(these are never fetched)",
+            "local": "(local files: nothing to fetch them from)",
             "not prepared": f"(run `mergebench prepare --backbone {self.name}` first)",
         }[reason]
         listed = "\n".join(f"  - {item}" for item in items)
@@ -416,9 +417,9 @@ class CLIPBackbone(Vision8Backbone):
                 _save(self._head_path(task), {"weight": weight, "logit_scale": scale})
             del clip
         pretrained = load_file(str(self.root / "pretrained.safetensors"))
+        encoder = self.build_encoder()  # every tensor is overwritten for each task (strict load)
         for task in tqdm([t for t in self.task_names if t in todo], desc=f"{self.name}: converting", unit="task"):
             source = found[f"ft:{task}"]
-            encoder = self.build_encoder()
             if source.is_dir():
                 state = self._hf_finetuned_state(source, pretrained)
             else:
@@ -506,13 +507,13 @@ class ConvNextBackbone(Vision8Backbone):
             model = _from_pretrained(ConvNextForImageClassification, found["hf:pretrained"])
             self._save_common(found["hf:pretrained"], model.config)
             _save(self.root / "pretrained.safetensors", {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()})
+        encoder = self.build_encoder()  # every tensor is overwritten for each task (strict load)
         for task in tqdm([t for t in self.task_names if f"ft:{t}" in found], desc=f"{self.name}: converting", unit="task"):
             source = found[f"ft:{task}"]
             model = _from_pretrained(ConvNextForImageClassification, source)
             classes = len(CLASS_NAMES[task])
             if model.classifier.out_features != classes:
                 raise CheckpointError(f"{source}: classifier has {model.classifier.out_features} outputs, {task} has {classes} classes")
-            encoder = self.build_encoder()
             _clip.load_encoder_state(encoder, {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()}, str(source))
             _save(self.root / f"{task}.safetensors", encoder.state_dict())
             _save(self._head_path(task), model.classifier.state_dict())

@@ -437,3 +437,21 @@ def test_bad_labels_are_reported_with_the_file(files, tmp_path):
 
 def test_probe_answers_false_for_an_unresolvable_host():
     assert _hub._probe("https://hub.invalid") is False
+
+
+def test_missing_open_clip_file_and_incomplete_hf_checkpoint_are_named(files, tmp_path):
+    partial = tmp_path / "open_clip"
+    partial.mkdir()
+    (partial / "zeroshot.pt").write_bytes((files["open_clip"] / "ViT-B-32" / "zeroshot.pt").read_bytes())
+    with pytest.raises(MissingResourceError, match=r"(?s)local files.*MNIST/finetuned.pt"):
+        TinyCLIP(checkpoint_dir=partial, data_dir=files["data"]).prepare()
+
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    (broken / "openai").symlink_to(files["hf"] / "openai")
+    (broken / "svhn").symlink_to(files["hf"] / "svhn")
+    (broken / "eurosat").symlink_to(files["hf"] / "tanganke" / "clip-vit-base-patch32_eurosat")
+    tower = {k: v for k, v in files["towers"]["mnist"].items() if k != "post_layernorm.weight"}
+    write_hub_vision_model(broken / "mnist", files["pretrained"], tower)
+    with pytest.raises(CheckpointError, match=r"mnist: CLIPVisionModel weights missing.*post_layernorm.weight"):
+        TinyCLIP(checkpoint_dir=broken, data_dir=files["data"]).prepare()
