@@ -142,7 +142,11 @@ class Vision8Backbone(Backbone):
         return self.root / "heads" / f"{task}.safetensors"
 
     def _outputs(self) -> dict[str, Path]:
-        outputs = {"config": self.root / "encoder_config.json", "processor": self.root / "processor" / "preprocessor_config.json", "pretrained": self.root / "pretrained.safetensors"}
+        outputs = {
+            "config": self.root / "encoder_config.json",
+            "processor": self.root / "processor" / "preprocessor_config.json",
+            "pretrained": self.root / "pretrained.safetensors",
+        }
         for task in self.task_names:
             outputs[task] = self.root / f"{task}.safetensors"
             outputs[f"head:{task}"] = self._head_path(task)
