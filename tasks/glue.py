@@ -6,7 +6,8 @@ github.com/lfy-123/Binary-Task-Switch ``merge_lm/``) builds on DARE's MergeLM: o
 ``RobertaForSequenceClassification`` per task; everything but the classifier is merged
 (``exclude_param_names_regex=[".*classifier.*"]``); each task keeps its own fine-tuned
 classifier as its head; inputs are tokenised as sentence pairs where the task has two,
-at most 128 tokens; scores on the GLUE validation split (``glue_data.py``).
+at most 128 tokens; scores on the full GLUE validation split (``glue_data.py``; T-Switch's
+script caps each at ``eval_subset_size=500`` examples, EMR-Merging's does not).
 Auto-FlexSwitch (arXiv 2604.28109, Sec. IV-A3) adds Mamba-130M on seven of the tasks
 (no STS-B), fine-tuned by its authors (AdamW, 4000 steps, batch 256, lr 5e-5).
 
@@ -29,6 +30,8 @@ Backbones
   or unprefixed, plus a linear head ``classifier.weight`` (or ``score.weight``), bias
   optional. Pooling: the hidden state of the last non-padding token, as that classifier
   and transformers' decoder classifiers (``*ForSequenceClassification`` of GPT-2, Llama) do.
+  Pairs are encoded by the tokenizer's own pair encoding (GPT-NeoX's: the two texts'
+  tokens one after the other), as a Trainer recipe fine-tuning such a model produces.
 
 Local checkpoints, ``--checkpoint-dir DIR`` (or ``$MERGEBENCH_CHECKPOINT_DIR``):
 ``DIR/pretrained/`` (config.json, model.safetensors or pytorch_model.bin, tokenizer files)
@@ -59,6 +62,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    MambaConfig,
+    MambaModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    RobertaModel,
+)
+from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
 from mergebench.backbone import Backbone, MissingResourceError, Task
 from mergebench.cache import cache_dir, write_atomically, write_json
@@ -133,38 +145,29 @@ def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
 class RobertaEncoder(nn.Module):
     """RoBERTa without pooler; an input's feature is the last hidden state of its <s> token."""
 
-    def __init__(self, config):
+    def __init__(self, config: RobertaConfig):
         super().__init__()
-        from transformers import RobertaModel
-
         self.model = RobertaModel(config, add_pooling_layer=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
 
 
-def roberta_head(state: dict[str, torch.Tensor]) -> nn.Module:
+class PooledRobertaClassificationHead(RobertaClassificationHead):
     """transformers' RobertaClassificationHead (dense, tanh, out_proj) on the <s> feature."""
-    from transformers import RobertaConfig
-    from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
-    class PooledRobertaClassificationHead(RobertaClassificationHead):
-        def forward(self, features: torch.Tensor) -> torch.Tensor:  # (batch, hidden): the <s> feature
-            return super().forward(features.unsqueeze(1))
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__(RobertaConfig(hidden_size=hidden_size, num_labels=num_labels, num_attention_heads=1))
 
-    num_labels, hidden = state["out_proj.weight"].shape
-    head = PooledRobertaClassificationHead(RobertaConfig(hidden_size=hidden, num_labels=num_labels, num_attention_heads=1))
-    head.load_state_dict(state, strict=True)
-    return head
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (batch, hidden): the <s> feature
+        return super().forward(features.unsqueeze(1))
 
 
 class MambaEncoder(nn.Module):
     """Mamba; an input's feature is the hidden state of its last non-padding token."""
 
-    def __init__(self, config):
+    def __init__(self, config: MambaConfig):
         super().__init__()
-        from transformers import MambaModel
-
         self.model = MambaModel(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -182,6 +185,7 @@ class GlueBackbone(Backbone):
     suite = "glue"
     task_names: ClassVar[tuple[str, ...]]
     model_type: ClassVar[str]  # config.json "model_type" of every checkpoint
+    config_class: ClassVar[type]
     pretrained_repo: ClassVar[str]
     finetuned_repo: ClassVar[str | None] = None
     finetuned_format: ClassVar[str]  # what a task's folder holds, for error messages
@@ -210,7 +214,7 @@ class GlueBackbone(Backbone):
 
     @staticmethod
     def head_outputs(state: dict[str, torch.Tensor]) -> int:
-        """The number of outputs of a head (the rows of its last weight)."""
+        """The number of outputs of a head: the rows of its last weight matrix."""
         return next(v.shape[0] for k, v in reversed(state.items()) if k.endswith("weight"))
 
     def adjust_tokenizer(self, tokenizer):
@@ -246,10 +250,7 @@ class GlueBackbone(Backbone):
 
     def build_encoder(self) -> nn.Module:
         config_path = self._require(self.root / "config.json")
-        return self.encoder_from_config(self.config_class().from_json_file(str(config_path)))
-
-    @abc.abstractmethod
-    def config_class(self): ...
+        return self.encoder_from_config(self.config_class.from_json_file(str(config_path)))
 
     def head(self, task: str) -> nn.Module:
         self.task(task)
@@ -279,8 +280,6 @@ class GlueBackbone(Backbone):
 
     @cached_property
     def _tokenizer(self):
-        from transformers import AutoTokenizer
-
         return AutoTokenizer.from_pretrained(str(self._require(self.root / "tokenizer")), local_files_only=True)
 
     # --- preparation ------------------------------------------------------------------------------
@@ -310,8 +309,6 @@ class GlueBackbone(Backbone):
         write_json(sources_path, sources)
 
     def _convert_pretrained(self, folder: Path) -> None:
-        from transformers import AutoTokenizer
-
         config, state = self.read_pretrained(folder)
         tokenizer = self.adjust_tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -412,24 +409,21 @@ class RobertaBase(GlueBackbone):
     description = "RoBERTa-base fine-tuned per GLUE task (EMR-Merging / T-Switch checkpoints; 8 tasks)"
     task_names = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
     model_type = "roberta"
+    config_class = RobertaConfig
     pretrained_repo = "FacebookAI/roberta-base"
     finetuned_repo = "vanillaOVO/roberta_base_glue_ckpts"
     finetuned_format = "config.json and model.safetensors (or pytorch_model.bin) of a RobertaForSequenceClassification"
-
-    def config_class(self):
-        from transformers import RobertaConfig
-
-        return RobertaConfig
 
     def encoder_from_config(self, config) -> nn.Module:
         return RobertaEncoder(config)
 
     def head_from_state(self, state):
-        return roberta_head(state)
+        num_labels, hidden = state["out_proj.weight"].shape
+        head = PooledRobertaClassificationHead(hidden, num_labels)
+        head.load_state_dict(state, strict=True)
+        return head
 
     def read_pretrained(self, folder):
-        from transformers import RobertaModel
-
         self._check_model_type(folder)
         model, info = RobertaModel.from_pretrained(
             str(folder), add_pooling_layer=False, output_loading_info=True, local_files_only=True
@@ -439,8 +433,6 @@ class RobertaBase(GlueBackbone):
         return model.config, {f"model.{k}": v for k, v in model.state_dict().items()}
 
     def read_finetuned(self, folder):
-        from transformers import RobertaForSequenceClassification
-
         self._check_model_type(folder)
         model, info = RobertaForSequenceClassification.from_pretrained(
             str(folder), output_loading_info=True, local_files_only=True
@@ -459,14 +451,10 @@ class Mamba130M(GlueBackbone):
     description = "Mamba-130M fine-tuned per GLUE task (Auto-FlexSwitch; 7 tasks, checkpoints from --checkpoint-dir)"
     task_names = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
     model_type = "mamba"
+    config_class = MambaConfig
     pretrained_repo = "state-spaces/mamba-130m-hf"
     finetuned_format = ("config.json (MambaConfig) and model.safetensors (or pytorch_model.bin) with the MambaModel "
                         "under 'backbone.' and a linear head 'classifier.weight' (or 'score.weight')")
-
-    def config_class(self):
-        from transformers import MambaConfig
-
-        return MambaConfig
 
     def encoder_from_config(self, config) -> nn.Module:
         return MambaEncoder(config)
@@ -484,8 +472,6 @@ class Mamba130M(GlueBackbone):
         return tokenizer
 
     def read_pretrained(self, folder):
-        from transformers import MambaModel
-
         self._check_model_type(folder)
         model, info = MambaModel.from_pretrained(str(folder), output_loading_info=True, local_files_only=True)
         if info["missing_keys"]:

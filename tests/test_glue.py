@@ -423,13 +423,12 @@ def test_unreachable_hub_fails_fast(glue_dir, tmp_path, monkeypatch):
     assert time.perf_counter() - start < 10
 
 
-def test_mamba_without_fine_tuned_checkpoints_says_where_they_go(glue_dir, tmp_path, no_hub):
-    (tmp_path / "pretrained").mkdir()
-    write_mamba_checkpoints(tmp_path / "full")
+def test_mamba_without_fine_tuned_checkpoints_says_where_they_go(mamba_dir, glue_dir, tmp_path, no_hub):
     import shutil
 
-    shutil.copytree(tmp_path / "full" / "pretrained", tmp_path / "pretrained", dirs_exist_ok=True)
-    with pytest.raises(MissingResourceError, match=r"fine-tuned on GLUE cola.*cola/ is missing.*--checkpoint-dir.*MERGEBENCH_MAMBA_130M_REPO"):
+    shutil.copytree(mamba_dir / "pretrained", tmp_path / "pretrained")  # the pretrained model only
+    with pytest.raises(MissingResourceError,
+                       match=r"fine-tuned on GLUE cola.*cola/ is missing.*--checkpoint-dir.*MERGEBENCH_MAMBA_130M_REPO"):
         Mamba130M(checkpoint_dir=tmp_path, data_dir=glue_dir).prepare()
 
 
