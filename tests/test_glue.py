@@ -337,6 +337,43 @@ def test_task_arithmetic_runs_and_zero_scaling_is_the_pretrained_model(roberta, 
     assert -1.0 <= merged.metrics["stsb"] <= 1.0 and -1.0 <= merged.metrics["cola"] <= 1.0
 
 
+def fake_hub_cache(cache: Path, repos: dict[tuple[str, str], Path]) -> Path:
+    """A Hugging Face hub cache holding these folders as the snapshots of (repo type, repo id),
+    laid out as huggingface_hub writes it (refs/main -> snapshots/<commit>/...)."""
+    import shutil
+
+    for (repo_type, repo_id), folder in repos.items():
+        repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    return cache
+
+
+def test_hub_downloads_in_the_cache_are_used_offline(roberta_dir, glue_dir, tmp_path, no_hub, monkeypatch):
+    """The hub path on files already in the hub cache: `mergebench prepare` and `run` with no
+    --checkpoint-dir / --data-dir give the same scores as the same files given locally."""
+    from huggingface_hub import constants
+
+    hub = fake_hub_cache(tmp_path / "hub", {
+        ("model", "FacebookAI/roberta-base"): roberta_dir / "pretrained",
+        ("model", "vanillaOVO/roberta_base_glue_ckpts"): roberta_dir,
+        ("dataset", "nyu-mll/glue"): glue_dir,
+    })
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.delenv("MERGEBENCH_CHECKPOINT_DIR", raising=False)
+    monkeypatch.delenv("MERGEBENCH_DATA_DIR", raising=False)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        assert main(["prepare", "--backbone", "roberta-base"]) == 0, err.getvalue()
+        assert main(["run", "--method", "individual", "--backbone", "roberta-base",
+                     "--results-dir", str(tmp_path / "results")]) == 0, err.getvalue()
+    from_hub = json.loads((tmp_path / "results" / "roberta-base.jsonl").read_text())["metrics"]
+    local = run("individual", "roberta-base", checkpoint_dir=roberta_dir, data_dir=glue_dir, results_dir=None)
+    assert from_hub == pytest.approx(local.metrics)
+    sources = json.loads((RobertaBase().root / "sources.json").read_text())
+    assert sources["cola"].endswith("cola/roberta-base_lr1e-05")  # EMR-Merging's nested folder, found in the repo
+
+
 # --- mamba-130m ----------------------------------------------------------------------------------------
 def test_mamba_individual_run_uses_last_token_and_each_head(mamba_dir, glue_dir, tmp_path):
     result = run("individual", "mamba-130m", checkpoint_dir=mamba_dir, data_dir=glue_dir, results_dir=None)
