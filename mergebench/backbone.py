@@ -27,11 +27,13 @@ class MissingResourceError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Task:
-    """An evaluation dataset with its label set and metric."""
+    """An evaluation dataset with its label set and metric. A ``regression`` task (GLUE's
+    STS-B) has one real-valued output per input, scored as it is rather than by argmax."""
 
     name: str
     classes: tuple[str, ...]
     metric: str = "accuracy"
+    regression: bool = False
 
 
 class Backbone(abc.ABC):
