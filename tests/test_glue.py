@@ -32,7 +32,7 @@ from mergebench.evaluate import METRICS, matthews_correlation, pearson_spearman 
 from mergebench.pool import CheckpointError  # noqa: E402
 from mergebench.registry import BACKBONES  # noqa: E402
 from mergebench.runner import run  # noqa: E402
-from mergebench.tasks import _hub  # noqa: E402
+from mergebench.tasks import _hub_glue as _hub  # noqa: E402
 from mergebench.tasks.glue import Mamba130M, RobertaBase, find_model  # noqa: E402
 from mergebench.tasks.glue_data import GLUE_TASKS, GlueData, GlueDataError  # noqa: E402
 
