@@ -36,9 +36,12 @@ leaves open, documented here:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -49,7 +52,8 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergebench.codecs import dequantize, encode_tensors, quantize, quantized_from_task_vector
+from mergebench.cache import cache_dir, write_bytes, write_json
+from mergebench.codecs import decode_tensors, dequantize, encode_tensors, quantize, quantized_from_task_vector
 from mergebench.dynamic import DynamicMerged, KNNRouter, batched_features
 from mergebench.method import Method
 from mergebench.pool import ModelPool
@@ -283,6 +287,40 @@ class FlexSwitchMerged(DynamicMerged):
         return {**super().diagnostics(), "flexswitch": self.training}
 
 
+def training_key(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
+                 seed: int) -> str:
+    """What a trained switch depends on: both checkpoints (path, size, mtime), the settings,
+    the seed and the exemplars' bytes."""
+    digest = hashlib.sha256()
+    for path in (pool.backbone.pretrained_checkpoint(), pool.backbone.finetuned_checkpoint(task)):
+        stat = Path(path).stat()
+        digest.update(f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    digest.update(json.dumps({"settings": asdict(settings), "seed": seed, "task": task}, sort_keys=True).encode())
+    for name in sorted(exemplars):
+        digest.update(name.encode() + exemplars[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
+                   seed: int, encoder: nn.Module, reuse: bool) -> tuple[bytes, dict[str, Any]]:
+    """One task's SASS artifact and training record. With ``reuse``, a switch trained before on
+    the same inputs (cached under $MERGEBENCH_CACHE/flexswitch, checksummed) is read back
+    instead of trained again, e.g. by auto-flexswitch after flexswitch; the record says so."""
+    path = cache_dir() / "flexswitch" / f"{task}-{training_key(pool, task, exemplars, settings, seed)}"
+    artifact, record = path.with_suffix(".sass"), path.with_suffix(".json")
+    if reuse and artifact.exists() and record.exists():
+        data = artifact.read_bytes()
+        decode_tensors(data, source=str(artifact))  # a corrupt cache entry fails here, by its checksum
+        return data, {**json.loads(record.read_text()), "reused": True}
+    trained = train_flexswitch(pool, task, exemplars, settings, seed, encoder)
+    data = encode_tensors(trained.tensors)
+    stats = {"seconds": round(trained.seconds, 2), "final_loss": trained.final_loss,
+             "final_preservation": trained.final_preservation, **switch_statistics(trained.tensors)}
+    write_bytes(artifact, data)
+    write_json(record, stats)
+    return data, {**stats, "reused": False}
+
+
 def build_flexswitch(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any],
                      seed: int) -> FlexSwitchMerged:
     settings = FlexSwitchSettings.from_hparams(hparams)
@@ -290,16 +328,15 @@ def build_flexswitch(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Map
     encoder.load_state_dict(pool.pretrained_state(), strict=True)
     artifacts, training = {}, {}
     for k, task in enumerate(tqdm(pool.tasks, desc="flexswitch: training", unit="task")):
-        trained = train_flexswitch(pool, task, exemplars[task], settings, seed * 1000 + k, encoder)
-        artifacts[f"{task}.sass"] = encode_tensors(trained.tensors)
-        training[task] = {"seconds": round(trained.seconds, 2), "final_loss": trained.final_loss,
-                          "final_preservation": trained.final_preservation, **switch_statistics(trained.tensors)}
+        artifacts[f"{task}.sass"], training[task] = trained_switch(
+            pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]))
     return FlexSwitchMerged(pool, artifacts, training)
 
 
 FLEXSWITCH_HPARAMS = {
     "loss": "kl", "lambda": None, "exemplars": 100, "batch_size": 32, "steps": 500, "lr_lgs": 0.05,
     "lr_bas": 0.1, "rho": 1.0, "omega": 1.0, "decay": 0.9, "decay_every": 10, "bit_widths": [1, 2, 4, 8],
+    "reuse_training": True,
 }
 
 

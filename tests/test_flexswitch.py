@@ -200,3 +200,18 @@ def test_flexswitch_needs_exemplars(tiny_bert):
     with ModelPool(tiny_bert, [t.name for t in tiny_bert.tasks]) as pool:
         with pytest.raises(ValueError, match="exemplars"):
             make_method("flexswitch").merge(pool, None)
+
+
+def test_a_second_run_reuses_the_trained_switches_and_detects_a_corrupt_cache(tiny_bert, tmp_path, mergebench_cache):
+    hp = {"steps": 2, "exemplars": 8, "batch_size": 4}
+    first = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
+    second = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
+    assert not any(d["reused"] for d in first.diagnostics["flexswitch"].values())
+    assert all(d["reused"] for d in second.diagnostics["flexswitch"].values())
+    assert second.metrics == first.metrics and second.extra_storage_bytes == first.extra_storage_bytes
+    fresh = run("flexswitch", "tiny-bert", hyperparameters={**hp, "reuse_training": False}, results_dir=None)
+    assert not any(d["reused"] for d in fresh.diagnostics["flexswitch"].values())
+    entry = next((mergebench_cache / "flexswitch").glob("*.sass"))
+    entry.write_bytes(entry.read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated|corrupt|checksum|CRC"):
+        run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
