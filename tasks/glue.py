@@ -59,7 +59,7 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -73,10 +73,10 @@ from transformers import (
 from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
 from mergebench.backbone import Backbone, MissingResourceError, Task
-from mergebench.cache import cache_dir, write_atomically, write_json
+from mergebench.cache import cache_dir, update_json, write_atomically, write_safetensors
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
-from mergebench.tasks._hub_glue import list_files, snapshot
+from mergebench.tasks._hub import list_files, snapshot
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks.glue_data import GlueData, glue_task
 
@@ -130,15 +130,6 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not state:
         raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
     return state
-
-
-def _float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in state.items()}
-
-
-def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -301,12 +292,10 @@ class GlueBackbone(Backbone):
         reference = load_file(str(self.root / "pretrained.safetensors"))
         for task in tqdm(todo, desc=f"{self.name}: converting", unit="task", leave=False):
             self._convert_finetuned(task, folders[task], reference)
-        sources_path = self.root / "sources.json"
-        sources = json.loads(sources_path.read_text()) if sources_path.exists() else {}
+        sources = {task: str(folder) for task, folder in folders.items()}
         if pretrained_folder is not None:
             sources["pretrained"] = str(pretrained_folder)
-        sources.update({task: str(folder) for task, folder in folders.items()})
-        write_json(sources_path, sources)
+        update_json(self.root / "sources.json", sources)
 
     def _convert_pretrained(self, folder: Path) -> None:
         config, state = self.read_pretrained(folder)
@@ -320,7 +309,7 @@ class GlueBackbone(Backbone):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         write_atomically(self.root / "config.json", lambda tmp: tmp.write_text(config.to_json_string()))
-        _save(self.root / "pretrained.safetensors", _float32(state))
+        write_safetensors(self.root / "pretrained.safetensors", state, float32=True)
 
     def _convert_finetuned(self, task: str, folder: Path, reference: dict[str, torch.Tensor]) -> None:
         spec = glue_task(task)
@@ -336,8 +325,8 @@ class GlueBackbone(Backbone):
             if value.shape != reference[key].shape:
                 raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(value.shape)}, "
                                       f"the pretrained model has {tuple(reference[key].shape)}")
-        _save(self.root / f"{task}.head.safetensors", _float32(head))
-        _save(self.root / f"{task}.safetensors", _float32(encoder))
+        write_safetensors(self.root / f"{task}.head.safetensors", head, float32=True)
+        write_safetensors(self.root / f"{task}.safetensors", encoder, float32=True)
 
     # --- sources -----------------------------------------------------------------------------------
     def _local_root(self) -> Path | None:

@@ -39,7 +39,7 @@ import numpy as np
 
 from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir
-from mergebench.tasks._hub_glue import snapshot
+from mergebench.tasks._hub import snapshot
 
 HUB_DATASET = "nyu-mll/glue"
 SPLITS = {"train": "train", "test": "validation"}  # mergebench split -> GLUE split (test labels are hidden)

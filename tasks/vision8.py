@@ -53,12 +53,12 @@ from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from mergebench.backbone import Backbone, MissingResourceError, Task
-from mergebench.cache import cache_dir, write_atomically, write_json
+from mergebench.cache import cache_dir, update_json, write_atomically, write_json, write_safetensors
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
 from mergebench.tasks import _clip, _hub, _image_data
@@ -97,11 +97,6 @@ def load_image_processor(path: Path):
 
 def _is_hf_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any((path / name).is_file() for name in HF_WEIGHTS)
-
-
-def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 @dataclass
@@ -229,10 +224,8 @@ class Vision8Backbone(Backbone):
         found = self._resolve(resources)
         if todo:
             self._convert(todo, found)
-            sources_path = self.root / "sources.json"
-            sources = json.loads(sources_path.read_text()) if sources_path.exists() else {}
-            sources.update({k: str(v) for k, v in found.items() if not k.startswith("data:")})
-            write_json(sources_path, {**sources, "family": self.checkpoint_family})
+            sources = {k: str(v) for k, v in found.items() if not k.startswith("data:")}
+            update_json(self.root / "sources.json", {**sources, "family": self.checkpoint_family})
         for task in self.task_names:
             for split in SPLITS:
                 self.dataset(task, split)
@@ -274,8 +267,9 @@ class Vision8Backbone(Backbone):
         local_only = [r.what for r in missing if r.fetch is None]
         if local_only:
             raise MissingResourceError(self._missing_message(local_only, "local"))
-        if not _hub.hub_reachable():
-            raise MissingResourceError(self._missing_message([r.what for r in missing], "offline"))
+        unreachable = _hub.unreachable_reason()
+        if unreachable is not None:
+            raise MissingResourceError(self._missing_message([r.what for r in missing], "offline", unreachable))
         for resource in tqdm(missing, desc=f"{self.name}: fetching", unit="item"):
             try:
                 found[resource.key] = resource.fetch()
@@ -285,11 +279,9 @@ class Vision8Backbone(Backbone):
                 ) from error
         return found
 
-    def _missing_message(self, items: list[str], reason: str) -> str:
+    def _missing_message(self, items: list[str], reason: str, detail: str = "") -> str:
         why = {
-            "offline": "and the Hugging Face Hub cannot be reached ("
-            + ("HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set" if _hub.offline_by_choice() else "no connection")
-            + ")",
+            "offline": f"and the Hugging Face Hub cannot be reached ({detail})",
             "local": "(local files: nothing to fetch them from)",
             "not prepared": f"(run `mergebench prepare --backbone {self.name}` first)",
         }[reason]
@@ -413,12 +405,12 @@ class CLIPBackbone(Vision8Backbone):
                 else:
                     encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
                     encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-                _save(self.root / "pretrained.safetensors", encoder.state_dict())
+                write_safetensors(self.root / "pretrained.safetensors", encoder.state_dict(), float32=True)
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
             scale = clip.logit_scale.detach().exp().float()
             for task in tqdm([t for t in self.task_names if f"head:{t}" in todo], desc=f"{self.name}: zero-shot heads", unit="task"):
                 weight = _clip.zero_shot_weights(clip, tokenizer, CLASS_NAMES[task], TEMPLATES[task])
-                _save(self._head_path(task), {"weight": weight, "logit_scale": scale})
+                write_safetensors(self._head_path(task), {"weight": weight, "logit_scale": scale}, float32=True)
             del clip
         pretrained = load_file(str(self.root / "pretrained.safetensors"))
         encoder = self.build_encoder()  # every tensor is overwritten for each task (strict load)
@@ -429,7 +421,7 @@ class CLIPBackbone(Vision8Backbone):
             else:
                 state = _clip.open_clip_to_hf(_clip.read_state_dict(source), str(source))
             _clip.load_encoder_state(encoder, state, str(source))
-            _save(self.root / f"{task}.safetensors", encoder.state_dict())
+            write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict(), float32=True)
 
     def _hf_finetuned_state(self, model_dir: Path, pretrained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoder state of a fine-tuned HF checkpoint: CLIPVisionModel (projection taken from the
@@ -510,7 +502,8 @@ class ConvNextBackbone(Vision8Backbone):
         if "hf:pretrained" in found:
             model = _from_pretrained(ConvNextForImageClassification, found["hf:pretrained"])
             self._save_common(found["hf:pretrained"], model.config)
-            _save(self.root / "pretrained.safetensors", {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()})
+            state = {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()}
+            write_safetensors(self.root / "pretrained.safetensors", state, float32=True)
         encoder = self.build_encoder()  # every tensor is overwritten for each task (strict load)
         for task in tqdm([t for t in self.task_names if f"ft:{t}" in found], desc=f"{self.name}: converting", unit="task"):
             source = found[f"ft:{task}"]
@@ -519,8 +512,8 @@ class ConvNextBackbone(Vision8Backbone):
             if model.classifier.out_features != classes:
                 raise CheckpointError(f"{source}: classifier has {model.classifier.out_features} outputs, {task} has {classes} classes")
             _clip.load_encoder_state(encoder, {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()}, str(source))
-            _save(self.root / f"{task}.safetensors", encoder.state_dict())
-            _save(self._head_path(task), model.classifier.state_dict())
+            write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict(), float32=True)
+            write_safetensors(self._head_path(task), model.classifier.state_dict(), float32=True)
 
     def _encoder_from_config(self, config: dict[str, Any]) -> nn.Module:
         from transformers import ConvNextConfig

@@ -32,7 +32,7 @@ from mergebench.evaluate import METRICS, matthews_correlation, pearson_spearman 
 from mergebench.pool import CheckpointError  # noqa: E402
 from mergebench.registry import BACKBONES  # noqa: E402
 from mergebench.runner import run  # noqa: E402
-from mergebench.tasks import _hub_glue as _hub  # noqa: E402
+from mergebench.tasks import _hub  # noqa: E402
 from mergebench.tasks.glue import Mamba130M, RobertaBase, find_model  # noqa: E402
 from mergebench.tasks.glue_data import GLUE_TASKS, GlueData, GlueDataError  # noqa: E402
 
@@ -448,12 +448,11 @@ def test_unreachable_hub_fails_fast(glue_dir, tmp_path, monkeypatch):
     """No offline flag, but the endpoint refuses connections: the probe fails in seconds."""
     from huggingface_hub import constants
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
-    for variable in _hub._PROXY_VARIABLES:
+    for variable in (*_hub.OFFLINE_VARIABLES, *_hub.PROXY_VARIABLES):
         monkeypatch.delenv(variable, raising=False)
+    _hub.probe.cache_clear()  # the real probe, not a remembered answer
     start = time.perf_counter()
     with pytest.raises(MissingResourceError, match=r"nyu-mll/glue.*127\.0\.0\.1:9.*--data-dir"):
         GlueData().load("cola")

@@ -276,10 +276,13 @@ def test_offline_prepare_and_run_fail_within_seconds_naming_what_is_missing(hub_
 
 
 def test_unreachable_hub_is_detected_quickly_without_the_offline_flag(hub_isolation, monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for variable in (*_hub.OFFLINE_VARIABLES, *_hub.PROXY_VARIABLES):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.invalid")
+    _hub.probe.cache_clear()  # the real probe, not a remembered answer
     start = time.perf_counter()
-    with pytest.raises(MissingResourceError, match="no connection"):
+    with pytest.raises(MissingResourceError, match=r"no connection to hub\.invalid:443"):
         CLIPViTB32(checkpoint_dir=tmp_path, data_dir=tmp_path).prepare()
     assert time.perf_counter() - start < 10
 
@@ -435,8 +438,27 @@ def test_bad_labels_are_reported_with_the_file(files, tmp_path):
         backbone.dataset("mnist", "test")
 
 
-def test_probe_answers_false_for_an_unresolvable_host():
-    assert _hub._probe("https://hub.invalid") is False
+def test_each_offline_flag_is_obeyed_and_named(monkeypatch):
+    for variable in _hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in _hub.OFFLINE_VARIABLES:
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, "1")
+            assert _hub.offline_reason() == f"offline mode: {variable} is set"
+            assert not _hub.hub_reachable()
+    assert _hub.offline_reason() is None
+
+
+def test_probe_gives_the_reason_for_an_unresolvable_host_and_none_for_a_listening_one():
+    import socket
+
+    _hub.probe.cache_clear()
+    assert _hub.probe("https://hub.invalid").startswith("no connection to hub.invalid:443")
+    with socket.socket() as server:  # a local listener: the probe connects
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert _hub.probe(f"http://127.0.0.1:{server.getsockname()[1]}") is None
 
 
 def test_missing_open_clip_file_and_incomplete_hf_checkpoint_are_named(files, tmp_path):
