@@ -27,11 +27,13 @@ class MissingResourceError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Task:
-    """An evaluation dataset with its label set and metric."""
+    """An evaluation dataset with its label set and metric. A ``regression`` task (GLUE's
+    STS-B) has one real-valued output per input, scored as it is rather than by argmax."""
 
     name: str
     classes: tuple[str, ...]
     metric: str = "accuracy"
+    regression: bool = False
 
 
 class Backbone(abc.ABC):
@@ -46,6 +48,12 @@ class Backbone(abc.ABC):
         or ``$MERGEBENCH_CHECKPOINT_DIR`` / ``$MERGEBENCH_DATA_DIR``)."""
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.data_dir = Path(data_dir) if data_dir else None
+
+    @property
+    def checkpoint_family(self) -> str | None:
+        """Which family of checkpoints the weights come from, where a backbone reads several
+        (e.g. "huggingface" or "open_clip"); recorded with every result."""
+        return None
 
     @property
     @abc.abstractmethod
@@ -90,11 +98,11 @@ class Backbone(abc.ABC):
 
     def score(self, task: str, outputs: list[torch.Tensor], targets: list[Any]) -> float:
         """The task's metric over a whole split, from the ``Merged.predict`` outputs and the
-        targets of every batch of ``batches``. Default: the classification metric of the
-        argmax predictions; a backbone whose outputs are not class logits (detection) overrides it."""
-        from mergebench.evaluate import classification_score  # evaluate imports this module
+        targets of every batch of ``batches``. Default: the task's METRICS entry on the argmax
+        (or regression) predictions; a backbone whose outputs are not logits (detection) overrides it."""
+        from mergebench.evaluate import score_predictions  # evaluate imports this module
 
-        return classification_score(self.task(task).metric, outputs, targets)
+        return score_predictions(self.task(task), outputs, targets)
 
     # --- data -----------------------------------------------------------------
     @abc.abstractmethod

@@ -5,7 +5,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+if TYPE_CHECKING:
+    import torch
 
 
 def cache_dir() -> Path:
@@ -48,3 +51,21 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 def write_json(path: Path, data: Any) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1, sort_keys=True)))
+
+
+def update_json(path: Path, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into the JSON object in ``path`` (created if missing), atomically;
+    e.g. a prepared backbone's sources.json, which a later ``prepare`` extends."""
+    path = Path(path)
+    data = {**(json.loads(path.read_text()) if path.exists() else {}), **updates}
+    write_json(path, data)
+    return data
+
+
+def write_safetensors(path: Path, state: Mapping[str, "torch.Tensor"], float32: bool = False) -> Path:
+    """A state dict as a safetensors file, atomically; ``float32`` casts the floating tensors
+    (prepared checkpoints share one dtype whatever the published one was)."""
+    from safetensors.torch import save_file
+
+    tensors = {k: (v.float() if float32 and v.is_floating_point() else v).detach().contiguous() for k, v in state.items()}
+    return write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))

@@ -109,11 +109,13 @@ class DynamicMerged(Merged):
         return self.head(task)(self.features(inputs, weights))
 
     def diagnostics(self) -> dict[str, Any]:
-        """Routing accuracy: the share of inputs whose largest weight goes to their own task."""
+        """The size of each stored artifact and, with a router, the routing accuracy: the
+        share of inputs whose largest weight goes to their own task."""
+        sizes = {"artifact_bytes": {name: len(data) for name, data in self.stored.items()}} if self.stored else {}
         if not self._routed:
-            return {}
+            return sizes
         accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
-        return {"routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
+        return {**sizes, "routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
 
 
 class KNNRouter:

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Backbone
+from mergebench.backbone import Backbone, Task
 from mergebench.method import Merged
 
 
@@ -23,18 +23,46 @@ def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float((c * s - t @ p) / denominator) if denominator else 0.0
 
 
-METRICS = {"accuracy": accuracy, "matthews": matthews_correlation}
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (as scipy.stats.rankdata's "average")."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
 
 
-def classification_score(metric: str, outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
-    """A METRICS entry on the argmax predictions of a split's logits (one tensor per batch)."""
-    predictions = np.concatenate([output.argmax(-1).numpy() for output in outputs])
-    return METRICS[metric](predictions, np.concatenate([batch.numpy() for batch in labels]))
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator else 0.0
+
+
+def pearson_spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of Pearson's r and Spearman's rho between scores and gold scores: GLUE's STS-B
+    figure as the merging papers report it. A constant side counts as no correlation (0),
+    as for Matthews."""
+    if not len(labels):
+        return float("nan")
+    x, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    return (_pearson(x, y) + _pearson(_average_ranks(x), _average_ranks(y))) / 2
+
+
+METRICS = {"accuracy": accuracy, "matthews": matthews_correlation, "pearson_spearman": pearson_spearman}
+
+
+def score_predictions(task: Task, outputs: list[torch.Tensor], labels: list[torch.Tensor]) -> float:
+    """A METRICS entry on a split's predictions (one output tensor per batch): the argmax of
+    the logits, or the single output of a regression task (STS-B), as it is."""
+    predictions = np.concatenate(
+        [(output[..., 0].float() if task.regression else output.argmax(-1)).numpy() for output in outputs]
+    )
+    return METRICS[task.metric](predictions, np.concatenate([batch.numpy() for batch in labels]))
 
 
 def evaluate_task(merged: Merged, backbone: Backbone, task: str, batch_size: int = 64) -> float:
     """The task's metric on its test split. ``Backbone.score`` reads the raw outputs of the
-    whole split (logits for classification; logits and boxes for detection's mAP)."""
+    whole split (logits or scores; logits and boxes for detection's mAP)."""
     outputs, targets = [], []
     with torch.no_grad():
         for inputs, batch_targets in tqdm(

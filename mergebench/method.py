@@ -107,6 +107,7 @@ class Method(abc.ABC):
             if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise HyperparameterError(f"method {self.name!r}: hyperparameter {key} must be a number, got {value!r}")
         self.hparams: dict[str, Any] = {**self.hyperparameters, **overrides}
+        self.overrides: dict[str, Any] = dict(overrides)  # what the run set; the rest are defaults
         self.seed = 0
 
     @property

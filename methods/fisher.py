@@ -116,7 +116,9 @@ def diagonal_fisher(
     parameter of ``encoder`` named in ``keys`` (all parameters if None), logits being
     ``head(encoder(**x_n))``. Examples are taken one at a time (per-example gradients);
     the C class gradients of an example share one forward pass. Tied parameters get the
-    Fisher of the shared tensor under each of their names."""
+    Fisher of the shared tensor under each of their names. A one-output (regression) head
+    is a unit-variance Gaussian likelihood, whose Fisher is (d f / d theta)^2 (a softmax
+    over one output would be constant, its Fisher zero)."""
     named = dict(encoder.named_parameters(remove_duplicate=False))
     wanted = [name for name in named if keys is None or name in keys]
     unique: list[nn.Parameter] = []
@@ -142,6 +144,13 @@ def diagonal_fisher(
                 raise ValueError(
                     f"fisher: expected logits of shape (1, classes) for one example, got {tuple(logits.shape)}"
                 )
+            if logits.shape[1] == 1:  # a regression head (STS-B): Gaussian likelihood, unit variance
+                grads = torch.autograd.grad(logits[0, 0].float(), unique, allow_unused=True)
+                for total, grad in zip(sums, grads):
+                    if grad is not None:
+                        grad = grad.to(total.dtype)
+                        total.addcmul_(grad, grad)
+                continue
             log_probs = torch.log_softmax(logits[0].float(), dim=-1)
             probs = log_probs.detach().exp()
             classes = [c for c in range(log_probs.numel()) if probs[c] > 0]

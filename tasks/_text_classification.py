@@ -19,12 +19,12 @@ from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from mergebench.backbone import Backbone, Task
-from mergebench.cache import cache_dir, write_atomically, write_json
+from mergebench.cache import cache_dir, write_json, write_safetensors
 
 Example = tuple[str, int]
 
@@ -158,7 +158,7 @@ class TextClassificationBackbone(Backbone):
         pretrained_path = self.root / "pretrained.safetensors"
         if force or not pretrained_path.exists():
             encoder = self.build_encoder()
-            _save(pretrained_path, encoder.state_dict())
+            write_safetensors(pretrained_path, encoder.state_dict())
         missing = [t for t in self.task_names() if force or not (self.root / f"{t}.safetensors").exists()]
         if missing:
             for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
@@ -197,8 +197,8 @@ class TextClassificationBackbone(Backbone):
             schedule.step()
             losses.append(float(loss.detach()))
         encoder.eval()
-        _save(self.root / f"{task}.head.safetensors", head.state_dict())
-        _save(self.root / f"{task}.safetensors", encoder.state_dict())
+        write_safetensors(self.root / f"{task}.head.safetensors", head.state_dict())
+        write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict())
         write_json(
             self.root / f"{task}.log.json",
             {"seconds": time.perf_counter() - start, "first_loss": losses[0], "last_losses": losses[-10:]},
@@ -243,8 +243,3 @@ def _epochs(rng: np.random.Generator, n: int) -> Iterator[int]:
     """Indices of successive seeded shuffles of range(n)."""
     while True:
         yield from rng.permutation(n).tolist()
-
-
-def _save(path: Path, state: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    write_atomically(path, lambda tmp: save_file(tensors, str(tmp)))

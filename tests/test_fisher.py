@@ -196,3 +196,12 @@ def test_fisher_registration_and_defaults():
     assert method.needs_exemplars and not method.uses_task_identity
     assert method.hparams == {"exemplars": 256, "fisher_floor": 1e-6, "normalize": True}
     assert method.exemplars_per_task == 256
+
+
+def test_regression_head_fisher_is_the_squared_output_gradient():
+    # one output f = w.x + b under a unit-variance Gaussian: F_w = mean_n x_n^2, F_b = 1
+    encoder = nn.Linear(3, 1)
+    x = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    fisher = diagonal_fisher(encoder, nn.Identity(), {"input": x})
+    assert torch.allclose(fisher["weight"], (x**2).mean(0, keepdim=True))
+    assert torch.allclose(fisher["bias"], torch.ones(1))

@@ -247,6 +247,14 @@ def test_every_method_runs_or_is_not_applicable(results):
             assert recorded[name].backbone == "detr-r50"
 
 
+def test_flexswitch_uses_the_mse_loss_on_a_detector(results, prepared):
+    assert results["flexswitch"].hyperparameters["loss"] == "mse"  # the paper's choice for DETR
+    assert results["auto-flexswitch"].hyperparameters["loss"] == "mse"
+    assert results["auto-flexswitch"].diagnostics["routing_accuracy_mean"] == 1.0  # centres of query vectors, voted
+    with pytest.raises(ValueError, match="loss 'kl' does not apply to detection outputs"):
+        run("flexswitch", "detr-r50", hyperparameters={"loss": "kl", "exemplars": 3, "steps": 1}, results_dir=None)
+
+
 def test_adamerging_and_fisher_are_not_applicable_to_detection():
     assert {name for name in METHODS.names() if METHODS.get(name).task_types == frozenset({"classification"})} \
         == {"adamerging", "adamerging++", "fisher"}
@@ -411,3 +419,4 @@ def test_timm_backbone_without_timm_is_explained(tmp_path):
         rf100.load_detr(folder)
     if importlib.util.find_spec("timm") is None:
         assert "timm" in str(error.value) and "no_timm" in str(error.value)
+
