@@ -134,6 +134,41 @@ class SignRange:
         return SignRange(True, float(magnitudes.min()), float(magnitudes.max()))
 
 
+class GatedTaskVector(torch.autograd.Function):
+    """delta = scale * M (.) sum_b p_b Q_b and sum(M), M = sigmoid((tau - t+) inv+) +
+    sigmoid((-t- - tau) inv-) (Eqs. 7 and 12), with a hand-written backward to the scalars
+    t+, t-, scale and the mixing weights p only: autograd's graph of the same expression keeps
+    about twice as many full-size temporaries, and this runs once per tensor per step.
+    inv = 0 marks a sign without entries (its sigmoid term is left out)."""
+
+    @staticmethod
+    def forward(ctx, t_pos, t_neg, scale, probs, tau, levels, inv_pos: float, inv_neg: float):
+        gate = torch.zeros_like(tau)
+        up = down = None
+        if inv_pos:
+            up = torch.sigmoid((tau - t_pos) * inv_pos)
+            gate += up
+        if inv_neg:
+            down = torch.sigmoid((-t_neg - tau) * inv_neg)
+            gate += down
+        mixed = torch.tensordot(probs, levels, dims=1)
+        ctx.save_for_backward(scale, probs, levels, gate, mixed, up, down)
+        ctx.inv = (inv_pos, inv_neg)
+        return scale * gate * mixed, gate.sum()
+
+    @staticmethod
+    def backward(ctx, grad_delta, grad_mass):
+        scale, probs, levels, gate, mixed, up, down = ctx.saved_tensors
+        inv_pos, inv_neg = ctx.inv
+        grad_gate = grad_delta * mixed * scale + grad_mass
+        grad_t_pos = -inv_pos * (grad_gate * up * (1 - up)).sum() if up is not None else torch.zeros(())
+        grad_t_neg = -inv_neg * (grad_gate * down * (1 - down)).sum() if down is not None else torch.zeros(())
+        gated = grad_delta * gate
+        grad_scale = (gated * mixed).sum()
+        grad_probs = scale * (levels.reshape(len(probs), -1) @ gated.reshape(-1))
+        return grad_t_pos, grad_t_neg, grad_scale, grad_probs, None, None, None, None
+
+
 class TensorGate(nn.Module):
     """The learnable switch of one tensor's task vector: s+, s-, kappa (LGS) and w (BAS)."""
 
@@ -177,10 +212,13 @@ class TensorGate(nn.Module):
         return (self.mix(omega) * torch.tensor(self.bit_widths, dtype=torch.float32)).sum()
 
     def soft(self, rho: float, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(tau~ = softplus(kappa) M (.) Q_M(tau), M): the training-time task vector."""
-        gate = self.gate(rho)
-        mixed = torch.einsum("b,b...->...", self.mix(omega), self.levels)  # Q_M of Eq. 12
-        return F.softplus(self.kappa) * gate * mixed, gate
+        """(tau~ = softplus(kappa) M (.) Q_M(tau), ||M||_1): the training-time task vector
+        and its gate mass, through one fused autograd node (:class:`GatedTaskVector`)."""
+        t_pos, t_neg = self.thresholds()
+        inv_pos = 1.0 / (rho * self.pos.r) if self.pos.present else 0.0
+        inv_neg = 1.0 / (rho * self.neg.r) if self.neg.present else 0.0
+        return GatedTaskVector.apply(t_pos, t_neg, F.softplus(self.kappa), self.mix(omega), self.tau, self.levels,
+                                     inv_pos, inv_neg)
 
     @torch.no_grad()
     def hard(self, rho: float) -> tuple[torch.Tensor, int, float]:
@@ -262,9 +300,9 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
         params, sparsity, bits = {}, 0.0, 0.0
         for key in keys:
             gate = gates[key.replace(".", "/")]
-            delta, mask = gate.soft(rho, omega)
+            delta, mass = gate.soft(rho, omega)
             params[key] = pretrained[key] + delta
-            sparsity = sparsity + mask.sum()
+            sparsity = sparsity + mass
             bits = bits + gate.mixed_bits(omega)
         outputs = head(functional_call(encoder, params, args=(), kwargs={k: v[batch] for k, v in exemplars.items()}))
         preservation = preserve(outputs, teacher[batch])

@@ -54,7 +54,7 @@ def test_thresholds_follow_eq6_inside_each_signs_range():
 
 def test_gate_is_eq7_and_hardens_to_the_threshold_mask():
     gate = TensorGate(TAU, (1,))
-    t_pos, t_neg = (float(t) for t in gate.thresholds())  # s = 0: mid-range
+    t_pos, t_neg = (float(t.detach()) for t in gate.thresholds())  # s = 0: mid-range
     rho = 0.3
     expected = torch.sigmoid((TAU - t_pos) / (rho * 0.45)) + torch.sigmoid((-t_neg - TAU) / (rho * 0.75))
     torch.testing.assert_close(gate.gate(rho), expected)
@@ -70,13 +70,37 @@ def test_soft_task_vector_mixes_the_eq13_quantisers_by_softmax_eq12():
         gate.w.copy_(torch.tensor([0.0, 1.0, 2.0, 0.5]))
         gate.kappa.fill_(0.3)
     omega, rho = 0.7, 0.5
-    delta, mask = gate.soft(rho, omega)
+    delta, mass = gate.soft(rho, omega)
+    mask = gate.gate(rho)
     weights = torch.softmax(gate.w / omega, 0)
     levels = [torch.from_numpy(dequantize(*quantize(TAU.numpy(), b, bounds=(0.8, 0.5)))) for b in (1, 2, 4, 8)]
     mixed = sum(p * q for p, q in zip(weights, levels))
     torch.testing.assert_close(delta, F.softplus(torch.tensor(0.3)) * mask * mixed)
+    torch.testing.assert_close(mass, mask.sum())
     assert float(gate.mixed_bits(omega)) == pytest.approx(float((weights * torch.tensor([1.0, 2, 4, 8])).sum()))
     assert gate.hard(rho)[1] == 4  # argmax w (Eq. 15)
+
+
+@pytest.mark.parametrize("tau", [TAU, torch.tensor([0.0, 0.2, 0.4, 0.1])])
+def test_fused_gate_gradients_equal_autograd_of_the_plain_expression(tau):
+    gate = TensorGate(tau, (1, 2, 4, 8))
+    with torch.no_grad():
+        gate.w.copy_(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+        gate.s_pos.fill_(0.4)
+        gate.s_neg.fill_(-0.3)
+    rho, omega = 0.6, 0.8
+    outer = torch.linspace(-1, 1, tau.numel())  # any downstream use of delta, plus the mass term
+
+    def objective(delta, mass):
+        return (outer * delta).sum() + 0.7 * mass
+
+    grads = torch.autograd.grad(objective(*gate.soft(rho, omega)), list(gate.parameters()), allow_unused=True)
+    plain_delta = F.softplus(gate.kappa) * gate.gate(rho) * torch.einsum("b,b...->...", gate.mix(omega), gate.levels)
+    expected = torch.autograd.grad(objective(plain_delta, gate.gate(rho).sum()), list(gate.parameters()),
+                                   allow_unused=True)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got if got is not None else torch.zeros(()),
+                                   want if want is not None else torch.zeros(()), rtol=1e-5, atol=1e-6)
 
 
 def test_a_side_without_entries_has_no_gate_term():
