@@ -143,29 +143,31 @@ class GatedTaskVector(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t_pos, t_neg, scale, probs, tau, levels, inv_pos: float, inv_neg: float):
-        gate = torch.zeros_like(tau)
-        up = down = None
-        if inv_pos:
-            up = torch.sigmoid((tau - t_pos) * inv_pos)
-            gate += up
-        if inv_neg:
-            down = torch.sigmoid((-t_neg - tau) * inv_neg)
-            gate += down
+        # in-place chains: each full-size temporary is allocated once (fresh pages are what costs)
+        up = torch.sub(tau, t_pos).mul_(inv_pos).sigmoid_() if inv_pos else None
+        down = torch.neg(tau).sub_(t_neg).mul_(inv_neg).sigmoid_() if inv_neg else None
+        gate = up + down if up is not None and down is not None else (up if up is not None else down).clone()
         mixed = torch.tensordot(probs, levels, dims=1)
         ctx.save_for_backward(scale, probs, levels, gate, mixed, up, down)
         ctx.inv = (inv_pos, inv_neg)
-        return scale * gate * mixed, gate.sum()
+        return torch.mul(gate, mixed).mul_(scale), gate.sum()
 
     @staticmethod
     def backward(ctx, grad_delta, grad_mass):
         scale, probs, levels, gate, mixed, up, down = ctx.saved_tensors
         inv_pos, inv_neg = ctx.inv
-        grad_gate = grad_delta * mixed * scale + grad_mass
-        grad_t_pos = -inv_pos * (grad_gate * up * (1 - up)).sum() if up is not None else torch.zeros(())
-        grad_t_neg = -inv_neg * (grad_gate * down * (1 - down)).sum() if down is not None else torch.zeros(())
-        gated = grad_delta * gate
-        grad_scale = (gated * mixed).sum()
-        grad_probs = scale * (levels.reshape(len(probs), -1) @ gated.reshape(-1))
+        grad_gate = torch.mul(grad_delta, mixed).mul_(scale).add_(grad_mass).view(-1)
+
+        def threshold_grad(side, inv):  # d/dt of sigmoid(+-(tau - t) inv) summed against grad_gate
+            if side is None:
+                return torch.zeros(())
+            slope = torch.mul(side, side).neg_().add_(side)  # sigmoid' = s (1 - s)
+            return -inv * torch.dot(grad_gate, slope.view(-1))
+
+        grad_t_pos, grad_t_neg = threshold_grad(up, inv_pos), threshold_grad(down, inv_neg)
+        gated = torch.mul(grad_delta, gate).view(-1)
+        grad_scale = torch.dot(gated, mixed.view(-1))
+        grad_probs = scale * (levels.reshape(len(probs), -1) @ gated)
         return grad_t_pos, grad_t_neg, grad_scale, grad_probs, None, None, None, None
 
 
