@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Backbone, Task
+from mergebench.backbone import Task
 from mergebench.cache import cache_dir, write_json, write_safetensors
+from mergebench.tasks._prepared import PreparedBackbone
 
 Example = tuple[str, int]
 
@@ -63,7 +64,7 @@ class TextData:
     test: tuple[Example, ...]
 
 
-class TextClassificationBackbone(Backbone):
+class TextClassificationBackbone(PreparedBackbone):
     """Base of the offline text backbones; subclasses give the model, tokenizer and data."""
 
     recipe: ClassVar[FineTuneRecipe]
@@ -100,13 +101,6 @@ class TextClassificationBackbone(Backbone):
     @property
     def tasks(self) -> tuple[Task, ...]:
         return tuple(Task(name, self.data(name).classes) for name in self.task_names())
-
-    def pretrained_checkpoint(self) -> Path:
-        return self._require(self.root / "pretrained.safetensors")
-
-    def finetuned_checkpoint(self, task: str) -> Path:
-        self._check_task(task)
-        return self._require(self.root / f"{task}.safetensors")
 
     def build_encoder(self) -> nn.Module:
         return MeanPooledEncoder(self.new_model())
@@ -226,13 +220,9 @@ class TextClassificationBackbone(Backbone):
 
     # --- helpers -------------------------------------------------------------------
     def _check_task(self, task: str) -> None:
+        # by name: ``tasks`` would build every task's data
         if task not in self.task_names():
             raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(self.task_names())}")
-
-    def _require(self, path: Path) -> Path:
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `mergebench prepare --backbone {self.name}`")
-        return path
 
 
 def _stable_hash(text: str) -> int:

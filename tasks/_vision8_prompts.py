@@ -7,6 +7,8 @@ names are FusionBench's (``fusion_bench/tasks/clip_classification``), whose orde
 the hub datasets' labels. A template is a ``str.format`` pattern with the field ``{c}``.
 """
 
+DIGITS = tuple(str(d) for d in range(10))  # SVHN and MNIST labels
+
 CLASS_NAMES: dict[str, tuple[str, ...]] = {
     "sun397": (
         "abbey",
@@ -664,18 +666,7 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
         "river",
         "lake or sea",
     ),
-    "svhn": (
-        "0",
-        "1",
-        "2",
-        "3",
-        "4",
-        "5",
-        "6",
-        "7",
-        "8",
-        "9",
-    ),
+    "svhn": DIGITS,
     "gtsrb": (
         "red and white circle 20 kph speed limit",
         "red and white circle 30 kph speed limit",
@@ -721,18 +712,7 @@ CLASS_NAMES: dict[str, tuple[str, ...]] = {
         "white circle with gray strike bar indicating no passing for cars has ended",
         "white circle with gray strike bar indicating no passing for trucks has ended",
     ),
-    "mnist": (
-        "0",
-        "1",
-        "2",
-        "3",
-        "4",
-        "5",
-        "6",
-        "7",
-        "8",
-        "9",
-    ),
+    "mnist": DIGITS,
     "dtd": (
         "banded",
         "blotchy",

@@ -72,11 +72,12 @@ from transformers import (
 )
 from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
-from mergebench.backbone import Backbone, MissingResourceError, Task
+from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, update_json, write_atomically, write_safetensors
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
 from mergebench.tasks._hub import list_files, snapshot
+from mergebench.tasks._prepared import PreparedBackbone
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks.glue_data import GlueData, glue_task
 
@@ -169,11 +170,12 @@ class MambaEncoder(nn.Module):
 
 
 # --- the backbones --------------------------------------------------------------------------------
-class GlueBackbone(Backbone):
+class GlueBackbone(PreparedBackbone):
     """A pretrained model with one fine-tuned checkpoint per GLUE task, converted once into
     encoder and head safetensors; subclasses read their model family's checkpoints."""
 
     suite = "glue"
+    prepare_hint = "(with the same --checkpoint-dir / --data-dir)"
     task_names: ClassVar[tuple[str, ...]]
     model_type: ClassVar[str]  # config.json "model_type" of every checkpoint
     config_class: ClassVar[type]
@@ -231,13 +233,6 @@ class GlueBackbone(Backbone):
     @property
     def tasks(self) -> tuple[Task, ...]:
         return tuple(glue_task(name).task for name in self.task_names)
-
-    def pretrained_checkpoint(self) -> Path:
-        return self._require(self.root / "pretrained.safetensors")
-
-    def finetuned_checkpoint(self, task: str) -> Path:
-        self.task(task)
-        return self._require(self.root / f"{task}.safetensors")
 
     def build_encoder(self) -> nn.Module:
         config_path = self._require(self.root / "config.json")
@@ -376,14 +371,6 @@ class GlueBackbone(Backbone):
         hint = (f"Download it where there is network (`huggingface-cli download {repo} --include '{task}/*' "
                 f"--local-dir DIR`), copy DIR here and pass --checkpoint-dir DIR ({layout}).")
         return self._hub_model(repo, task, False, f"the {self.name} checkpoint fine-tuned on GLUE {task}", hint)
-
-    def _require(self, path: Path) -> Path:
-        if not path.exists():
-            raise MissingResourceError(
-                f"{path} is missing: run `mergebench prepare --backbone {self.name}` "
-                "(with the same --checkpoint-dir / --data-dir)"
-            )
-        return path
 
     def _check_model_type(self, folder: Path) -> None:
         config = folder / "config.json"

@@ -72,11 +72,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Backbone, MissingResourceError, Task
+from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, write_atomically, write_json
 from mergebench.detection import detections_from_detr, map50
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
+from mergebench.tasks._prepared import PreparedBackbone
 
 DOMAINS = ("aerial", "videogames", "microscopic", "underwater", "documents", "electromagnetic", "real-world")
 DEFAULT_DATASETS = {
@@ -245,9 +246,10 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 @register_backbone("detr-r50")
-class RF100Detr(Backbone):
+class RF100Detr(PreparedBackbone):
     name = "detr-r50"
     suite = "rf100"
+    prepare_hint = f"with --data-dir DIR --checkpoint-dir DIR ({LAYOUT})"
     task_type = "detection"
     description = ("DETR-ResNet50 fine-tuned on 7 RF100 domains, mAP@50 (local data and checkpoints: "
                    "prepare --data-dir --checkpoint-dir)")
@@ -313,13 +315,6 @@ class RF100Detr(Backbone):
         """The class names of the task's fine-tuned model, index = category id."""
         self._check_task(task)
         return json.loads(self._require(self.root / f"{task}.labels.json").read_text())
-
-    def pretrained_checkpoint(self) -> Path:
-        return self._require(self.root / "pretrained.safetensors")
-
-    def finetuned_checkpoint(self, task: str) -> Path:
-        self._check_task(task)
-        return self._require(self.root / f"{task}.safetensors")
 
     @cached_property
     def config(self):
@@ -502,13 +497,9 @@ class RF100Detr(Backbone):
 
     # --- helpers ----------------------------------------------------------------------
     def _check_task(self, task: str) -> None:
+        # by name: ``tasks`` reads every domain's prepared labels
         if task not in DOMAINS:
             raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(DOMAINS)}")
-
-    def _require(self, path: Path) -> Path:
-        if not path.exists():
-            raise MissingResourceError(f"{path} is missing: run `{PREPARE}` ({LAYOUT})")
-        return path
 
 
 def _signature(source: Path | str) -> Any:

@@ -57,12 +57,13 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Backbone, MissingResourceError, Task
+from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, update_json, write_atomically, write_json, write_safetensors
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
 from mergebench.tasks import _clip, _hub, _image_data
 from mergebench.tasks._image_data import DatasetSpec
+from mergebench.tasks._prepared import PreparedBackbone
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks._vision8_prompts import CLASS_NAMES, TEMPLATES
 
@@ -109,8 +110,9 @@ class Resource:
     fetch: Callable[[], Path] | None = None  # None: no hub to fetch it from
 
 
-class Vision8Backbone(Backbone):
+class Vision8Backbone(PreparedBackbone):
     suite = "vision-8"
+    prepare_hint = "(with the same --checkpoint-dir, if any)"
     task_names: ClassVar[tuple[str, ...]] = TASKS
     hf_pretrained: ClassVar[str]  # hub id of the pretrained model
     hf_finetuned: ClassVar[str]  # hub id pattern of the fine-tuned models, with {task}
@@ -147,25 +149,10 @@ class Vision8Backbone(Backbone):
             outputs[f"head:{task}"] = self._head_path(task)
         return outputs
 
-    def _require(self, path: Path) -> Path:
-        if not path.exists():
-            raise MissingResourceError(
-                f"{path} is missing: run `mergebench prepare --backbone {self.name}` "
-                "(with the same --checkpoint-dir, if any)"
-            )
-        return path
-
     # --- Backbone interface ------------------------------------------------------------
     @property
     def tasks(self) -> tuple[Task, ...]:
         return tuple(Task(name, CLASS_NAMES[name]) for name in self.task_names)
-
-    def pretrained_checkpoint(self) -> Path:
-        return self._require(self.root / "pretrained.safetensors")
-
-    def finetuned_checkpoint(self, task: str) -> Path:
-        self.task(task)
-        return self._require(self.root / f"{task}.safetensors")
 
     def build_encoder(self) -> nn.Module:
         config = json.loads(self._require(self.root / "encoder_config.json").read_text())

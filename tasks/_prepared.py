@@ -1,0 +1,35 @@
+"""The checkpoint files every converting suite shares: ``mergebench prepare`` writes the
+pretrained and fine-tuned encoder states once as safetensors under ``self.root``, and
+reading them before that fails at once, saying how to prepare them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from mergebench.backbone import Backbone, MissingResourceError
+
+
+class PreparedBackbone(Backbone):
+    """A backbone whose checkpoints live, once prepared, in ``root/pretrained.safetensors``
+    and ``root/<task>.safetensors``."""
+
+    root: Path  # where `prepare` writes (set by the subclass, or a property)
+    prepare_hint: ClassVar[str] = ""  # said after the `prepare` command in a missing-file error
+
+    def pretrained_checkpoint(self) -> Path:
+        return self._require(self.root / "pretrained.safetensors")
+
+    def finetuned_checkpoint(self, task: str) -> Path:
+        self._check_task(task)
+        return self._require(self.root / f"{task}.safetensors")
+
+    def _check_task(self, task: str) -> None:
+        """KeyError naming the valid tasks; a suite whose ``tasks`` is costly checks the names alone."""
+        self.task(task)
+
+    def _require(self, path: Path) -> Path:
+        if not path.exists():
+            hint = f" {self.prepare_hint}" if self.prepare_hint else ""
+            raise MissingResourceError(f"{path} is missing: run `mergebench prepare --backbone {self.name}`{hint}")
+        return path
