@@ -27,11 +27,13 @@ class MissingResourceError(FileNotFoundError):
 
 @dataclass(frozen=True)
 class Task:
-    """An evaluation dataset with its label set and metric."""
+    """An evaluation dataset with its label set and metric. A ``regression`` task (GLUE's
+    STS-B) has one real-valued output per input, scored as it is rather than by argmax."""
 
     name: str
     classes: tuple[str, ...]
     metric: str = "accuracy"
+    regression: bool = False
 
 
 class Backbone(abc.ABC):
@@ -45,6 +47,12 @@ class Backbone(abc.ABC):
         or ``$MERGEBENCH_CHECKPOINT_DIR`` / ``$MERGEBENCH_DATA_DIR``)."""
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.data_dir = Path(data_dir) if data_dir else None
+
+    @property
+    def checkpoint_family(self) -> str | None:
+        """Which family of checkpoints the weights come from, where a backbone reads several
+        (e.g. "huggingface" or "open_clip"); recorded with every result."""
+        return None
 
     @property
     @abc.abstractmethod

@@ -67,7 +67,8 @@ def command_run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
         )
         results.append(result)
-        print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s)", file=sys.stderr)
+        family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
+        print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
     print(results_table(results))
     if not args.no_save:
         print(f"\nappended {len(results)} record(s) to {Path(args.results_dir) / (args.backbone + '.jsonl')}")

@@ -241,7 +241,8 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def quantize(x: Any, bits: int, *, as_printed: bool = False) -> tuple[np.ndarray, BASParams]:
+def quantize(x: Any, bits: int, *, as_printed: bool = False,
+             bounds: tuple[float, float] | None = None) -> tuple[np.ndarray, BASParams]:
     """BAS asymmetric quantiser, Auto-FlexSwitch Eq. 13.
 
     ``v_pos = max(x)``, ``v_neg = -min(x)`` (fp32), ``delta = (v_pos + v_neg) / 2^b``
@@ -257,13 +258,16 @@ def quantize(x: Any, bits: int, *, as_printed: bool = False) -> tuple[np.ndarray
 
     A constant (or empty) input has delta = 0: all codes are 0 and dequantise to
     the constant exactly.
+
+    ``bounds=(v_neg, v_pos)`` fixes the range instead of taking it from ``x``: FlexSwitch
+    quantises the kept entries over the range of the whole task vector (Eq. 13's
+    v_max^-, v_max^+), which is the range of ``x`` whenever both extremes are kept.
     """
     _check_bits(bits)
     x = _as_numpy_f32(x).ravel()
     if x.size == 0:
         return np.zeros(0, dtype=np.uint8), BASParams(0.0, 0.0, int(bits))
-    v_pos = _f32(x.max())
-    v_neg = _f32(-x.min())
+    v_neg, v_pos = (_f32(-x.min()), _f32(x.max())) if bounds is None else (_f32(bounds[0]), _f32(bounds[1]))
     if not (math.isfinite(v_pos) and math.isfinite(v_neg)):
         raise ValueError("cannot quantise non-finite values")
     params = BASParams(v_neg, v_pos, int(bits))
@@ -534,14 +538,15 @@ def tswitch_from_task_vector(tau: Any, mask: Any, fmt: str = "tswitch") -> Compr
 
 
 def quantized_from_task_vector(tau: Any, mask: Any, bits: int, fmt: str = "sass", *,
-                               scale: float = 1.0) -> CompressedTensor:
+                               scale: float = 1.0, bounds: tuple[float, float] | None = None) -> CompressedTensor:
     """BAS-quantised (Eq. 13) kept entries of ``tau`` at ``bits`` bits, stored as
-    ``fmt`` ("sass" or "indep"). The quantiser range is that of the kept entries.
+    ``fmt`` ("sass" or "indep"). The quantiser range is that of the kept entries
+    unless ``bounds=(v_neg, v_pos)`` is given (see :func:`quantize`).
     ``scale`` (the FlexSwitch sigma(kappa)) multiplies the decoded values."""
     if fmt == "tswitch":
         raise ValueError("the tswitch format stores signs; use tswitch_from_task_vector")
     t, m, shape, dtype = _prepare(tau, mask)
-    codes, p = quantize(t[m], bits)
+    codes, p = quantize(t[m], bits, bounds=bounds)
     return CompressedTensor(shape, fmt, bits, m, codes, "bas",
                             {"v_neg": p.v_neg, "v_pos": p.v_pos, "scale": float(scale)}, dtype)
 

@@ -23,17 +23,44 @@ def matthews_correlation(predictions: np.ndarray, labels: np.ndarray) -> float:
     return float((c * s - t @ p) / denominator) if denominator else 0.0
 
 
-METRICS = {"accuracy": accuracy, "matthews": matthews_correlation}
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (as scipy.stats.rankdata's "average")."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x, y = x - x.mean(), y - y.mean()
+    denominator = np.sqrt((x @ x) * (y @ y))
+    return float(x @ y / denominator) if denominator else 0.0
+
+
+def pearson_spearman(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of Pearson's r and Spearman's rho between scores and gold scores: GLUE's STS-B
+    figure as the merging papers report it. A constant side counts as no correlation (0),
+    as for Matthews."""
+    if not len(labels):
+        return float("nan")
+    x, y = np.asarray(predictions, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    return (_pearson(x, y) + _pearson(_average_ranks(x), _average_ranks(y))) / 2
+
+
+METRICS = {"accuracy": accuracy, "matthews": matthews_correlation, "pearson_spearman": pearson_spearman}
 
 
 def evaluate_task(merged: Merged, backbone: Backbone, task: str, batch_size: int = 64) -> float:
-    metric = METRICS[backbone.task(task).metric]
+    spec = backbone.task(task)
+    metric = METRICS[spec.metric]
     predictions, labels = [], []
     with torch.no_grad():
         for inputs, batch_labels in tqdm(
             backbone.batches(task, "test", batch_size), desc=f"eval {task}", unit="batch", leave=False
         ):
-            predictions.append(merged.predict(task, inputs).argmax(-1).numpy())
+            outputs = merged.predict(task, inputs)
+            predictions.append((outputs[..., 0].float() if spec.regression else outputs.argmax(-1)).numpy())
             labels.append(batch_labels.numpy())
     return metric(np.concatenate(predictions), np.concatenate(labels))
 

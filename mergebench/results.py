@@ -31,6 +31,7 @@ class Result:
     dynamic: bool = False
     uses_test_inputs: bool = False
     reference: bool = False
+    checkpoint_family: str | None = None  # Backbone.checkpoint_family, where a backbone reads several
     diagnostics: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None

@@ -120,6 +120,7 @@ def run(
         dynamic=method.dynamic,
         uses_test_inputs=method.uses_test_inputs,
         reference=method.reference,
+        checkpoint_family=backbone.checkpoint_family,
         diagnostics=merged.diagnostics(),
         versions=package_versions(),
         git_commit=commit,

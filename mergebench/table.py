@@ -77,12 +77,13 @@ def leaderboard_markdown(results_dir: Path) -> str:
         "method that needs no task identity at inference. Exemplars: unlabelled examples "
         "per task the method used.",
     ]
-    by_backbone: dict[str, list[Result]] = {}
-    for result in results:
-        by_backbone.setdefault(result.backbone, []).append(result)
-    for backbone, records in sorted(by_backbone.items()):
+    by_backbone: dict[tuple[str, str], list[Result]] = {}
+    for result in results:  # results of different checkpoint families are never mixed
+        by_backbone.setdefault((result.backbone, result.checkpoint_family or ""), []).append(result)
+    for (backbone, family), records in sorted(by_backbone.items()):
         latest = latest_per_configuration(records)
-        lines += ["", f"## {backbone} (suite: {latest[0].suite})", "", results_table(latest)]
+        checkpoints = f", checkpoints: {family}" if family else ""
+        lines += ["", f"## {backbone} (suite: {latest[0].suite}{checkpoints})", "", results_table(latest)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
     return "\n".join(lines) + "\n"

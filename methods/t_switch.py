@@ -56,12 +56,13 @@ def pulse_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 class SwitchStore(TaskVectorStore):
-    """The decoded switches beta_k A_k (.) P_k of every task, stacked per tensor as a
-    (K, n) float matrix, so composing any weight vector is one matrix product."""
+    """The decoded switches beta_k A_k (.) P_k of every task (or any compressed task
+    vectors in the codec container: ``artifacts[task + suffix]``), stacked per tensor
+    as a (K, n) float matrix, so composing any weight vector is one matrix product."""
 
-    def __init__(self, tasks: list[str], artifacts: dict[str, bytes]):
+    def __init__(self, tasks: list[str], artifacts: dict[str, bytes], suffix: str = ".tswitch"):
         self.tasks = tasks
-        decoded = [decode_tensors(artifacts[f"{task}.tswitch"], source=f"{task}.tswitch") for task in tasks]
+        decoded = [decode_tensors(artifacts[task + suffix], source=task + suffix) for task in tasks]
         self._keys = sorted(set().union(*(d.keys() for d in decoded)))
         self.switches: dict[str, torch.Tensor] = {}
         for key in self._keys:
@@ -80,8 +81,10 @@ class SwitchStore(TaskVectorStore):
         return (weights.float() @ switches.view(len(self.tasks), -1)).view(switches.shape[1:])
 
 
-def encode_switches(pool: ModelPool, alpha: float) -> dict[str, bytes]:
-    """One ``tswitch`` artifact per task (mask bits, sign bits of kept entries, beta)."""
+def encode_switches(pool: ModelPool, alpha: float, fmt: str = "tswitch") -> dict[str, bytes]:
+    """One artifact per task: mask, signs of the kept entries and beta, laid out as
+    ``fmt`` ("tswitch": bit-packed mask + signs; "sass": grouped COO with 1-bit values,
+    the unified format of the FlexSwitch paper's Fig. 8; "indep")."""
     artifacts = {}
     for task in tqdm(pool.tasks, desc="t-switch: encoding", unit="task", leave=False):
         switches = {}
@@ -89,7 +92,7 @@ def encode_switches(pool: ModelPool, alpha: float) -> dict[str, bytes]:
             tau = pool.task_vector(task, key)
             if torch.count_nonzero(tau) == 0:
                 continue
-            switches[key] = tswitch_from_task_vector(tau, pulse_mask(tau, alpha))
+            switches[key] = tswitch_from_task_vector(tau, pulse_mask(tau, alpha), fmt=fmt)
         artifacts[f"{task}.tswitch"] = encode_tensors(switches)
     return artifacts
 
@@ -103,12 +106,13 @@ class SwitchMerged(DynamicMerged):
 @register_method("t-switch")
 class TSwitch(Method):
     name = "t-switch"
-    hyperparameters = {"alpha": 0.5}
+    # format: the storage layout of the switches (the values are the same in every layout)
+    hyperparameters = {"alpha": 0.5, "format": "tswitch"}
     uses_task_identity = True
     dynamic = True
 
     def merge(self, pool, exemplars=None):
-        return SwitchMerged(pool, encode_switches(pool, float(self.hparams["alpha"])))
+        return SwitchMerged(pool, encode_switches(pool, float(self.hparams["alpha"]), str(self.hparams["format"])))
 
 
 @register_method("auto-switch")
