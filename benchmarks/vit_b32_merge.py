@@ -19,7 +19,8 @@ method runs in its own subprocess, so peaks do not mix. Per method:
 
 Methods that need exemplars get synthetic images (``--exemplars`` per task).
 
-    OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py --output benchmarks/vit_b32_merge.md
+    OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py --records benchmarks/vit_b32_merge.json \\
+        --output benchmarks/vit_b32_merge.md
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 
 from tabulate import tabulate
+
+from mergebench.cache import write_atomically, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_vit import SyntheticViTB32  # noqa: E402  (a benchmark fixture beside this script)
@@ -154,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                              "forwards are the cost on CPU; merge time grows linearly with them)")
     parser.add_argument("--root", type=Path, help="where the synthetic checkpoints live (default: in $MERGEBENCH_CACHE)")
     parser.add_argument("--output", type=Path, help="also write the table as markdown to this file")
+    parser.add_argument("--records", type=Path, help="JSON file of per-method measurements: updated with this run's "
+                        "methods, and the table shows every method it holds (rerun one method without losing the rest)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -162,11 +167,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     backbone = SyntheticViTB32(args.root, num_tasks=args.tasks)
     backbone.prepare()
-    results = []
+    results = {}
+    if args.records and args.records.exists():
+        results = json.loads(args.records.read_text())
     for method in [m for m in args.methods.split(",") if m]:
         print(f"{method} ...", file=sys.stderr, flush=True)
-        results.append(run_method(method, backbone.root, args.tasks, args.exemplars))
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        results[method] = run_method(method, backbone.root, args.tasks, args.exemplars)
+        print(json.dumps(results[method]), file=sys.stderr, flush=True)
+        if args.records:
+            write_json(args.records, results)
+    order = {name: i for i, name in enumerate(METHODS)}
+    results = [results[m] for m in sorted(results, key=lambda m: order.get(m, len(order)))]
     threads = next((r["threads"] for r in results if "threads" in r), "?")
     model = next((r["model_bytes"] for r in results if "model_bytes" in r), 0)
     title = (f"Merging {args.tasks} synthetic ViT-B/32 task vectors (one model = {model / MB:.0f} MB fp32), "
@@ -175,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{title}\n\n{table(results)}\n"
     print(text)
     if args.output:
-        args.output.write_text(f"`python benchmarks/vit_b32_merge.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}")
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        write_atomically(args.output, lambda tmp: tmp.write_text(f"`python benchmarks/vit_b32_merge.py {command}`\n\n{text}"))
 
 
 if __name__ == "__main__":

@@ -22,13 +22,24 @@ TAU = torch.tensor([3.0, 1.0, 2.0, -1.0, -4.0, -0.5, 0.0, 0.25, -2.0, 5.0])
 # --------------------------------------------------------------------------- edits
 
 
-def test_c2_keeps_exactly_the_low_magnitudes_that_c1_drops():
-    high, low = pulse_mask(TAU, 0.5), keep_low_mask(TAU, 0.5)
-    assert not torch.any(high & low)
-    assert torch.equal(high | low, torch.ones_like(high))
-    for side in (TAU > 0, TAU < 0):  # per sign: every kept-low magnitude is below every kept-high one
-        assert TAU[side & low].abs().max() < TAU[side & high].abs().min()
-    assert Edit("keep-low", 0.5).apply("t", "k", TAU).tolist() == [0, 1.0, 0, -1.0, 0, -0.5, 0, 0.25, 0, 0]
+def test_c2_prunes_the_largest_magnitudes_and_keeps_the_low_ones():
+    tau = torch.tensor([3.0, 1.0, 2.0, 4.0, -1.0, -4.0, -0.5, -2.0, 0.0])
+    low = keep_low_mask(tau, 0.25)  # of each sign, the largest quarter goes: 4.0 and -4.0
+    assert Edit("keep-low", 0.25).apply("t", "k", tau).tolist() == [3.0, 1.0, 2.0, 0, -1.0, 0, -0.5, -2.0, 0]
+    for side in (tau > 0, tau < 0):  # every surviving magnitude is below every pruned one
+        assert tau[side & low].abs().max() < tau[side & ~low].abs().min()
+    assert torch.equal(low, ~pulse_mask(tau, 0.75))  # the complement of P-Spar at 1 - alpha
+    assert torch.equal(keep_low_mask(TAU, 0.9), ~pulse_mask(TAU, 0.1))  # (1 - 0.9 is not 0.1 in floats)
+    assert torch.equal(Edit("keep-low", 0.0).apply("t", "k", TAU), TAU)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_c1_and_c2_prune_the_same_fraction(alpha):
+    tau = torch.randn(10_000)
+    high, low = pulse_mask(tau, alpha), keep_low_mask(tau, alpha)
+    assert abs(int(high.sum()) - round((1 - alpha) * 10_000)) <= 2
+    assert abs(int(low.sum()) - round((1 - alpha) * 10_000)) <= 2
+    assert tau[low].abs().mean() < tau[high].abs().mean()
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.1, 0.5, 0.9])

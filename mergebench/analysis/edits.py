@@ -5,8 +5,14 @@ Auto-FlexSwitch (arXiv 2604.28109) Sec. III-B, with T-Switch (CVPR 2025) Sec. 3.
 * ``keep-high`` (C1, P-Spar): tau (.) g_m(tau), g_m keeping the entries above the
   alpha-quantile of the positive entries and below that of the negative ones
   (``methods.t_switch.pulse_mask``); a fraction 1 - alpha survives.
-* ``keep-low`` (C2): tau (.) (1 - g_m(tau)) with the same thresholds, i.e. only the
-  low magnitudes in [gamma_-, gamma_+] survive: a fraction alpha, as the paper defines it.
+* ``keep-low`` (C2): prune the alpha fraction of *largest* magnitudes of each sign and
+  keep the low ones, tau (.) (1 - g_m(tau)) with g_m taken at the (1 - alpha)-quantiles,
+  so that a fraction 1 - alpha survives, as in C1 and C3. Eq. 2's text puts C2's
+  thresholds at the alpha-quantiles too, which would keep only a fraction alpha and make
+  C2 *gain* accuracy as alpha grows; the papers describe C2 as dropping from the outset
+  and further as alpha grows (Auto-FlexSwitch Fig. 1; T-Switch Fig. 3, "discarding from
+  largest to smallest" at a discard ratio alpha), i.e. alpha of the entries pruned from
+  the top, which is what is done here.
 * ``random`` (C3): a random fraction alpha of the entries pruned (exactly
   round(alpha n), seeded per task and tensor). Auto-FlexSwitch does not rescale; the
   CVPR paper's control (DARE) rescales the survivors by 1 / (1 - alpha): ``rescale``.
@@ -36,8 +42,13 @@ KINDS = ("full", "pretrained", "keep-high", "keep-low", "random", "binary")
 
 
 def keep_low_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """C2: the complement of the P-Spar mask, the entries within [gamma_-, gamma_+]."""
-    return ~pulse_mask(tau, alpha)
+    """C2: the complement of the P-Spar mask at 1 - alpha: the int((1 - alpha) n_s) smallest
+    magnitudes of each sign s survive, the alpha fraction of largest ones is pruned."""
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    if alpha == 0.0:
+        return torch.ones_like(tau, dtype=torch.bool)
+    return ~pulse_mask(tau, round(1.0 - alpha, 12))  # (rounded: 1 - 0.9 is 0.09999999999999998)
 
 
 def random_mask(tau: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:

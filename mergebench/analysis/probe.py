@@ -25,7 +25,7 @@ from mergebench.evaluate import evaluate
 from mergebench.method import Merged
 from mergebench.pool import ModelPool
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: C2 (keep-low) prunes alpha from the top
 
 
 class EditedTaskVectors(Merged):

@@ -1,8 +1,8 @@
 """The pulse-activation analysis (T-Switch, CVPR 2025, Sec. 3.2 / Fig. 3;
 Auto-FlexSwitch, arXiv 2604.28109, Sec. III-B1 / Fig. 1): each task with its own
-task vector, accuracy against the pruning rate alpha for three controls,
-C1 keep the high magnitudes (P-Spar), C2 keep the low ones, C3 random (mean of
-``seeds`` trials). The pulse-like pattern is C1 > C3 > C2.
+task vector, accuracy against the pruning rate alpha for three controls that each
+prune a fraction alpha: C1 the smallest magnitudes (P-Spar), C2 the largest, C3 at
+random (mean of ``seeds`` trials). The pulse-like pattern is C1 > C3 > C2.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from mergebench.analysis.options import PAPER_ALPHAS, AnalysisOptions
 from mergebench.analysis.probe import Prober
 from mergebench.analysis.report import Report, markdown_table, points
 
-CONTROLS = {"C1": "keep high magnitudes (P-Spar)", "C2": "keep low magnitudes", "C3": "random"}
+CONTROLS = {"C1": "prune the smallest (P-Spar)", "C2": "prune the largest", "C3": "prune at random"}
 
 
 def edits_for(alphas, seeds: int, rescale: bool) -> dict[str, dict[float, list[Edit]]]:
@@ -70,11 +70,12 @@ def run(backbone, options: AnalysisOptions) -> list:
 
     report = Report("pulse", f"Pulse activation on {backbone.name} ({backbone.suite} suite)", options.command)
     report.intro = (
-        f"Each task runs its own task vector (task identity known), edited per tensor: **C1** keeps the entries above the "
-        f"alpha-quantile of the positive and of the negative entries (P-Spar, a fraction 1 - alpha survives), **C2** keeps the "
-        f"complement (the low magnitudes, a fraction alpha survives, as Auto-FlexSwitch defines it), **C3** keeps a random "
-        f"fraction 1 - alpha ({'rescaled by 1/(1 - alpha), as DARE' if options.rescale_random else 'not rescaled, as Auto-FlexSwitch'}"
-        f"; mean of {options.seeds} seeds). Accuracy (%) on {examples} of each task."
+        f"Each task runs its own task vector (task identity known), edited per tensor at pruning rate alpha: **C1** "
+        f"prunes the alpha fraction of smallest magnitudes of each sign (P-Spar), **C2** the alpha fraction of largest "
+        f"ones (the low magnitudes survive), **C3** a random alpha fraction "
+        f"({'survivors rescaled by 1/(1 - alpha), as DARE' if options.rescale_random else 'not rescaled, as Auto-FlexSwitch'}"
+        f"; mean of {options.seeds} seeds); a fraction 1 - alpha survives in all three. Accuracy (%) on {examples} of "
+        f"each task."
     )
     report.add("Accuracy per task", markdown_table(["control", "alpha", *tasks, "avg"], rows))
     report.add("Average over tasks", markdown_table(
