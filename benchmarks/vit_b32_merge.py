@@ -13,8 +13,9 @@ method runs in its own subprocess, so peaks do not mix. Per method:
   allocates), sampled every 5 ms during the merge, minus its value just before;
   and ``ru_maxrss`` (all resident pages, including the pages of the memory-mapped
   checkpoints the pool reads, which are page cache the kernel can drop), minus
-  the resident size just before. Both are also given as multiples of one model
-  (the fp32 bytes of the merged tensors);
+  the resident size just before (the kernel may drop mapped pages meanwhile, so this
+  can be below the heap growth). The heap growth is also given as a multiple of one
+  model (the fp32 bytes of the merged tensors);
 * extra storage: ``Merged.storage_bytes()``, the bytes of the serialized artifacts.
 
 Methods that need exemplars get synthetic images (``--exemplars`` per task).
@@ -132,19 +133,19 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["method"], "failed: " + r["error"], *[""] * 8])
+            rows.append([r["method"], "failed: " + r["error"], *[""] * 7])
             continue
         model = r["model_bytes"]
         anon = r["anon_peak"] - r["anon_before"]
         rss = r["rss_peak"] - r["rss_before"]
         rows.append([
             r["method"], f"{r['merge_cpu_seconds']:.1f}", f"{r['merge_seconds']:.1f}", f"{r['validate_seconds']:.1f}",
-            f"{anon / MB:,.0f}", f"{anon / model:.2f}", f"{rss / MB:,.0f}", f"{rss / model:.2f}",
+            f"{anon / MB:,.0f}", f"{anon / model:.2f}", f"{rss / MB:,.0f}",
             f"{r['storage_bytes'] / MB:.1f}" if r["storage_bytes"] else "-",
             ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "-",
         ])
-    return tabulate(rows, headers=["method", "merge CPU s", "merge wall s", "validate s", "peak heap MB", "heap / model", "peak RSS MB",
-                                   "RSS / model", "extra storage MB", "hyperparameters"],
+    return tabulate(rows, headers=["method", "merge CPU s", "merge wall s", "validate s", "peak heap MB", "heap / model",
+                                   "peak RSS MB (incl. mapped checkpoints)", "extra storage MB", "hyperparameters"],
                     tablefmt="github", disable_numparse=True)
 
 
@@ -186,8 +187,10 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{title}\n\n{table(results)}\n"
     print(text)
     if args.output:
-        command = " ".join(argv if argv is not None else sys.argv[1:])
-        write_atomically(args.output, lambda tmp: tmp.write_text(f"`python benchmarks/vit_b32_merge.py {command}`\n\n{text}"))
+        command = "OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py" + (f" --records {args.records}" if args.records else "") \
+            + f" --output {args.output}"
+        rerun = " (the rows come from the records file; `--methods NAME` reruns one)" if args.records else ""
+        write_atomically(args.output, lambda tmp: tmp.write_text(f"`{command}`{rerun}\n\n{text}"))
 
 
 if __name__ == "__main__":
