@@ -5,7 +5,8 @@ a magnitude mask (P-Spar) of sparsity alpha, times encoding (compress the dense
 task vector, then serialise to an artifact) and decoding (parse the artifact, then
 rebuild the dense float32 tensor), and reports the measured bits per element next
 to the closed forms (Eq. 16 for SASS, (b + 1) for Indep, 1 + (1 - alpha) for
-T-Switch) and the entropy bound H(1 - alpha) + (1 - alpha) b.
+T-Switch) and the entropy bound H(1 - alpha) + (1 - alpha) b of an i.i.d. mask plus
+b-bit values (*vs entropy*: measured / bound).
 
     OMP_NUM_THREADS=1 python benchmarks/codec_throughput.py [--output codecs.md]
 """
@@ -23,6 +24,7 @@ from mergebench import codecs as C
 
 CONFIGS = [  # (label, format, bits, quant)
     ("tswitch", "tswitch", 1, "sign"),
+    ("indep b=1 (sign)", "indep", 1, "sign"),
     ("indep b=4", "indep", 4, "bas"),
     ("sass b=1 (sign)", "sass", 1, "sign"),
     ("sass b=4", "sass", 4, "bas"),
@@ -72,6 +74,7 @@ def run(rows: int, cols: int, alphas: list[float], repeat: int, seed: int, df: f
                 "encode MB/s": mb / t_enc, "decode MB/s": mb / t_dec,
                 "bits/elem": nbits / n, "formula bits/elem": formula / n,
                 "entropy bits/elem": C.entropy_bound_bits(n, a, bits) / n,
+                "vs entropy": nbits / C.entropy_bound_bits(n, a, bits),
                 "artifact bytes": len(blob), "ratio vs fp32": tau.nbytes / len(blob),
             })
     return results

@@ -1,10 +1,14 @@
 """Cost of dynamic inference as a ratio to one plain forward pass of the same batch.
 
 For each batch size, times (median of --repeat runs, after one warm-up that fills
-the merged-weight cache) the pretrained encoder + head (the baseline), T-Switch
-(task identity, one cached weight set) and Auto-Switch (k-NN routing forward,
-then one forward per group of equal routing weights), on test inputs mixed from
-every task of the suite so that routing really has several groups.
+the merged-weight cache) the pretrained encoder + head (the baseline) and every
+dynamic method: T-Switch and EMR-Merging (task identity: one cached weight set),
+Auto-Switch (k-NN routing forward, then one forward per group of equal routing
+weights), Twin-Merging (router forward on shared-expert features, then one forward
+with per-input low-rank corrections) and Auto-FlexSwitch when it is registered.
+Inputs are test inputs mixed from every task of the suite, so that routing really
+has several groups. *Cold*: the merged-weight cache emptied before the batch
+(methods that build merged weights per routing group; Twin-Merging has no cache).
 
     python benchmarks/dynamic_overhead.py --backbone minilm-l6 --batch-sizes 1 32 256
 """
@@ -17,10 +21,17 @@ import time
 import torch
 from tabulate import tabulate
 
+from mergebench.dynamic import DynamicMerged
 from mergebench.method import StaticMerged
 from mergebench.pool import ModelPool
-from mergebench.registry import BACKBONES
+from mergebench.registry import BACKBONES, METHODS
 from mergebench.runner import draw_exemplars, make_method
+
+DYNAMIC = ["t-switch", "emr-merging", "auto-switch", "twin-merging", "auto-flexswitch"]
+# Inference cost does not depend on how long the switches were trained (the composed weights
+# are dense either way), so the benchmark trains Auto-FlexSwitch briefly; --full-training
+# uses the method's defaults.
+SHORT_TRAINING = {"auto-flexswitch": {"steps": 20}}
 
 
 def mixed_batch(backbone, size: int):
@@ -43,41 +54,59 @@ def timed(function, repeat: int) -> float:
     return statistics.median(times)
 
 
+def routing_groups(merged, task: str, inputs) -> str:
+    """How many distinct weight vectors the batch is split into (one forward each)."""
+    if isinstance(merged, DynamicMerged):
+        return str(len(torch.unique(merged.routing_weights(task, inputs), dim=0)))
+    return "- (per-input low-rank hooks)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="minilm-l6")
+    parser.add_argument("--methods", default=",".join(DYNAMIC), help="comma-separated dynamic methods")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 256])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--output", help="also write the table to this markdown file")
+    parser.add_argument("--full-training", action="store_true", help=f"no shortened training ({SHORT_TRAINING})")
     args = parser.parse_args()
 
+    registered = set(METHODS.names())
+    wanted = [m for m in args.methods.split(",") if m]
+    missing = [m for m in wanted if m not in registered]  # e.g. auto-flexswitch before it lands
     backbone = BACKBONES.get(args.backbone)()
     backbone.prepare()
     torch.manual_seed(0)
+    rows = []
     with ModelPool(backbone) as pool:
         task = pool.tasks[0]
         plain = StaticMerged(backbone, pool.pretrained_state())
-        t_switch = make_method("t-switch").merge(pool)
-        auto = make_method("auto-switch")
-        auto_switch = auto.merge(pool, draw_exemplars(backbone, pool.tasks, auto.exemplars_per_task, 0))
-        rows = []
+        merged = {}
+        for name in (m for m in wanted if m in registered):
+            method = make_method(name, {} if args.full_training else SHORT_TRAINING.get(name, {}))
+            exemplars = draw_exemplars(backbone, pool.tasks, method.exemplars_per_task, 0) if method.needs_exemplars else None
+            merged[name] = method.merge(pool, exemplars)
         for size in args.batch_sizes:
             inputs = mixed_batch(backbone, size)
-            groups = len(torch.unique(auto_switch.routing_weights(task, inputs), dim=0))
             base = timed(lambda: plain.predict(task, inputs), args.repeat)
-            ts = timed(lambda: t_switch.predict(task, inputs), args.repeat)
-            auto_switch._cache.clear()
-            cold_start = time.perf_counter()
-            auto_switch.predict(task, inputs)
-            cold = time.perf_counter() - cold_start
-            warm = timed(lambda: auto_switch.predict(task, inputs), args.repeat)
-            rows.append([size, groups, f"{1000 * base:.1f}", f"{ts / base:.2f}", f"{warm / base:.2f}", f"{cold / base:.2f}"])
-    table = tabulate(rows, headers=["batch", "routing groups", "plain forward (ms)", "T-Switch ×", "Auto-Switch × (cached)",
-                                    "Auto-Switch × (cold cache)"], tablefmt="github")
-    print(table)
+            for name, model in merged.items():
+                warm = timed(lambda: model.predict(task, inputs), args.repeat)
+                cold = "-"
+                if isinstance(model, DynamicMerged):
+                    model._cache.clear()
+                    start = time.perf_counter()
+                    model.predict(task, inputs)
+                    cold = f"{(time.perf_counter() - start) / base:.2f}"
+                rows.append([size, f"{1000 * base:.1f}", name, routing_groups(model, task, inputs), f"{warm / base:.2f}", cold])
+    table = tabulate(rows, headers=["batch", "plain forward (ms)", "method", "routing groups", "× plain (cached)",
+                                    "× plain (cold cache)"], tablefmt="github", disable_numparse=True)
+    note = f"\n\nNot registered, left out: {', '.join(missing)}." if missing else ""
+    shortened = {m: o for m, o in SHORT_TRAINING.items() if m in merged and not args.full_training}
+    note += f"\n\nShortened training for the timing: {shortened}." if shortened else ""
+    print(table + note)
     if args.output:
         with open(args.output, "w") as handle:
-            handle.write(f"`python benchmarks/dynamic_overhead.py --backbone {args.backbone}`\n\n{table}\n")
+            handle.write(f"`python benchmarks/dynamic_overhead.py --backbone {args.backbone}`\n\n{table}{note}\n")
 
 
 if __name__ == "__main__":

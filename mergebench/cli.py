@@ -1,4 +1,4 @@
-"""The ``mergebench`` command line: run, list, prepare, leaderboard."""
+"""The ``mergebench`` command line: run, list, prepare, leaderboard, analyze."""
 from __future__ import annotations
 
 import argparse
@@ -123,6 +123,37 @@ def command_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def float_list(text: str) -> tuple[float, ...]:
+    """Comma-separated numbers, e.g. ``0.1,0.5,0.9``."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers, e.g. ``1,4``."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def command_analyze(args: argparse.Namespace) -> int:
+    from mergebench.analysis import AnalysisOptions, run_analysis
+
+    backbone = BACKBONES.get(args.backbone)(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+    options = AnalysisOptions(
+        output_dir=Path(args.output_dir), examples=args.examples, alphas=args.alphas, seeds=args.seeds, etas=args.etas,
+        bits=args.bits, rescale_random=args.rescale_random, batch_size=args.batch_size,
+        use_cache=not args.no_cache, plot=not args.no_plot,
+        command="mergebench " + shlex.join(args.argv),
+    )
+    for path in run_analysis(args.analysis, backbone, options):
+        print(f"wrote {path}")
+    return 0
+
+
 def add_location_options(parser: argparse.ArgumentParser) -> None:
     """Where a backbone finds checkpoints and datasets it would otherwise fetch from a hub."""
     parser.add_argument("--checkpoint-dir", default=os.environ.get("MERGEBENCH_CHECKPOINT_DIR"),
@@ -160,11 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--results-dir", default="results")
     board.add_argument("--output", default="leaderboard.md")
     board.set_defaults(func=command_leaderboard)
+
+    from mergebench.analysis import ANALYSES
+
+    analyze = sub.add_parser("analyze", help="the papers' task-vector analyses: tables and figures")
+    analyze.add_argument("analysis", choices=list(ANALYSES))
+    analyze.add_argument("--backbone", default="minilm-l6")
+    analyze.add_argument("--output-dir", default="analyses")
+    analyze.add_argument("--examples", type=int, help="evaluate on the first N test examples of each task (default: all)")
+    analyze.add_argument("--alphas", type=float_list, help="pruning rates, comma-separated (default: the paper's grid; "
+                         "sensitivity: the Exp I rate, default 0.9)")
+    analyze.add_argument("--etas", type=float_list, help="sensitivity Exp III tuning factors (default 0.1,0.2,...,2.0)")
+    analyze.add_argument("--seeds", type=int, default=3, help="pulse: C3 trials (default 3)")
+    analyze.add_argument("--rescale-random", action="store_true", help="pulse: C3 rescales by 1/(1 - alpha) as DARE")
+    analyze.add_argument("--bits", type=int_list, default=(1,), help="sass: value bit-widths (default 1)")
+    analyze.add_argument("--batch-size", type=int, default=64)
+    analyze.add_argument("--no-cache", action="store_true", help="evaluate every point again (no analysis cache)")
+    analyze.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
+    add_location_options(analyze)
+    analyze.set_defaults(func=command_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as recorded by `analyze`
     try:
         return args.func(args)
     except EXPECTED_ERRORS as error:

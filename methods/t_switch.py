@@ -22,7 +22,6 @@ written as one artifact in the bit-packed ``tswitch`` format of
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -30,7 +29,7 @@ from safetensors.torch import save as save_safetensors
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergebench.codecs import decode_tensors, encode_tensors, tswitch_from_task_vector
+from mergebench.codecs import CorruptArtifactError, decode_tensors, encode_tensors, tswitch_from_task_vector
 from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore, batched_features
 from mergebench.method import Method
 from mergebench.pool import ModelPool
@@ -59,17 +58,24 @@ def pulse_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
 class SwitchStore(TaskVectorStore):
     """The decoded switches beta_k A_k (.) P_k of every task (or any compressed task
     vectors in the codec container: ``artifacts[task + suffix]``), stacked per tensor
-    as a (K, n) float matrix, so composing any weight vector is one matrix product."""
+    as a (K, n) float matrix, so composing any weight vector is one matrix product.
+    The artifacts are decoded one task at a time into the stacks, so that decoding
+    holds no more than one task's masks and codes beside them."""
 
     def __init__(self, tasks: list[str], artifacts: dict[str, bytes], suffix: str = ".tswitch"):
         self.tasks = tasks
-        decoded = [decode_tensors(artifacts[task + suffix], source=task + suffix) for task in tasks]
-        self._keys = sorted(set().union(*(d.keys() for d in decoded)))
         self.switches: dict[str, torch.Tensor] = {}
-        for key in self._keys:
-            shape = next(d[key].shape for d in decoded if key in d)
-            rows = [d[key].to_dense().flatten() if key in d else torch.zeros(math.prod(shape)) for d in decoded]
-            self.switches[key] = torch.stack(rows).view(len(tasks), *shape)
+        for k, task in enumerate(tasks):
+            source = task + suffix
+            for key, compressed in decode_tensors(artifacts[source], source=source).items():
+                stack = self.switches.get(key)
+                if stack is None:
+                    stack = self.switches[key] = torch.zeros(len(tasks), *compressed.shape)
+                elif tuple(stack.shape[1:]) != compressed.shape:
+                    raise CorruptArtifactError(f"{source}: tensor {key!r} has shape {list(compressed.shape)}, "
+                                               f"other tasks have {list(stack.shape[1:])}")
+                stack[k] = compressed.to_dense()
+        self._keys = sorted(self.switches)
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -129,6 +129,15 @@ def test_corrupt_switch_artifact_names_the_task_file(pool):
         SwitchStore(pool.tasks, artifacts)
 
 
+def test_switch_artifacts_of_mismatched_shapes_are_refused(pool):
+    from mergebench.codecs import CorruptArtifactError, encode_tensors, tswitch_from_task_vector
+
+    artifacts = encode_switches(pool, alpha=0.5)
+    artifacts["t2.tswitch"] = encode_tensors({"a": tswitch_from_task_vector(torch.ones(3), torch.ones(3, dtype=torch.bool))})
+    with pytest.raises(CorruptArtifactError, match="t2.tswitch.*'a'"):
+        SwitchStore(pool.tasks, artifacts)
+
+
 def test_routing_accuracy_is_recorded_during_prediction(pool):
     exemplars = {"t1": {"x": torch.full((12,), -1.0)}, "t2": {"x": torch.full((12,), 1.0)}}
     merged = make_method("auto-switch", {"exemplars": 12, "neighbours": 5}).merge(pool, exemplars)
