@@ -147,7 +147,7 @@ def command_analyze(args: argparse.Namespace) -> int:
         output_dir=Path(args.output_dir), examples=args.examples, alphas=args.alphas, seeds=args.seeds, etas=args.etas,
         bits=args.bits, rescale_random=args.rescale_random, batch_size=args.batch_size,
         use_cache=not args.no_cache, plot=not args.no_plot,
-        command="mergebench " + shlex.join(args.argv),
+        command="mergebench " + shlex.join(args.argv), results_dir=Path(args.results_dir),
     )
     for path in run_analysis(args.analysis, backbone, options):
         print(f"wrote {path}")
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--batch-size", type=int, default=64)
     analyze.add_argument("--no-cache", action="store_true", help="evaluate every point again (no analysis cache)")
     analyze.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
+    analyze.add_argument("--results-dir", default="results", help="pareto: the result records to read")
     add_location_options(analyze)
     analyze.set_defaults(func=command_analyze)
     return parser

@@ -6,7 +6,9 @@ JSON and a PNG figure into an output directory (default ``analyses/``).
   Auto-FlexSwitch Fig. 1);
 * ``b-approx``: P-Spar alone vs P-Spar + binarisation (Auto-FlexSwitch Fig. 2);
 * ``sensitivity``: Exp I-III, per module type and layer, and the eta sweep (Figs. 4-5);
-* ``sass``: SASS file size vs Eq. 16 on the real task vectors (Figs. 7 and 12).
+* ``sass``: SASS file size vs Eq. 16 on the real task vectors (Figs. 7 and 12);
+* ``pareto``: accuracy vs storage of FlexSwitch and T-Switch in SASS (Fig. 8) and the
+  learned sparsity / bit-width by tensor type and layer, from the records in ``results/``.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import importlib
 
 from mergebench.analysis.options import AnalysisOptions
 
-ANALYSES = {"pulse": "pulse", "b-approx": "bapprox", "sensitivity": "sensitivity", "sass": "sass"}
+ANALYSES = {"pulse": "pulse", "b-approx": "bapprox", "sensitivity": "sensitivity", "sass": "sass", "pareto": "pareto"}
 
 
 def run_analysis(name: str, backbone, options: AnalysisOptions) -> list:

@@ -20,3 +20,4 @@ class AnalysisOptions:
     use_cache: bool = True
     plot: bool = True
     command: str = "mergebench analyze"
+    results_dir: Path = Path("results")  # pareto: where the result records are

@@ -1,0 +1,34 @@
+"""The Fig. 8 analysis reads FlexSwitch and SASS T-Switch records and nothing else."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mergebench.analysis import AnalysisOptions, run_analysis
+from mergebench.runner import run
+
+
+def test_pareto_table_has_one_row_per_configuration_with_per_task_storage(tiny_bert, tmp_path):
+    results = tmp_path / "results"
+    for alpha in (0.5, 0.8):
+        run("t-switch", "tiny-bert", hyperparameters={"alpha": alpha, "format": "sass"}, results_dir=results)
+    run("t-switch", "tiny-bert", results_dir=results)  # the tswitch layout: not a Fig. 8 point
+    flex = run("flexswitch", "tiny-bert", hyperparameters={"steps": 2, "exemplars": 8, "batch_size": 4},
+               results_dir=results)
+    options = AnalysisOptions(output_dir=tmp_path / "out", results_dir=results, plot=False, command="test")
+    run_analysis("pareto", tiny_bert, options)
+    raw = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert sorted(raw) == ["flexswitch (kl)", "t-switch α=0.5", "t-switch α=0.8"]
+    task = tiny_bert.tasks[0].name
+    assert raw["flexswitch (kl)"]["task_megabytes"][task] == pytest.approx(
+        flex.diagnostics["artifact_bytes"][f"{task}.sass"] / 1e6)
+    assert raw["t-switch α=0.8"]["megabytes"] < raw["t-switch α=0.5"]["megabytes"]
+    text = (tmp_path / "out" / "pareto.md").read_text()
+    assert "Learned sparsity and bit-width, flexswitch (kl)" in text
+
+
+def test_pareto_without_records_says_what_to_run(tiny_bert, tmp_path):
+    options = AnalysisOptions(output_dir=tmp_path / "out", results_dir=tmp_path / "none", plot=False)
+    with pytest.raises(ValueError, match="--hp format=sass"):
+        run_analysis("pareto", tiny_bert, options)
