@@ -227,7 +227,7 @@ def test_flexswitch_needs_exemplars(tiny_bert):
 
 
 def test_a_second_run_reuses_the_trained_switches_and_detects_a_corrupt_cache(tiny_bert, tmp_path, mergebench_cache):
-    hp = {"steps": 2, "exemplars": 8, "batch_size": 4}
+    hp = {"steps": 3, "exemplars": 8, "batch_size": 4}  # settings no other test uses: the first run trains
     first = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
     second = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
     assert not any(d["reused"] for d in first.diagnostics["flexswitch"].values())
@@ -235,7 +235,12 @@ def test_a_second_run_reuses_the_trained_switches_and_detects_a_corrupt_cache(ti
     assert second.metrics == first.metrics and second.extra_storage_bytes == first.extra_storage_bytes
     fresh = run("flexswitch", "tiny-bert", hyperparameters={**hp, "reuse_training": False}, results_dir=None)
     assert not any(d["reused"] for d in fresh.diagnostics["flexswitch"].values())
-    for entry in (mergebench_cache / "flexswitch").glob("*.sass"):  # other tests' entries are there too
+    entries = list((mergebench_cache / "flexswitch").glob("*.sass"))  # other tests' entries are there too
+    for entry in entries:
         entry.write_bytes(entry.read_bytes()[:-3])
-    with pytest.raises(ValueError, match="truncated|corrupt|checksum|CRC"):
-        run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
+    try:
+        with pytest.raises(ValueError, match="truncated|corrupt|checksum|CRC"):
+            run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
+    finally:  # leave no corrupt entry behind for later tests
+        for entry in entries:
+            entry.unlink()

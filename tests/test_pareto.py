@@ -14,7 +14,7 @@ def test_pareto_table_has_one_row_per_configuration_with_per_task_storage(tiny_b
     for alpha in (0.5, 0.8):
         run("t-switch", "tiny-bert", hyperparameters={"alpha": alpha, "format": "sass"}, results_dir=results)
     run("t-switch", "tiny-bert", results_dir=results)  # the tswitch layout: not a Fig. 8 point
-    flex = run("flexswitch", "tiny-bert", hyperparameters={"steps": 2, "exemplars": 8, "batch_size": 4},
+    flex = run("flexswitch", "tiny-bert", hyperparameters={"steps": 2, "exemplars": 8, "batch_size": 4, "reuse_training": False},
                results_dir=results)
     options = AnalysisOptions(output_dir=tmp_path / "out", results_dir=results, plot=False, command="test")
     run_analysis("pareto", tiny_bert, options)
