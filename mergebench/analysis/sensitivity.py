@@ -24,6 +24,10 @@ SPARSIFY_ALPHA = 0.9  # Exp I
 PAPER_ETAS = tuple(round(0.1 * i, 1) for i in range(1, 21))
 
 
+def _mean(values) -> float:
+    return round(float(np.mean(values)), 10) + 0.0
+
+
 def edited_keys(backbone, tasks: list[str]) -> list[str]:
     """The merged tensors that some task vector changes (the only ones an edit can touch)."""
     with ModelPool(backbone, tasks) as pool:
@@ -42,22 +46,22 @@ def run(backbone, options: AnalysisOptions) -> list:
     results = prober.run([Edit("full"), *sparsify.values(), *binarise.values(), *scaled.values()], desc="sensitivity")
     individual = results["full"]
 
-    def drops(edit):
-        return [individual[t] - results[edit.spec()][t] for t in tasks]
+    def drops(edit):  # rounded so that 1 - 1 prints as 0, not as -0.0000 from float noise
+        return [round(individual[t] - results[edit.spec()][t], 10) + 0.0 for t in tasks]
 
     def table(edits: dict, kind: str):
         chosen = {g: e for g, e in edits.items() if g.startswith(kind)}
-        rows = [[g.partition(":")[2], *(f"{d:+.4f}" for d in drops(e)), f"{np.mean(drops(e)):+.4f}"] for g, e in chosen.items()]
+        rows = [[g.partition(":")[2], *(f"{d:+.4f}" for d in drops(e)), f"{_mean(drops(e)):+.4f}"] for g, e in chosen.items()]
         return markdown_table([kind, *tasks, "avg"], rows)
 
     eta_drops = {eta: drops(e) for eta, e in scaled.items()}
     best = {t: min(etas, key=lambda eta: eta_drops[eta][i]) for i, t in enumerate(tasks)}
     eta_rows = [[f"{eta:g}", *(f"{d:+.4f}{' *' if best[t] == eta else ''}" for t, d in zip(tasks, eta_drops[eta])),
-                 f"{np.mean(eta_drops[eta]):+.4f}"] for eta in etas]
+                 f"{_mean(eta_drops[eta]):+.4f}"] for eta in etas]
     examples = f"the first {options.examples} test examples" if options.examples else "the whole test split"
 
     def ranking(edits, kind):
-        chosen = [(g.partition(":")[2], float(np.mean(drops(e)))) for g, e in edits.items() if g.startswith(kind)]
+        chosen = [(g.partition(":")[2], _mean(drops(e))) for g, e in edits.items() if g.startswith(kind)]
         return ", ".join(f"{name} ({d:+.4f})" for name, d in sorted(chosen, key=lambda x: -x[1]))
 
     report = Report("sensitivity", f"Sensitivity probes on {backbone.name} ({backbone.suite} suite)", options.command)
@@ -87,14 +91,16 @@ def run(backbone, options: AnalysisOptions) -> list:
                   "exp3": {f"{eta:g}": results[e.spec()] for eta, e in scaled.items()}}
 
     def draw(plt):
-        figure = plt.figure(figsize=(16, 9))
+        figure = plt.figure(figsize=(18, 10), layout="constrained")
         grid = figure.add_gridspec(2, 4, height_ratios=[1.3, 1])
+        heatmaps = []
         panels = [(sparsify, "type", f"Exp I: P-Spar {alpha:g}, module type"), (sparsify, "layer", "Exp I: layer"),
                   (binarise, "type", "Exp II: binarise, module type"), (binarise, "layer", "Exp II: layer")]
         matrices = [np.array([drops(e) for g, e in edits.items() if g.startswith(kind)]) for edits, kind, _ in panels]
         limit = max(float(np.abs(m).max()) for m in matrices) or 1.0
         for column, ((edits, kind, title), matrix) in enumerate(zip(panels, matrices)):
             ax = figure.add_subplot(grid[0, column])
+            heatmaps.append(ax)
             image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
             ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
             labels = [g.partition(":")[2] for g in edits if g.startswith(kind)]
@@ -102,7 +108,7 @@ def run(backbone, options: AnalysisOptions) -> list:
             ax.set_title(title, fontsize=10)
             for (i, j), value in np.ndenumerate(matrix):
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
-        figure.colorbar(image, ax=figure.axes, shrink=0.5, label="drop vs Individual (decimal)")
+        figure.colorbar(image, ax=heatmaps, shrink=0.8, label="drop vs Individual (decimal)")
         ax = figure.add_subplot(grid[1, :])
         for i, t in enumerate(tasks):
             line = ax.plot(etas, [eta_drops[eta][i] for eta in etas], marker="o", ms=3, label=t)[0]
