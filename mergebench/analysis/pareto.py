@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mergebench.analysis.groups import tensor_layer, tensor_type
-from mergebench.analysis.report import Report, markdown_table, points
+from mergebench.analysis.report import Report, finish_panels, markdown_table, points
 from mergebench.results import Result, load_results
 
 
@@ -98,10 +98,6 @@ def run(backbone, options) -> list[Path]:
             axis.set_xlabel("storage (MB)")
             axis.set_ylabel("accuracy (%)")
             axis.grid(alpha=0.3)
-        for axis in list(axes.flat)[len(tasks):]:
-            axis.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        figure.tight_layout()
-        return figure
+        return finish_panels(figure, axes, len(tasks))
 
     return report.write(options.output_dir, draw if options.plot else None)

@@ -11,7 +11,7 @@ import numpy as np
 from mergebench.analysis.edits import Edit
 from mergebench.analysis.options import PAPER_ALPHAS, AnalysisOptions
 from mergebench.analysis.probe import Prober
-from mergebench.analysis.report import Report, markdown_table, points
+from mergebench.analysis.report import Report, finish_panels, markdown_table, points
 
 CONTROLS = {"C1": "prune the smallest (P-Spar)", "C2": "prune the largest", "C3": "prune at random"}
 
@@ -112,11 +112,6 @@ def run(backbone, options: AnalysisOptions) -> list:
             ax.set_title(panel, fontsize=10)
             ax.set_xlabel("pruning rate alpha")
             ax.set_ylabel("accuracy (%)")
-        for ax in list(axes.flat)[len(panels):]:
-            ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
-        figure.suptitle(f"Pulse activation: {backbone.name}, {examples} per task")
-        figure.tight_layout()
-        return figure
+        return finish_panels(figure, axes, len(panels), f"Pulse activation: {backbone.name}, {examples} per task")
 
     return report.write(options.output_dir, draw if options.plot else None)

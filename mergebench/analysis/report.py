@@ -31,6 +31,17 @@ def pyplot():
     return plt
 
 
+def finish_panels(figure, axes, used: int, title: str | None = None):
+    """Blank the unused panels of a grid, put the legend on the first, title and lay out the figure."""
+    for axis in list(axes.flat)[used:]:
+        axis.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return tabulate(rows, headers=list(headers), tablefmt="github", disable_numparse=True)
 
