@@ -406,7 +406,7 @@ class FlexSwitch(Method):
 
     def merge(self, pool, exemplars=None):
         if not exemplars:
-            raise ValueError("flexswitch needs exemplars to train its switches")
+            raise ValueError(f"{self.name} needs exemplars to train its switches")
         resolve_loss(self, pool.backbone)
         self.hparams["lambda"] = FlexSwitchSettings.from_hparams(self.hparams).lam  # the record names the lambda used
         return build_flexswitch(pool, exemplars, self.hparams, self.seed)
@@ -456,19 +456,16 @@ def learn_metric(features: torch.Tensor, labels: torch.Tensor, centres: torch.Te
 
 
 @register_method("auto-flexswitch")
-class AutoFlexSwitch(Method):
+class AutoFlexSwitch(FlexSwitch):
+    """FlexSwitch's switches, then the routing that replaces the task identity."""
+
     name = "auto-flexswitch"
     hyperparameters = {**FLEXSWITCH_HPARAMS, "centres": 20, "rank": 32, "metric_lr": 0.5, "metric_epochs": 100,
                        "neighbours": 10}
-    needs_exemplars = True
-    dynamic = True
+    uses_task_identity = False
 
     def merge(self, pool, exemplars=None):
-        if not exemplars:
-            raise ValueError("auto-flexswitch needs exemplars to train its switches and build its query sets")
-        resolve_loss(self, pool.backbone)
-        self.hparams["lambda"] = FlexSwitchSettings.from_hparams(self.hparams).lam
-        merged = build_flexswitch(pool, exemplars, self.hparams, self.seed)
+        merged = super().merge(pool, exemplars)
         start = time.perf_counter()
         routed = pool.backbone.routing_features
         with torch.no_grad():  # query sets: pretrained features f_ex(x; Theta) of the exemplars (Eq. 5)
