@@ -20,9 +20,7 @@ from torch import nn
 Inputs = Mapping[str, torch.Tensor]  # one batch of model inputs, e.g. input_ids + attention_mask
 
 
-class MissingResourceError(FileNotFoundError):
-    """A checkpoint or dataset is not on this machine and cannot be fetched. The message
-    names what is missing and how to provide it (``--checkpoint-dir`` / ``--data-dir``)."""
+from mergebench.errors import MissingResourceError  # noqa: E402  (re-exported)
 
 
 @dataclass(frozen=True)

@@ -124,8 +124,7 @@ SASS_CONST_BITS = SASS_COUNT_BITS + SASS_SIZE_BITS  # = 35, the constant of Eq. 
 _PREAMBLE = struct.Struct("<8sIII")  # magic, version, header length, header crc32
 
 
-class CorruptArtifactError(ValueError):
-    """A codec artifact (file or bytes) is corrupt, truncated or inconsistent."""
+from mergebench.errors import CorruptArtifactError  # noqa: E402  (re-exported)
 
 
 # --------------------------------------------------------------------------- bits

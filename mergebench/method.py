@@ -69,13 +69,7 @@ def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in state.items()})
 
 
-class HyperparameterError(ValueError):
-    pass
-
-
-class NotApplicableError(Exception):
-    """A method that cannot merge a backbone's kind of task (e.g. AdaMerging's entropy
-    objective on a detector): reported as not applicable, and no result is recorded."""
+from mergebench.errors import HyperparameterError, NotApplicableError  # noqa: E402  (re-exported)
 
 
 class Method(abc.ABC):

@@ -18,8 +18,7 @@ from safetensors.torch import load_file
 from mergebench.backbone import Backbone
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the pretrained model."""
+from mergebench.errors import CheckpointError  # noqa: E402  (re-exported)
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

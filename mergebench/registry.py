@@ -15,11 +15,7 @@ from typing import Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """An unknown plugin name; the message lists the valid ones."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0])
+from mergebench.errors import UnknownNameError  # noqa: E402  (re-exported)
 
 
 class Registry(Generic[T]):

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from mergebench.backbone import MissingResourceError, Task
+from mergebench.errors import MergebenchError
 from mergebench.cache import cache_dir
 from mergebench.tasks._hub import snapshot
 
@@ -47,7 +48,7 @@ _FORMATS = {".parquet": ("parquet", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"
             ".json": ("json", {}), ".jsonl": ("json", {})}
 
 
-class GlueDataError(ValueError):
+class GlueDataError(MergebenchError, ValueError):
     """GLUE files that are present but do not have the expected columns or labels."""
 
 

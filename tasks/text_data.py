@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mergebench.errors import MissingResourceError
+
 __all__ = [
     "APT_UPDATE_COMMAND",
     "DEBIAN_PACKAGES",
@@ -106,7 +108,7 @@ DEBIAN_PACKAGES: tuple[str, ...] = (
 APT_UPDATE_COMMAND = "apt-get update -o Acquire::Languages=en"
 
 
-class MissingDataError(RuntimeError):
+class MissingDataError(MissingResourceError):
     """A data file that an apt package provides is not on this machine."""
 
 
