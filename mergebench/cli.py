@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shlex
@@ -11,21 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from mergebench.cache import write_atomically
-from mergebench.method import HyperparameterError, NotApplicableError
-from mergebench.pool import CheckpointError
-from mergebench.registry import BACKBONES, METHODS, UnknownNameError
+from mergebench.errors import (HyperparameterError, MergebenchError, NotApplicableError, ResultsWriteError,
+                               UnknownNameError)
+from mergebench.registry import BACKBONES, METHODS
 
-EXPECTED_ERRORS = (UnknownNameError, HyperparameterError, NotApplicableError, CheckpointError, FileNotFoundError,
-                   RuntimeError, ValueError)
+# environment errors a user can fix (disk full, read-only, permission): one line naming the path
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, booleans, lists)."""
+    """``key=value`` pairs; values are JSON when they parse as JSON (numbers, booleans, lists, null)."""
     parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise HyperparameterError(f"hyperparameter {pair!r} is not of the form key=value")
+            raise HyperparameterError(f"--hp {pair!r} is not of the form key=value")
         try:
             parsed[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -42,43 +43,64 @@ def hyperparameters_for(method: str, overrides: dict[str, Any], several: bool) -
     return {key: value for key, value in overrides.items() if key in known}
 
 
+def method_names(text: str) -> list[str]:
+    """The comma-separated ``--method`` value: at least one registered name, each once."""
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise UnknownNameError(f"--method {text!r} names no method; valid methods: {', '.join(METHODS.names())}")
+    for name in names:
+        METHODS.get(name)
+    return names
+
+
 def command_run(args: argparse.Namespace) -> int:
-    from mergebench.runner import make_method, run
+    from mergebench.results import append_result, check_writable
+    from mergebench.runner import check_batch_size, check_seed, make_method, run
     from mergebench.table import results_table
 
-    methods = [m for m in args.method.split(",") if m]
+    # every name and value is checked before any work starts
+    methods = method_names(args.method)
+    check_seed(args.seed)
+    check_batch_size(args.batch_size)
+    backbone_class = BACKBONES.get(args.backbone)
     overrides = parse_hyperparameters(args.hp)
     per_method = {name: hyperparameters_for(name, overrides, several=len(methods) > 1) for name in methods}
     unused = set(overrides) - {key for chosen in per_method.values() for key in chosen}
     if unused:
         raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
-    backbone_class = BACKBONES.get(args.backbone)
     applicable = []
-    for name in methods:  # fail on a bad name or value before any work starts
+    for name in methods:
         try:
-            make_method(name, per_method[name]).check_applicable(backbone_class)
+            make_method(name, per_method[name], args.seed).check_applicable(backbone_class)
             applicable.append(name)
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
-    methods = applicable
-    if not methods:
+    if not applicable:
         return 0
-    results = []
-    for name in methods:
-        result = run(
-            name,
-            args.backbone,
-            seed=args.seed,
-            hyperparameters=per_method[name],
-            results_dir=None if args.no_save else args.results_dir,
-            batch_size=args.batch_size,
-            checkpoint_dir=args.checkpoint_dir,
-            data_dir=args.data_dir,
-        )
-        results.append(result)
-        family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
-        print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
-    print(results_table(results))
+    if not args.no_save:
+        check_writable(Path(args.results_dir))
+
+    results, unsaved = [], []
+    try:
+        for name in applicable:
+            result = run(name, args.backbone, seed=args.seed, hyperparameters=per_method[name], results_dir=None,
+                         batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+            results.append(result)
+            family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
+            print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, "
+                  f"eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
+            if not args.no_save:
+                try:  # each record as soon as it exists, so a later failure loses nothing
+                    append_result(Path(args.results_dir), result)
+                except ResultsWriteError as error:
+                    unsaved.append(error)
+    finally:
+        if results:  # what was computed stays on screen, whatever comes after
+            print(results_table(results))
+    if unsaved:
+        for error in unsaved:
+            print(f"mergebench: error: {error}", file=sys.stderr)
+        return 1
     if not args.no_save:
         print(f"\nappended {len(results)} record(s) to {Path(args.results_dir) / (args.backbone + '.jsonl')}")
     return 0
@@ -90,9 +112,12 @@ def command_list(args: argparse.Namespace) -> int:
     rows = []
     for name, cls in METHODS.items():
         kind = "reference" if cls.reference else ("dynamic" if cls.dynamic else "static")
-        defaults = ", ".join(f"{k}={v}" for k, v in cls.hyperparameters.items()) or "-"
-        rows.append([name, kind, "yes" if cls.needs_exemplars else "no", defaults])
-    print("Methods\n" + tabulate(rows, headers=["method", "kind", "exemplars", "defaults"]))
+        rows.append([name, kind, "yes" if cls.needs_exemplars else "no", len(cls.hyperparameters) or "-"])
+    print("Methods\n" + tabulate(rows, headers=["method", "kind", "exemplars", "hyperparameters"]))
+    rows = [[name, key, json.dumps(spec.default), spec.allowed(), spec.help]
+            for name, cls in METHODS.items() for key, spec in cls.hyperparameters.items()]
+    print("\nHyperparameters (--hp KEY=VALUE)\n"
+          + tabulate(rows, headers=["method", "name", "default", "allowed", "meaning"], disable_numparse=True))
     rows = [[name, cls.suite, cls.description] for name, cls in BACKBONES.items()]
     print("\nBackbones\n" + tabulate(rows, headers=["backbone", "suite", "description"]))
     suites: dict[str, list[str]] = {}
@@ -103,6 +128,8 @@ def command_list(args: argparse.Namespace) -> int:
 
 
 def command_prepare(args: argparse.Namespace) -> int:
+    from mergebench.manifest import prepare_checkpoints
+
     backbone_cls = BACKBONES.get(args.backbone)
     if args.install_data:
         for command in backbone_cls.system_commands():
@@ -110,7 +137,7 @@ def command_prepare(args: argparse.Namespace) -> int:
                 command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)
             subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir).prepare(force=args.force)
+    prepare_checkpoints(backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir), force=args.force)
     print(f"{args.backbone}: ready")
     return 0
 
@@ -164,7 +191,12 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebench", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
+    common = argparse.ArgumentParser(add_help=False)  # --debug also after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="merge a backbone's fine-tuned models with a method and evaluate every task")
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
@@ -215,12 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The project's own errors (and a full disk, read-only or forbidden path) are one line
+    naming what is at fault; anything else is a bug and keeps its traceback, as does every
+    error with ``--debug``."""
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as recorded by `analyze`
     try:
         return args.func(args)
-    except EXPECTED_ERRORS as error:
+    except MergebenchError as error:
+        if args.debug:
+            raise
         print(f"mergebench: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if args.debug or error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        where = f": {error.filename}" if error.filename else ""
+        print(f"mergebench: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
 
 

@@ -1,11 +1,15 @@
 """Evaluation of a Merged model over the tasks of a suite."""
 from __future__ import annotations
 
+import math
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from mergebench.backbone import Backbone, Task
+from mergebench.errors import NonFiniteError
 from mergebench.method import Merged
 
 
@@ -65,12 +69,30 @@ def evaluate_task(merged: Merged, backbone: Backbone, task: str, batch_size: int
     whole split (logits or scores; logits and boxes for detection's mAP)."""
     outputs, targets = [], []
     with torch.no_grad():
-        for inputs, batch_targets in tqdm(
+        for number, (inputs, batch_targets) in enumerate(tqdm(
             backbone.batches(task, "test", batch_size), desc=f"eval {task}", unit="batch", leave=False
-        ):
-            outputs.append(merged.predict(task, inputs))
+        )):
+            output = merged.predict(task, inputs)
+            if not all_finite(output):
+                raise NonFiniteError(f"task {task!r}: the outputs of test batch {number} have NaN or infinite values")
+            outputs.append(output)
             targets.append(batch_targets)
-    return backbone.score(task, outputs, targets)
+    score = backbone.score(task, outputs, targets)
+    if not math.isfinite(score):
+        raise NonFiniteError(f"task {task!r}: its {backbone.task(task).metric} is {score} (an empty test split?)")
+    return float(score)
+
+
+def all_finite(output: Any) -> bool:
+    """Every floating-point tensor in an output (a tensor, or a mapping / sequence of them,
+    as a detector's logits and boxes) is finite."""
+    if isinstance(output, torch.Tensor):
+        return not output.is_floating_point() or bool(torch.isfinite(output).all())
+    if isinstance(output, Mapping):
+        return all(all_finite(value) for value in output.values())
+    if isinstance(output, (list, tuple)):
+        return all(all_finite(value) for value in output)
+    return True
 
 
 def evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int = 64) -> dict[str, float]:

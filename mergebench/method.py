@@ -16,6 +16,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from mergebench.backbone import Backbone
+from mergebench.errors import HyperparameterError, NonFiniteError, NotApplicableError  # noqa: F401  (re-exported)
+from mergebench.hyperparameters import Hyperparameter, defaults, resolve
 from mergebench.pool import ModelPool
 
 Artifact = bytes | Path  # serialized bytes, or a file that is kept as it is
@@ -23,6 +25,8 @@ Artifact = bytes | Path  # serialized bytes, or a file that is kept as it is
 
 class Merged(abc.ABC):
     """What a method produces."""
+
+    reused_training_seconds: float | None = None  # original cost of training loaded from a cache (None: none reused)
 
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
@@ -55,6 +59,9 @@ class StaticMerged(Merged):
 
     def __init__(self, backbone: Backbone, state: Mapping[str, torch.Tensor]):
         super().__init__(backbone)
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"merged tensor {key!r} has NaN or infinite values")
         self.encoder = backbone.build_encoder()
         self.encoder.load_state_dict(dict(state), strict=True)
         self.encoder.eval()
@@ -69,18 +76,16 @@ def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.contiguous() for k, v in state.items()})
 
 
-from mergebench.errors import HyperparameterError, NotApplicableError  # noqa: E402  (re-exported)
-
-
 class Method(abc.ABC):
     """A merging method. Subclasses set the class attributes and implement ``merge``.
 
-    ``hyperparameters`` holds the defaults of the method's paper / authors' code;
-    a run may override any of them by name.
+    ``hyperparameters`` declares each hyperparameter once (type, default of the method's
+    paper / authors' code, bounds, meaning); a run may override any of them by name, and
+    every value is checked when the method is made, before any work starts.
     """
 
     name: ClassVar[str]
-    hyperparameters: ClassVar[dict[str, Any]] = {}
+    hyperparameters: ClassVar[dict[str, Hyperparameter]] = {}
     needs_exemplars: ClassVar[bool] = False  # uses (unlabelled) training exemplars
     uses_task_identity: ClassVar[bool] = False  # needs to know the task at inference
     dynamic: ClassVar[bool] = False  # composes weights per input / per task at inference
@@ -89,20 +94,19 @@ class Method(abc.ABC):
     task_types: ClassVar[frozenset[str] | None] = None  # Backbone.task_type values it can merge; None: any
 
     def __init__(self, **overrides: Any):
-        unknown = set(overrides) - set(self.hyperparameters)
-        if unknown:
-            valid = ", ".join(sorted(self.hyperparameters)) or "(none)"
-            raise HyperparameterError(
-                f"method {self.name!r} has no hyperparameter {', '.join(sorted(unknown))}; valid: {valid}"
-            )
-        for key, value in overrides.items():
-            default = self.hyperparameters[key]
-            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise HyperparameterError(f"method {self.name!r}: hyperparameter {key} must be a number, got {value!r}")
-        self.hparams: dict[str, Any] = {**self.hyperparameters, **overrides}
-        self.overrides: dict[str, Any] = dict(overrides)  # what the run set; the rest are defaults
+        self.hparams: dict[str, Any] = resolve(self.hyperparameters, overrides, f"method {self.name!r}")
+        self.overrides: dict[str, Any] = {key: self.hparams[key] for key in overrides}  # what the run set
+        self.check_hyperparameters()
         self.seed = 0
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Hyperparameter name -> default value."""
+        return defaults(cls.hyperparameters)
+
+    def check_hyperparameters(self) -> None:
+        """Constraints between values that one declaration cannot express; raise
+        HyperparameterError (called when the method is made, before any work)."""
 
     @property
     def automatic(self) -> bool:

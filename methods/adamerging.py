@@ -58,6 +58,7 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from mergebench.hyperparameters import Bool, Float, Int
 from mergebench.method import Method, StaticMerged
 from mergebench.methods.fisher import example_count, task_exemplars
 from mergebench.methods.ties import elect_and_merge, trim_thresholds
@@ -174,8 +175,13 @@ class AdaMerging(Method):
     # the entropy of class probabilities is its objective; the Auto-FlexSwitch paper excludes it from
     # detection for that reason (§IV-A2), and so does mergebench (AdaMerging++ inherits this)
     task_types = frozenset({"classification"})
-    hyperparameters: dict[str, Any] = {
-        "exemplars": 256, "steps": 500, "batch_size": 16, "lr": 1e-3, "init": 0.3, "clamp": True,
+    hyperparameters = {
+        "exemplars": Int(256, "unlabelled test inputs per task the entropy is minimised on", 1),
+        "steps": Int(500, "Adam steps on the entropy objective (0: the initial coefficients)", 0),
+        "batch_size": Int(16, "inputs per task in one step", 1),
+        "lr": Float(1e-3, "Adam learning rate of the merging coefficients", 0.0, low_open=True),
+        "init": Float(0.3, "initial value of every coefficient", 0.0),
+        "clamp": Bool(True, "clamp the coefficients to [0, 1] as the authors' code does"),
     }
 
     def task_vectors(self, pool: ModelPool) -> list[torch.Tensor]:
@@ -184,10 +190,6 @@ class AdaMerging(Method):
     def merge(self, pool, exemplars=None):
         steps, batch_size = int(self.hparams["steps"]), int(self.hparams["batch_size"])
         lr, init = float(self.hparams["lr"]), float(self.hparams["init"])
-        if steps < 0:
-            raise ValueError(f"{self.name}: steps must be >= 0, got {steps}")
-        if batch_size < 1:
-            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size}")
         inputs = {task: task_exemplars(self.name, exemplars, task) for task in pool.tasks} if steps > 0 else {}
         model = AdaMergingModel(pool, self.task_vectors(pool), init, bool(self.hparams["clamp"]))
         optimizer = torch.optim.Adam([model.coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -208,7 +210,11 @@ class AdaMerging(Method):
 @register_method("adamerging++")
 class AdaMergingPlusPlus(AdaMerging):
     name = "adamerging++"
-    hyperparameters: dict[str, Any] = {**AdaMerging.hyperparameters, "keep": 0.2}
+    hyperparameters = {
+        **AdaMerging.hyperparameters,
+        "keep": Float(0.2, "TIES k: the fraction of largest-magnitude entries kept per task vector", 0.0, 1.0,
+                      low_open=True),
+    }
 
     def task_vectors(self, pool: ModelPool) -> list[torch.Tensor]:
         return ties_selected_vectors(pool, float(self.hparams["keep"]))

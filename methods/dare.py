@@ -14,6 +14,7 @@ import zlib
 
 import torch
 
+from mergebench.hyperparameters import Float
 from mergebench.merging import merge_task_vectors
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
@@ -29,12 +30,13 @@ def drop_and_rescale(tau: torch.Tensor, p: float, generator: torch.Generator) ->
 @register_method("dare")
 class Dare(Method):
     name = "dare"
-    hyperparameters = {"drop_rate": 0.5, "scaling": 0.3}
+    hyperparameters = {
+        "drop_rate": Float(0.5, "p: the probability of dropping each task-vector entry", 0.0, 1.0, high_open=True),
+        "scaling": Float(0.3, "lambda: the factor on the sum of the rescaled task vectors", 0.0),
+    }
 
     def merge(self, pool, exemplars=None):
         p, scaling = float(self.hparams["drop_rate"]), float(self.hparams["scaling"])
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dare: drop_rate must be in [0, 1), got {p}")
 
         def combine(key, taus):
             total = torch.zeros_like(taus[0])

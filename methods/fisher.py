@@ -54,6 +54,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.hyperparameters import Bool, Float, Int
 from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
@@ -180,15 +181,16 @@ class FisherMerging(Method):
     # the Fisher is that of a classifier's softmax over one output per example; a detector's
     # set prediction (per-query classes and boxes) has no such likelihood here (see README, RF100)
     task_types = frozenset({"classification"})
-    hyperparameters = {"exemplars": 256, "fisher_floor": 1e-6, "normalize": True}
+    hyperparameters = {
+        "exemplars": Int(256, "N: unlabelled training inputs per task the Fisher is estimated on", 1),
+        "fisher_floor": Float(1e-6, "added to every Fisher entry so no weight has zero total weight", 0.0,
+                              low_open=True),
+        "normalize": Bool(True, "weight each task by 1 / the norm of its Fisher, as the authors' normalize_fishers"),
+    }
 
     def merge(self, pool, exemplars=None):
         floor = float(self.hparams["fisher_floor"])
-        if not floor > 0.0:
-            raise ValueError(f"fisher: fisher_floor must be > 0, got {floor}")
         normalize = self.hparams["normalize"]
-        if not isinstance(normalize, bool):
-            raise ValueError(f"fisher: normalize must be true or false, got {normalize!r}")
         inputs = {task: task_exemplars(self.name, exemplars, task) for task in pool.tasks}
         backbone = pool.backbone
 

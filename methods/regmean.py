@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.hyperparameters import Float, Int
 from mergebench.method import Method, StaticMerged
 from mergebench.methods.fisher import example_count, finetuned_mean, select_examples, task_exemplars
 from mergebench.registry import register_method
@@ -156,12 +157,13 @@ def solve_regmean(
 class RegMean(Method):
     name = "regmean"
     needs_exemplars = True
-    hyperparameters = {"exemplars": 256, "alpha": 0.9}
+    hyperparameters = {
+        "exemplars": Int(256, "N: unlabelled training inputs per task the Gram matrices are built from", 1),
+        "alpha": Float(0.9, "off-diagonal scaling of the Gram matrices (1: plain RegMean)", 0.0, 1.0),
+    }
 
     def merge(self, pool, exemplars=None):
         alpha = float(self.hparams["alpha"])
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"regmean: alpha must be in [0, 1], got {alpha}")
         inputs = {task: task_exemplars(self.name, exemplars, task) for task in pool.tasks}
         backbone = pool.backbone
         merged_keys = set(pool.merged_keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from mergebench.hyperparameters import Float
 from mergebench.merging import merge_task_vectors
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
@@ -13,7 +14,7 @@ from mergebench.registry import register_method
 @register_method("task-arithmetic")
 class TaskArithmetic(Method):
     name = "task-arithmetic"
-    hyperparameters = {"scaling": 0.3}
+    hyperparameters = {"scaling": Float(0.3, "lambda: the factor on the sum of task vectors", 0.0)}
 
     def merge(self, pool, exemplars=None):
         scaling = float(self.hparams["scaling"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from mergebench.hyperparameters import Float
 from mergebench.merging import merge_task_vectors
 from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
@@ -53,12 +54,13 @@ def elect_and_merge(trimmed: torch.Tensor) -> torch.Tensor:
 @register_method("ties")
 class Ties(Method):
     name = "ties"
-    hyperparameters = {"keep": 0.2, "scaling": 0.3}
+    hyperparameters = {
+        "keep": Float(0.2, "k: the fraction of largest-magnitude entries kept per task vector", 0.0, 1.0, low_open=True),
+        "scaling": Float(0.3, "lambda: the factor on the merged task vector", 0.0),
+    }
 
     def merge(self, pool, exemplars=None):
         keep, scaling = float(self.hparams["keep"]), float(self.hparams["scaling"])
-        if not 0.0 < keep <= 1.0:
-            raise ValueError(f"ties: keep must be in (0, 1], got {keep}")
         thresholds = torch.tensor(trim_thresholds(pool, keep))
 
         def combine(key, taus):

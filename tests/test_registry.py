@@ -95,13 +95,16 @@ def test_default_hyperparameters():
 
 def test_hyperparameter_override_does_not_touch_defaults():
     cls = METHODS.get("ties")
-    defaults = dict(cls.hyperparameters)
+    defaults = cls.defaults()
     method = make_method("ties", {"keep": 0.5})
     assert method.hparams == {"keep": 0.5, "scaling": 0.3}
-    assert cls.hyperparameters == defaults
+    assert cls.defaults() == defaults
     assert make_method("ties").hparams["keep"] == 0.2  # a later instance sees the defaults again
     method.hparams["scaling"] = 9.0
-    assert cls.hyperparameters["scaling"] == 0.3  # hparams is a copy
+    assert cls.defaults()["scaling"] == 0.3  # hparams is a copy
+    flex = make_method("flexswitch")
+    flex.hparams["bit_widths"].append(16)
+    assert METHODS.get("flexswitch").defaults()["bit_widths"] == [1, 2, 4, 8]  # lists are copied too
 
 
 def test_make_method_sets_seed():
