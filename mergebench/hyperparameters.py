@@ -67,8 +67,10 @@ class Hyperparameter:
         """The value in its canonical type, or HyperparameterError naming ``owner`` (the
         method), the hyperparameter and what is allowed."""
 
+        given = value
+
         def refuse() -> HyperparameterError:
-            return HyperparameterError(f"{owner}: hyperparameter {name}={value!r} is not allowed; "
+            return HyperparameterError(f"{owner}: hyperparameter {name}={given!r} is not allowed; "
                                        f"expected {self.allowed()}")
 
         if value is None:

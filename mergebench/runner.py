@@ -46,11 +46,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def git_commit() -> str | None:
-    """The commit of the mergebench checkout this code runs from, ``-dirty`` when tracked
-    source differs from it (None if not a git checkout). Records and the leaderboard that
-    runs write are not source, so writing them never marks the next run dirty."""
-    here = Path(__file__).resolve().parent
+def git_commit(here: Path | None = None) -> str | None:
+    """The commit of the mergebench checkout this code runs from (or of ``here``), ``-dirty``
+    when tracked source differs from it (None if not a git checkout). Records and the
+    leaderboard that runs write are not source, so writing them never marks the next run dirty."""
+    here = here or Path(__file__).resolve().parent
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5,
