@@ -127,6 +127,17 @@ def command_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def hyperparameter_help() -> str:
+    """Every method's hyperparameters for ``run --help`` (one line each; ``list`` has a table)."""
+    lines = ["hyperparameters (--hp KEY=VALUE; JSON values):"]
+    for name, cls in METHODS.items():
+        if cls.hyperparameters:
+            lines.append(f"  {name}:")
+            lines += [f"    {key}={json.dumps(spec.default)}  {spec.allowed()}: {spec.help}"
+                      for key, spec in cls.hyperparameters.items()]
+    return "\n".join(lines)
+
+
 def command_prepare(args: argparse.Namespace) -> int:
     from mergebench.manifest import prepare_checkpoints
 
@@ -198,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_parser = sub.add_parser
     sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
-    run = sub.add_parser("run", help="merge a backbone's fine-tuned models with a method and evaluate every task")
+    run = sub.add_parser("run", help="merge a backbone's fine-tuned models with a method and evaluate every task",
+                         epilog=hyperparameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
     run.add_argument("--backbone", required=True)
     run.add_argument("--seed", type=int, default=0)
