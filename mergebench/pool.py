@@ -2,8 +2,11 @@
 
 Checkpoints stay on disk as safetensors and are read tensor by tensor, so a method
 that merges key by key holds only K+1 copies of one tensor at a time, never K
-models. Every checkpoint is validated against the pretrained one on first use:
-same keys, same shapes and dtypes, finite values; errors name the file and tensor.
+models. Every checkpoint is verified on first use against the prepare manifest (size
+and SHA-256; ``mergebench.manifest``, which also found its values finite) and against
+the pretrained one (same keys, shapes and dtypes); errors name the file and tensor.
+A backbone without a manifest (e.g. one built by a test) has every opened checkpoint's
+values checked for NaN and inf instead.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mergebench.backbone import Backbone
+from mergebench.manifest import check_finite, read_manifest, verify
 
 
 from mergebench.errors import CheckpointError  # noqa: E402  (re-exported)
@@ -43,7 +47,16 @@ class ModelPool:
         self.backbone = backbone
         self.tasks = list(tasks) if tasks is not None else [t.name for t in backbone.tasks]
         self._stack = ExitStack()
-        self._pretrained = self._stack.enter_context(_open(backbone.pretrained_checkpoint()))
+        self.manifest = read_manifest(backbone)
+        self.manifest_sha256 = self.manifest.sha256 if self.manifest is not None else None  # recorded with results
+        path = backbone.pretrained_checkpoint()
+        self._pretrained = self._stack.enter_context(self._open_verified(path))
+        if self.manifest is None:
+            try:
+                check_finite(self._pretrained, path)
+            except CheckpointError:
+                self.close()
+                raise
         self._finetuned: dict[str, object] = {}
         self._keys = sorted(self._pretrained.keys())
         self.merged_keys = [k for k in self._keys if backbone.is_merged(k, _dtype(self._pretrained, k))]
@@ -87,7 +100,7 @@ class ModelPool:
             if task not in self.tasks:
                 raise KeyError(f"task {task!r} is not in the pool; tasks: {', '.join(self.tasks)}")
             path = self.backbone.finetuned_checkpoint(task)
-            handle = _open(path)
+            handle = self._open_verified(path)
             try:
                 self._validate(path, handle)
             except BaseException:
@@ -95,6 +108,11 @@ class ModelPool:
                 raise
             self._finetuned[task] = self._stack.enter_context(handle)
         return self._finetuned[task]
+
+    def _open_verified(self, path: Path):
+        if self.manifest is not None and path.is_file():
+            verify(self.backbone, self.manifest, path)
+        return _open(path)
 
     def _validate(self, path: Path, handle) -> None:
         keys = set(handle.keys())
@@ -111,9 +129,8 @@ class ModelPool:
                     f"{path}: tensor {key!r} has shape {theirs.get_shape()} {theirs.get_dtype()}, "
                     f"pretrained has {ours.get_shape()} {ours.get_dtype()}"
                 )
-        for key in self.merged_keys:
-            if not torch.isfinite(handle.get_tensor(key)).all():
-                raise CheckpointError(f"{path}: tensor {key!r} has NaN or infinite values")
+        if self.manifest is None:  # else found finite when the manifest was written
+            check_finite(handle, path)
 
     def close(self) -> None:
         self._stack.close()

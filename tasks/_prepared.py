@@ -16,6 +16,9 @@ class PreparedBackbone(Backbone):
 
     root: Path  # where `prepare` writes (set by the subclass, or a property)
     prepare_hint: ClassVar[str] = ""  # said after the `prepare` command in a missing-file error
+    # whether prepare() rebuilds a deleted checkpoint by itself, locally: then `mergebench prepare`
+    # replaces a corrupt one (mergebench.manifest); suites converting downloads need --force
+    rebuilds_checkpoints: ClassVar[bool] = False
 
     def pretrained_checkpoint(self) -> Path:
         return self._require(self.root / "pretrained.safetensors")

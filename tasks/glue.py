@@ -76,10 +76,11 @@ from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, update_json, write_atomically, write_safetensors
 from mergebench.pool import CheckpointError
 from mergebench.registry import register_backbone
-from mergebench.tasks._hub import list_files, snapshot
+from mergebench.tasks._hub import list_files
 from mergebench.tasks._prepared import PreparedBackbone
 from mergebench.tasks._text_classification import _stable_hash
-from mergebench.tasks.glue_data import GlueData, glue_task
+from mergebench.tasks.glue_data import (GlueData, MissingGlueResource, all_missing, collect_missing, glue_task,
+                                        hub_snapshot)
 
 CONVERSION_VERSION = 1  # bump when the converted files change meaning
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
@@ -271,17 +272,20 @@ class GlueBackbone(PreparedBackbone):
     # --- preparation ------------------------------------------------------------------------------
     def prepare(self, force: bool = False) -> None:
         """Check that every task's data is readable, then convert what is missing (every
-        source is located before any conversion, so a missing one fails at once)."""
+        source is located before any conversion, and one error names everything missing)."""
+        missing: list[MissingResourceError] = []
         for task in self.task_names:
-            self.data.load(task)
+            collect_missing(missing, self.data.load, task)
         base = ("pretrained.safetensors", "config.json", "tokenizer")
         base_missing = force or not all((self.root / name).exists() for name in base)
         todo = [t for t in self.task_names
                 if force or not all((self.root / f"{t}{s}").exists() for s in (".safetensors", ".head.safetensors"))]
+        pretrained_folder = collect_missing(missing, self._pretrained_folder) if base_missing else None
+        folders = {task: collect_missing(missing, self._finetuned_folder, task) for task in todo}
+        if missing:
+            raise all_missing(self.name, missing)
         if not base_missing and not todo:
             return
-        pretrained_folder = self._pretrained_folder() if base_missing else None
-        folders = {task: self._finetuned_folder(task) for task in todo}
         if pretrained_folder is not None:
             self._convert_pretrained(pretrained_folder)
         reference = load_file(str(self.root / "pretrained.safetensors"))
@@ -343,7 +347,7 @@ class GlueBackbone(PreparedBackbone):
             found = find_model(files, prefix, tokenizer)
             return found[1] if found else None
 
-        root = snapshot(repo, select=select, what=what, local_hint=hint)
+        root = hub_snapshot(repo, select=select, what=what, hint=hint)
         return root / find_model(list_files(root), prefix, tokenizer)[0]
 
     def _pretrained_folder(self) -> Path:
@@ -359,17 +363,18 @@ class GlueBackbone(PreparedBackbone):
         local = self._local_root()
         if local is not None and (local / task).is_dir():
             return self._local_model(local / task, tokenizer=False)
-        layout = f"DIR/{task}/ holding {self.finetuned_format}"
+        layout = f"DIR/<task>/ holding {self.finetuned_format}"
         repo = self.finetuned_source_repo()
         if repo is None:
-            where = f"{local}/{task}/ is missing" if local is not None else "no --checkpoint-dir is given"
-            raise MissingResourceError(
-                f"the {self.name} checkpoint fine-tuned on GLUE {task} is needed and {where}. Pass --checkpoint-dir DIR "
-                f"(or set $MERGEBENCH_CHECKPOINT_DIR) with {layout}, or name a hub repository with one folder per task "
-                f"in ${self.repo_variable()}."
+            where = f" ({local}/{task}/ is missing)" if local is not None else ""
+            raise MissingGlueResource(
+                f"the {self.name} checkpoint fine-tuned on GLUE {task}{where}",
+                "is needed" + ("" if local is not None else " and no --checkpoint-dir is given"),
+                f"Pass --checkpoint-dir DIR (or set $MERGEBENCH_CHECKPOINT_DIR) with {layout}, or name a hub "
+                f"repository with one folder per task in ${self.repo_variable()}.",
             )
-        hint = (f"Download it where there is network (`huggingface-cli download {repo} --include '{task}/*' "
-                f"--local-dir DIR`), copy DIR here and pass --checkpoint-dir DIR ({layout}).")
+        hint = (f"Download them where there is network (`huggingface-cli download {repo} --local-dir DIR`, or add "
+                f"--include '<task>/*' for one task), copy DIR here and pass --checkpoint-dir DIR ({layout}).")
         return self._hub_model(repo, task, False, f"the {self.name} checkpoint fine-tuned on GLUE {task}", hint)
 
     def _check_model_type(self, folder: Path) -> None:

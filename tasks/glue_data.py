@@ -33,7 +33,7 @@ import csv
 import fnmatch
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,56 @@ _FORMATS = {".parquet": ("parquet", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"
 
 class GlueDataError(MergebenchError, ValueError):
     """GLUE files that are present but do not have the expected columns or labels."""
+
+
+class MissingGlueResource(MissingResourceError):
+    """A missing GLUE dataset or checkpoint: what it is, why it is missing ("is ...") and
+    how to provide it, kept apart so that one error can name every missing one with a
+    reason and hint they share said once."""
+
+    def __init__(self, what: str, why: str, hint: str = ""):
+        super().__init__(f"{what} {why}" + (f". {hint}" if hint else ""))
+        self.what, self.why, self.hint = what, why, hint
+
+
+T = TypeVar("T")
+
+
+def collect_missing(missing: list[MissingResourceError], find: Callable[..., T], *args: Any) -> T | None:
+    """``find(*args)``, or None with its MissingResourceError added to ``missing``, so that
+    a user learns everything missing at once rather than one item per attempt."""
+    try:
+        return find(*args)
+    except MissingResourceError as error:
+        missing.append(error)
+        return None
+
+
+def all_missing(name: str, missing: list[MissingResourceError]) -> MissingResourceError:
+    """One error naming every missing item; items with the same reason and hint share a line."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for error in missing:
+        key, what = ((error.why, error.hint), error.what) if isinstance(error, MissingGlueResource) else ((str(error), ""), "")
+        if what not in groups.setdefault(key, []):
+            groups[key].append(what)
+    count = sum(map(len, groups.values()))
+    if count == 1:
+        return missing[0]
+    lines = [
+        ("; ".join(whats) + ": " + why.removeprefix("is ") if whats != [""] else why) + (f". {hint}" if hint else "")
+        for (why, hint), whats in groups.items()
+    ]
+    return MissingResourceError(f"{name}: {count} datasets or checkpoints are missing:\n"
+                                + "\n".join(f"  - {line}" for line in lines))
+
+
+def hub_snapshot(repo_id: str, *, what: str, hint: str, **options: Any) -> Path:
+    """``_hub.snapshot``; its failure a MissingGlueResource with the reason and hint kept apart."""
+    try:
+        return snapshot(repo_id, what=what, local_hint=hint, **options)
+    except MissingResourceError as error:
+        why = str(error).removeprefix(what).removesuffix(hint).strip().rstrip(".")
+        raise MissingGlueResource(what, why, hint) from error
 
 
 @dataclass(frozen=True)
@@ -149,12 +199,12 @@ class GlueData:
                 raise MissingResourceError(f"--data-dir {self.data_dir} does not exist")
             folder = self.data_dir / spec.name
             if not folder.is_dir():
-                raise MissingResourceError(
-                    f"GLUE {spec.name}: {folder} is missing. The data directory needs one folder per task "
-                    f"(cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte) holding its train and {spec.validation_split} "
-                    f"splits (hub parquet files, a save_to_disk folder, or train/{spec.validation_split} "
-                    f".csv/.tsv/.json files); e.g. `huggingface-cli download {HUB_DATASET} --repo-type dataset "
-                    f"--local-dir {self.data_dir}`"
+                raise MissingGlueResource(
+                    f"the GLUE {spec.name} folder {folder}", "is missing",
+                    f"The data directory needs one folder per task ({', '.join(GLUE_TASKS)}) holding its train "
+                    "and validation splits (validation_matched for mnli): hub parquet files, a save_to_disk folder, "
+                    "or train/validation .csv/.tsv/.json files; e.g. `huggingface-cli download "
+                    f"{HUB_DATASET} --repo-type dataset --local-dir {self.data_dir}`",
                 )
             return folder
 
@@ -163,11 +213,11 @@ class GlueData:
             found = {s for s in wanted if any(fnmatch.fnmatch(f, f"{spec.name}/{s}-*.parquet") for f in chosen)}
             return chosen if found == set(wanted) else None
 
-        root = snapshot(
+        root = hub_snapshot(
             HUB_DATASET, repo_type="dataset", select=select, what=f"the GLUE {spec.name} dataset",
-            local_hint=(
+            hint=(
                 f"Download it where there is network (`huggingface-cli download {HUB_DATASET} --repo-type dataset "
-                f"--include '{spec.name}/*' --local-dir DIR`), copy DIR here and pass --data-dir DIR "
+                "--local-dir DIR`, or add --include '<task>/*' for one task), copy DIR here and pass --data-dir DIR "
                 "(or set $MERGEBENCH_DATA_DIR)."
             ),
         )

@@ -40,6 +40,7 @@ class MiniLM(TextClassificationBackbone):
     description = "all-MiniLM-L6-v2 (22.7M) fine-tuned on 6 offline Debian-text tasks"
     recipe = FineTuneRecipe(steps=100, batch_size=32, learning_rate=1e-4, probe_examples=512)
     max_length = 32
+    rebuilds_checkpoints = True  # fine-tuned here, seeded: one task at a time
 
     @classmethod
     def system_commands(cls) -> list[list[str]]:

@@ -397,7 +397,16 @@ class RF100Detr(PreparedBackbone):
         if self.checkpoint_dir is None and self.data_dir is None and not self.manifest():
             raise MissingResourceError(f"{self.name} is not prepared: run `{PREPARE}` with RF100 and the DETR "
                                        f"checkpoints on this machine ({LAYOUT}); see README, RF100")
-        for domain in DOMAINS:  # fail on missing data before any conversion
+        missing_data = self._missing_data()  # data and checkpoints alike, all named before any conversion
+        sources = self._sources() if self.checkpoint_dir is not None else {}
+        missing = missing_data + self._missing_sources(sources)
+        if missing:
+            listed = "\n".join(f"  - {item}" for item in missing)
+            download = ("Download RF100 in COCO format (github.com/roboflow/roboflow-100-benchmark) and pass its folder "
+                        "as --data-dir; another dataset for a domain: <data-dir>/domains.json.\n") if missing_data else ""
+            raise MissingResourceError(f"{self.name}: {len(missing)} data files or checkpoint folders are missing:\n"
+                                       f"{listed}\n{download}{LAYOUT}")
+        for domain in DOMAINS:
             for split in ("train", "test"):
                 self.split(domain, split)
         converted = self._converted()
@@ -407,7 +416,6 @@ class RF100Detr(PreparedBackbone):
                     f"{self.name}: no converted checkpoints under {self.root}: pass --checkpoint-dir (or set "
                     f"$MERGEBENCH_CHECKPOINT_DIR) to `{PREPARE}`; {LAYOUT}")
         else:
-            sources = self._sources()
             signature = {name: _signature(source) for name, source in sources.items()}
             if force or not converted or self.manifest().get("sources") != signature:
                 self._convert(sources, signature)
@@ -421,11 +429,30 @@ class RF100Detr(PreparedBackbone):
             f"{domain}{suffix}" for domain in DOMAINS for suffix in (".safetensors", ".head.safetensors", ".labels.json")]
         return bool(self.manifest().get("sources")) and all((self.root / name).exists() for name in names)
 
+    def _missing_data(self) -> list[str]:
+        """The annotation files of the domains' train and test splits that are not there."""
+        try:
+            root, datasets = self.data_root(), self.datasets()
+        except MissingResourceError as error:
+            return [str(error)]
+        missing = []
+        for domain in DOMAINS:
+            for split in ("train", "test"):
+                path = root / datasets[domain] / split / ANNOTATIONS
+                if not path.is_file():
+                    missing.append(f"{path} (the {split} split of RF100 dataset {datasets[domain]!r}, domain {domain!r})")
+        return missing
+
     def _sources(self) -> dict[str, Path | str]:
-        """pretrained (a folder, else "hub") + one folder per domain; every missing one is named at once."""
+        """pretrained (a folder, else "hub") + one folder per domain."""
         root = self.checkpoint_dir
         sources: dict[str, Path | str] = {"pretrained": root / "pretrained" if (root / "pretrained").is_dir() else "hub"}
         sources.update({domain: root / domain for domain in DOMAINS})
+        return sources
+
+    @staticmethod
+    def _missing_sources(sources: dict[str, Path | str]) -> list[str]:
+        """The checkpoint folders that are absent or hold no model."""
         missing = []
         for folder in sources.values():
             if not isinstance(folder, Path):
@@ -436,9 +463,7 @@ class RF100Detr(PreparedBackbone):
                 missing.append(f"{folder} (no config.json)")
             elif not any((folder / name).is_file() for name in WEIGHT_FILES):
                 missing.append(f"{folder} (no {' or '.join(WEIGHT_FILES)})")
-        if missing:
-            raise MissingResourceError(f"{self.name}: checkpoints missing: {'; '.join(missing)}. {LAYOUT}")
-        return sources
+        return missing
 
     def _convert(self, sources: dict[str, Path | str], signature: dict[str, Any]) -> None:
         (self.root / "manifest.json").unlink(missing_ok=True)  # a conversion cut short leaves nothing usable

@@ -1,0 +1,241 @@
+"""The prepare manifest: the size and SHA-256 of every prepared checkpoint of a backbone.
+
+A truncated download, a conversion cut short or a flipped bit would otherwise be merged
+and recorded like any other result. :func:`prepare_checkpoints` (what ``mergebench
+prepare`` and every run call) writes the manifest once it has read every tensor of each
+file and found them finite; the ModelPool verifies each file it opens against it. Hashes
+are cached by (path, size, mtime) in :mod:`mergebench.filehash`, so a warm check costs
+one ``stat`` per file.
+
+Where it lives: ``<root>/checkpoint-manifest.json`` for a backbone that prepares its
+checkpoints into one folder ``root`` (``PreparedBackbone``: every built-in suite), so it
+is copied and deleted with them; for any other backbone, or a root this user cannot
+write, ``cache_dir()/manifests/<backbone>-<hash of the checkpoints' folder>.json``.
+Files inside the manifest's folder are named relative to it, others by absolute path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from mergebench.backbone import Backbone
+from mergebench.cache import cache_dir, write_json
+from mergebench.errors import CheckpointError
+from mergebench.filehash import file_sha256
+
+MANIFEST_NAME = "checkpoint-manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Entry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    files: dict[str, Entry]  # file name (see module docstring) -> what it was when prepared
+    sha256: str  # of the manifest file's bytes: what a result records
+
+    def entry(self, file: Path) -> Entry | None:
+        return self.files.get(_name(self.path, file))
+
+    def items(self) -> Iterator[tuple[Path, Entry]]:
+        for name, entry in self.files.items():
+            yield self.path.parent / name, entry  # an absolute name stays absolute
+
+
+# --- where ---------------------------------------------------------------------------
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` can be written, or created under its nearest existing parent."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
+def manifest_path(backbone: Backbone) -> Path:
+    root = getattr(backbone, "root", None)
+    if root is not None and ((Path(root) / MANIFEST_NAME).exists() or _writable(Path(root))):
+        return Path(root) / MANIFEST_NAME
+    folder = Path(root) if root is not None else Path(backbone.pretrained_checkpoint()).parent
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "manifests" / f"{backbone.name}-{digest}.json"
+
+
+def _name(manifest: Path, file: Path) -> str:
+    file, folder = Path(file).resolve(), manifest.parent.resolve()
+    return file.relative_to(folder).as_posix() if file.is_relative_to(folder) else str(file)
+
+
+def checkpoint_files(backbone: Backbone) -> list[Path]:
+    """The pretrained checkpoint and every task's fine-tuned one."""
+    return [backbone.pretrained_checkpoint(), *(backbone.finetuned_checkpoint(task.name) for task in backbone.tasks)]
+
+
+# --- reading and writing ---------------------------------------------------------------
+def read_manifest(backbone: Backbone) -> Manifest | None:
+    """The backbone's manifest, or None if it has none (prepared by an older version, or never)."""
+    path = manifest_path(backbone)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(raw)
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
+        files = {str(name): Entry(int(e["size"]), str(e["sha256"])) for name, e in data["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(
+            f"{path}: not a valid checkpoint manifest ({error}); run `mergebench prepare --backbone {backbone.name}`"
+        ) from None
+    return Manifest(path, files, hashlib.sha256(raw).hexdigest())
+
+
+def _write(backbone: Backbone, path: Path, entries: dict[Path, Entry]) -> Manifest:
+    files = {_name(path, file): {"size": e.size, "sha256": e.sha256} for file, e in entries.items()}
+    write_json(path, {"version": FORMAT_VERSION, "backbone": backbone.name, "files": files})
+    return read_manifest(backbone)
+
+
+# --- checks ----------------------------------------------------------------------------------
+def check_finite(handle, file: Path) -> None:
+    """CheckpointError naming the first floating tensor of an open safetensors file with NaN or inf."""
+    for key in handle.keys():
+        tensor = handle.get_tensor(key)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{file}: tensor {key!r} has NaN or infinite values")
+
+
+def inspect(file: Path) -> Entry:
+    """Size and SHA-256 of a checkpoint whose every tensor was read and found finite."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            check_finite(handle, file)
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors and the OS raise their own types
+        raise CheckpointError(f"cannot read checkpoint {file}: {error}") from error
+    return Entry(file.stat().st_size, file_sha256(file))
+
+
+def mismatch(file: Path, entry: Entry) -> str | None:
+    """How a file differs from its manifest entry (naming it), or None."""
+    size = file.stat().st_size
+    if size != entry.size:
+        return f"{file} is {size} bytes, its manifest says {entry.size}"
+    digest = file_sha256(file)
+    if digest != entry.sha256:
+        return f"{file} has SHA-256 {digest}, its manifest says {entry.sha256}"
+    return None
+
+
+def rebuilds_checkpoints(backbone: Backbone) -> bool:
+    """Whether the backbone's ``prepare`` rebuilds one deleted checkpoint by itself, locally
+    (a class attribute ``rebuilds_checkpoints``; suites that convert downloads do not)."""
+    return bool(getattr(backbone, "rebuilds_checkpoints", False))
+
+
+def integrity_error(backbone: Backbone, problems: Iterable[str]) -> CheckpointError:
+    """The error for corrupt checkpoints: each named, and how to prepare them again."""
+    command = f"mergebench prepare --backbone {backbone.name}"
+    hint = getattr(backbone, "prepare_hint", "")
+    if rebuilds_checkpoints(backbone):
+        remedy = f"run `{command}`{f' {hint}' if hint else ''}, which rebuilds it, or add --force to rebuild every file"
+    else:
+        remedy = f"run `{command} --force`{f' {hint}' if hint else ''} to prepare the backbone again"
+    return CheckpointError(f"{'; '.join(problems)}. The checkpoint is corrupt, truncated or changed since it was "
+                           f"prepared: {remedy}")
+
+
+def verify(backbone: Backbone, manifest: Manifest, file: Path) -> None:
+    """CheckpointError unless ``file`` has its manifest's size and SHA-256."""
+    entry = manifest.entry(file)
+    if entry is None:
+        raise CheckpointError(f"{file} is not in the checkpoint manifest {manifest.path}: "
+                              f"run `mergebench prepare --backbone {backbone.name}`")
+    problem = mismatch(file, entry)
+    if problem is not None:
+        raise integrity_error(backbone, [problem])
+
+
+# --- prepare ------------------------------------------------------------------------------------
+def _stamp(file: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = file.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def _repair_or_refuse(backbone: Backbone, problems: dict[Path, str], repair: bool) -> set[Path]:
+    """Delete the bad files so that ``prepare`` rebuilds them (where it can and ``repair``
+    allows), else raise naming them."""
+    if not problems:
+        return set()
+    if not (repair and rebuilds_checkpoints(backbone)):
+        raise integrity_error(backbone, problems.values())
+    for file, problem in problems.items():
+        print(f"mergebench: {problem}; rebuilding it", file=sys.stderr)
+        file.unlink(missing_ok=True)
+    return set(problems)
+
+
+def _recorded(backbone: Backbone) -> Manifest | None:
+    try:
+        return read_manifest(backbone)
+    except CheckpointError as error:  # every file is inspected again instead
+        print(f"mergebench: {error}; checking every checkpoint again", file=sys.stderr)
+        return None
+
+
+def prepare_checkpoints(backbone: Backbone, force: bool = False, repair: bool = True) -> Manifest:
+    """``backbone.prepare(force)`` with checkpoints that are what the manifest says.
+
+    Before: recorded files that exist must match the manifest (a prepare that reads them,
+    e.g. to fine-tune from the pretrained one, must not start from a corrupt file). After:
+    every file new, rewritten, or without a manifest yet is read in full (readable,
+    finite) and recorded. A bad file is deleted and rebuilt where ``repair`` is set and the
+    backbone rebuilds single files (the locally fine-tuned suites); otherwise it is a
+    CheckpointError naming the file and ``--force``. Runs pass ``repair=False``: a corrupt
+    checkpoint stops the run rather than being rebuilt under it.
+    """
+    recorded = None if force else _recorded(backbone)
+    stamps: dict[str, tuple | None] = {}  # by manifest name: the files as verified before prepare
+    if recorded is not None:
+        bad = {file: problem for file, entry in recorded.items()
+               if file.exists() and (problem := mismatch(file, entry)) is not None}
+        _repair_or_refuse(backbone, bad, repair)  # deleted: not stamped below, so inspected after prepare
+        stamps = {name: _stamp(recorded.path.parent / name) for name in recorded.files}
+    backbone.prepare(force=force)
+
+    entries: dict[Path, Entry] = {}
+    bad = {}
+    for file in checkpoint_files(backbone):
+        entry, before = (recorded.entry(file), stamps.get(_name(recorded.path, file))) if recorded else (None, None)
+        if entry is not None and before is not None and _stamp(file) == before:
+            entries[file] = entry  # verified above and untouched by prepare since
+            continue
+        try:
+            entries[file] = inspect(file)
+        except CheckpointError as error:
+            bad[file] = str(error)
+    if bad:
+        again = _repair_or_refuse(backbone, bad, repair and not force)
+        backbone.prepare()
+        entries.update({file: inspect(file) for file in again})  # rebuilding did not help: the error as it is
+
+    path = manifest_path(backbone)
+    if recorded is not None and recorded.path == path and {_name(path, f): e for f, e in entries.items()} == recorded.files:
+        return recorded
+    return _write(backbone, path, entries)
