@@ -1,16 +1,29 @@
-"""Result records: one JSON line per run in ``results/<backbone>.jsonl``.
+"""Result records: one strict JSON line per run in ``results/<backbone>.jsonl``.
 
-Appending rewrites the file through a temporary file and an atomic rename, so a
-crash at any moment leaves either the old file or the new one, never half a record.
+A record is checked when it is written and when it is read (types, finite numbers,
+metrics in range, an average that is the mean of the metrics, the backbone of its file),
+so a table never shows a number nothing vouches for. Appending is one ``O_APPEND`` write
+of the whole line under an exclusive lock: concurrent runs never lose or interleave
+records, and a crash leaves at worst one partial last line, which the next writer
+steps over and the reader names by file and line.
 """
 from __future__ import annotations
 
+import fcntl
 import json
-from dataclasses import asdict, dataclass, field
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
-from mergebench.cache import write_bytes
+from mergebench.cache import cache_dir
+from mergebench.errors import RecordError, ResultsWriteError
+
+SCHEMA_VERSION = 2  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
 
 
 @dataclass
@@ -36,41 +49,298 @@ class Result:
     versions: dict[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     created: str = ""
+    schema_version: int = SCHEMA_VERSION
+    # the full cost of learning the merge: merge_seconds, plus the original training time
+    # when the method reused a cached training (None here means merge_seconds)
+    training_seconds: float | None = None
+    reused: bool = False
+    checkpoint_manifest: str | None = None  # SHA-256 of the checkpoint manifest the run verified
+
+    def __post_init__(self) -> None:
+        if self.training_seconds is None:
+            self.training_seconds = self.merge_seconds
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))  # insertion order keeps the suite's task order
+        """The strict JSON line (no NaN or Infinity); a bad record raises RecordError."""
+        data = asdict(self)  # insertion order keeps the suite's task order
+        try:
+            check_record(data)
+        except RecordError as error:
+            raise RecordError(f"result of {self.method!r} on {self.backbone!r}: {error}") from None
+        return json.dumps(data, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Result":
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Mapping[str, Any]) -> "Result":
+        """A record as stored; one from before schema version 2 gets its reuse and full
+        training cost from its diagnostics, where a reused training kept its seconds."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if "schema_version" not in data:
+            values["schema_version"] = 1
+            reused_seconds = _reused_training_seconds(values.get("diagnostics") or {})
+            values.setdefault("reused", reused_seconds is not None)
+            values.setdefault("training_seconds", values["merge_seconds"] + (reused_seconds or 0.0))
+        return cls(**values)
+
+
+def _reused_training_seconds(diagnostics: Any) -> float | None:
+    """The summed ``seconds`` of every diagnostics entry marked ``reused: true`` (None: none)."""
+    found = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, dict):
+            if value.get("reused") is True and _is_number(value.get("seconds")):
+                found.append(float(value["seconds"]))
+            for item in value.values():
+                walk(item)
+
+    walk(diagnostics)
+    return math.fsum(found) if found else None
+
+
+# --- validation ---------------------------------------------------------------------------
+
+_REQUIRED = ("method", "backbone", "suite", "seed", "hyperparameters", "metrics", "average",
+             "extra_storage_bytes", "merge_seconds", "eval_seconds", "peak_rss_bytes")
+_NON_NEGATIVE_INTS = ("extra_storage_bytes", "peak_rss_bytes", "exemplars_per_task")
+_NON_NEGATIVE_FLOATS = ("merge_seconds", "eval_seconds", "training_seconds")
+_BOOLS = ("automatic", "dynamic", "uses_test_inputs", "reference", "reused")
+_OPTIONAL_STRINGS = ("checkpoint_family", "git_commit")
+_RELATIVE_TOLERANCE = 1e-9
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _fail(name: str, reason: str) -> None:
+    raise RecordError(f"{name}: {reason}")
+
+
+def _check_json_value(value: Any, name: str) -> None:
+    """Only what strict JSON holds: every float finite, every key a string."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            spelled = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            _fail(name, f"{spelled} is not a finite number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                _fail(name, f"key {key!r} is not a string")
+            _check_json_value(item, f"{name}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_json_value(item, f"{name}[{index}]")
+    elif not (value is None or isinstance(value, (str, int))):
+        _fail(name, f"a {type(value).__name__} is not a JSON value")
+
+
+def check_record(data: Mapping[str, Any]) -> None:
+    """Raise RecordError('field: reason') for the first thing wrong with a record."""
+    version = data.get("schema_version", 1)
+    if not _is_int(version) or not 1 <= version <= SCHEMA_VERSION:
+        _fail("schema_version", f"{version!r} is not a schema version this mergebench reads (1 to {SCHEMA_VERSION}); "
+                                "a newer one needs a newer mergebench")
+    required = [f.name for f in fields(Result)] if version >= 2 else _REQUIRED
+    for name in required:
+        if name not in data:
+            _fail(name, "missing")
+    for name, value in data.items():
+        _check_json_value(value, name)
+
+    for name in ("method", "backbone", "suite"):
+        if not isinstance(data[name], str) or not data[name]:
+            _fail(name, f"{data[name]!r} is not a non-empty string")
+    if not _is_int(data["seed"]):
+        _fail("seed", f"{data['seed']!r} is not an integer")
+    for name in ("hyperparameters", "diagnostics", "versions"):
+        if name in data and not isinstance(data[name], dict):
+            _fail(name, f"a JSON {type(data[name]).__name__}, not an object")
+    for key, value in data.get("versions", {}).items():
+        if not isinstance(value, str):
+            _fail(f"versions.{key}", f"{value!r} is not a string")
+    for name in _BOOLS:
+        if name in data and not isinstance(data[name], bool):
+            _fail(name, f"{data[name]!r} is not true or false")
+    for name in _OPTIONAL_STRINGS:
+        if data.get(name) is not None and not isinstance(data[name], str):
+            _fail(name, f"{data[name]!r} is not a string or null")
+    for name in _NON_NEGATIVE_INTS:
+        if name in data and (not _is_int(data[name]) or data[name] < 0):
+            _fail(name, f"{data[name]!r} is not a non-negative integer")
+    for name in _NON_NEGATIVE_FLOATS:
+        if name in data and (not _is_number(data[name]) or data[name] < 0):
+            _fail(name, f"{data[name]!r} is not a non-negative number")
+
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict) or not metrics:
+        _fail("metrics", "not a non-empty object of task: value")
+    for task, value in metrics.items():
+        if not _is_number(value):
+            _fail(f"metrics.{task}", f"{value!r} is not a number")
+        if not -1.0 <= value <= 1.0:  # accuracy and mAP in [0, 1]; Matthews, Pearson, Spearman in [-1, 1]
+            _fail(f"metrics.{task}", f"{value} is outside [-1, 1] (metrics are fractions, not percentages)")
+    average = data["average"]
+    mean = math.fsum(metrics.values()) / len(metrics)
+    if not _is_number(average) or not math.isclose(average, mean, rel_tol=_RELATIVE_TOLERANCE, abs_tol=1e-12):
+        _fail("average", f"{average!r} is not the mean of the metrics ({mean!r})")
+
+    if "training_seconds" in data:
+        training, merge = data["training_seconds"], data["merge_seconds"]
+        if data.get("reused"):
+            if training < merge * (1 - _RELATIVE_TOLERANCE):
+                _fail("training_seconds", f"{training} is less than merge_seconds ({merge}), "
+                                          "yet it includes them with the reused training")
+        elif not math.isclose(training, merge, rel_tol=_RELATIVE_TOLERANCE, abs_tol=1e-12):
+            _fail("training_seconds", f"{training} differs from merge_seconds ({merge}) though nothing was reused")
+    manifest = data.get("checkpoint_manifest")
+    if manifest is not None and not (isinstance(manifest, str) and re.fullmatch(r"[0-9a-f]{64}", manifest)):
+        _fail("checkpoint_manifest", f"{manifest!r} is not a SHA-256 hex digest")
+    created = data.get("created", "")
+    if not isinstance(created, str):
+        _fail("created", f"{created!r} is not a string")
+    if created:
+        try:
+            datetime.fromisoformat(created)
+        except ValueError:
+            _fail("created", f"{created!r} is not an ISO 8601 time")
+
+
+# --- writing --------------------------------------------------------------------------------
 
 
 def results_file(results_dir: Path, backbone: str) -> Path:
     return Path(results_dir) / f"{backbone}.jsonl"
 
 
+def _remove_leftover_temporaries(results_dir: Path, pattern: str = ".*.jsonl.*.tmp") -> None:
+    """Temporary files the former rename-based writer left when it was killed."""
+    for leftover in Path(results_dir).glob(pattern):
+        leftover.unlink(missing_ok=True)
+
+
+def check_writable(results_dir: Path) -> Path:
+    """Write a probe file in ``results_dir`` before any work starts, so a read-only or full
+    location fails now rather than after an evaluation; raise ResultsWriteError naming the
+    path. Folders it had to create are removed again: a run that fails later leaves nothing."""
+    results_dir = Path(results_dir)
+    created = [folder for folder in (results_dir, *results_dir.parents) if not folder.exists()]
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=results_dir, prefix=".write-test.")
+        try:
+            os.write(fd, b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        for existing in results_dir.glob("*.jsonl"):
+            os.close(os.open(existing, os.O_RDWR | os.O_APPEND))  # as append_result opens it
+        _remove_leftover_temporaries(results_dir)
+    except OSError as error:
+        where = error.filename if str(error.filename).endswith(".jsonl") else results_dir  # not the probe's name
+        raise ResultsWriteError(f"cannot write results to {where}: {error.strerror or error}") from error
+    for folder in created:  # innermost first; one a concurrent run has written to stays
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+    return results_dir
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    """One ``O_APPEND`` write of ``line`` under an exclusive lock, then fsync. A file whose
+    last line a crashed writer left unfinished gets a newline first; a failed write is
+    cut back off, so the file never keeps half a record of ours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)  # read: the last byte
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        try:
+            written = 0
+            while written < len(line):
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _save_for_recovery(backbone: str, line: bytes) -> Path | None:
+    """Where a record that could not be appended is kept, so no evaluation is lost."""
+    for folder in (cache_dir() / "unsaved-results", Path(tempfile.gettempdir()) / "mergebench-unsaved-results"):
+        try:
+            _append_line(folder / f"{backbone}.jsonl", line)
+            return folder / f"{backbone}.jsonl"
+        except OSError:
+            continue
+    return None
+
+
 def append_result(results_dir: Path, result: Result) -> Path:
-    """Append one record atomically (the file is rewritten through a temp file and a rename)."""
+    """Append one checked record to ``results/<backbone>.jsonl``, safe against concurrent
+    writers. If the file cannot be written the record goes to a recovery file and
+    ResultsWriteError names both."""
+    line = result.to_json().encode() + b"\n"  # a bad record raises here, before anything is written
     path = results_file(results_dir, result.backbone)
-    existing = path.read_bytes() if path.exists() else b""
-    if existing and not existing.endswith(b"\n"):
-        existing += b"\n"
-    return write_bytes(path, existing + result.to_json().encode() + b"\n")
+    try:
+        _append_line(path, line)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        recovery = _save_for_recovery(result.backbone, line)
+        if recovery is None:
+            raise ResultsWriteError(f"cannot append the result to {path} ({reason}) and no recovery file could be "
+                                    f"written either; the record is: {line.decode().strip()}") from error
+        raise ResultsWriteError(f"cannot append the result to {path} ({reason}); the record was saved to "
+                                f"{recovery}: append its lines to {path} once that can be written") from error
+    _remove_leftover_temporaries(path.parent, f".{path.name}.*.tmp")
+    return path
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def iter_records(results_dir: Path) -> Iterator[tuple[str, Result]]:
+    """``("file:line", record)`` for every record under ``results_dir``, in file and append
+    order; anything malformed raises RecordError naming file, line and field."""
+    for path in sorted(Path(results_dir).glob("*.jsonl")):
+        for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+            where = f"{path}:{number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                                  f"{error.start + 1})") from None
+            if not text.strip():
+                continue
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"{where}: not a valid result record ({error})") from None
+            if not isinstance(data, dict):
+                raise RecordError(f"{where}: not a valid result record (a JSON {type(data).__name__}, not an object)")
+            try:
+                check_record(data)
+                if data["backbone"] != path.stem:
+                    _fail("backbone", f"{data['backbone']!r} does not belong in {path.name} "
+                                      f"(records of a backbone sit in {data['backbone']}.jsonl)")
+            except RecordError as error:
+                raise RecordError(f"{where}: {error}") from None
+            yield where, Result.from_dict(data)
 
 
 def load_results(results_dir: Path) -> list[Result]:
-    """Every record under ``results_dir``; a malformed line is an error naming file and line."""
-    results = []
-    for path in sorted(Path(results_dir).glob("*.jsonl")):
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise TypeError(f"a JSON {type(record).__name__}, not an object")
-                results.append(Result.from_dict(record))
-            except (json.JSONDecodeError, TypeError) as error:
-                raise ValueError(f"{path}:{number}: not a valid result record ({error})") from error
-    return results
+    """Every record under ``results_dir``; a malformed one is an error naming file, line and field."""
+    return [result for _, result in iter_records(results_dir)]

@@ -1,13 +1,17 @@
 """Tables of results, printed after a run and written to leaderboard.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Collection
 
 from tabulate import tabulate
 
-from mergebench.results import Result, load_results
+from mergebench.errors import RecordError
+from mergebench.registry import BACKBONES, METHODS
+from mergebench.results import Result, iter_records
 
 MB = 1_000_000
 
@@ -34,40 +38,93 @@ def _hyperparameters(result: Result) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(result.hyperparameters.items())) or "-"
 
 
-def _order(result: Result) -> tuple:
-    return (not result.reference, result.method != "pretrained", result.dynamic, result.method)
+def _merge_time(result: Result) -> str:
+    """A merge that reused a cached training costs that training too: its full cost, marked."""
+    if result.reused:
+        return f"{result.training_seconds:.1f} (reused)"
+    return f"{result.merge_seconds:.1f}"
 
 
-def results_table(results: list[Result], tablefmt: str = "github") -> str:
-    """One row per result, columns = tasks + average + storage + merge seconds."""
+def _peak_memory(result: Result) -> str:
+    return f"{result.peak_rss_bytes / MB:.0f}" if result.peak_rss_bytes else "-"
+
+
+def results_table(results: list[Result], tablefmt: str = "github", known_methods: Collection[str] | None = None) -> str:
+    """One row per result: tasks, average, storage, merge and evaluation time, peak memory.
+    With ``known_methods``, a record of any other method is marked and listed last, so it
+    is never read as one of the registered methods."""
+    unknown = (lambda r: r.method not in known_methods) if known_methods is not None else (lambda r: False)
+
+    def order(r: Result) -> tuple:
+        return (unknown(r), not r.reference, r.method != "pretrained", r.dynamic, r.method)
+
     tasks = list(OrderedDict.fromkeys(task for r in results for task in r.metrics))
-    headers = ["Method", "Automatic", "Exemplars", "Extra storage (MB)", *tasks, "Avg", "Merge (s)", "Hyperparameters"]
+    headers = ["Method", "Automatic", "Exemplars", "Extra storage (MB)", *tasks, "Avg", "Merge (s)", "Eval (s)",
+               "Peak memory (MB)", "Hyperparameters"]
     rows = [
         [
-            r.method,
+            f"{r.method} (unknown method)" if unknown(r) else r.method,
             _automatic(r),
             _exemplars(r),
             _storage(r),
             *(_percent(r.metrics[t]) if t in r.metrics else "" for t in tasks),
             _percent(r.average),
-            f"{r.merge_seconds:.1f}",
+            _merge_time(r),
+            f"{r.eval_seconds:.1f}",
+            _peak_memory(r),
             _hyperparameters(r),
         ]
-        for r in sorted(results, key=_order)
+        for r in sorted(results, key=order)
     ]
     return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
+def _current_defaults(method: str) -> dict[str, Any]:
+    if method not in METHODS.names():
+        return {}
+    return {k: getattr(v, "default", v) for k, v in METHODS.get(method).hyperparameters.items()}
+
+
 def latest_per_configuration(results: list[Result]) -> list[Result]:
-    """The newest record for each (method, hyperparameters, seed) of a backbone."""
+    """The newest record for each (method, hyperparameters, seed) of a backbone.
+
+    A record older than one of its method's hyperparameters ran with what is now that
+    hyperparameter's default, so it counts (and is shown) with the default filled in;
+    that inference is only trusted when the storage bytes agree with the record it
+    would merge with, otherwise both are kept, each as recorded."""
+    defaults: dict[str, dict[str, Any]] = {}
+
+    def completed(result: Result) -> dict[str, Any]:
+        if result.method not in defaults:
+            defaults[result.method] = _current_defaults(result.method)
+        return {**defaults[result.method], **result.hyperparameters}
+
+    def key(result: Result, hyperparameters: dict[str, Any], with_defaults: bool) -> tuple:
+        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults)
+
     latest: dict[tuple, Result] = {}
     for result in results:  # records are in append order, so later ones win
-        latest[(result.method, json.dumps(result.hyperparameters, sort_keys=True), result.seed)] = result
-    return list(latest.values())
+        full = completed(result)
+        slot = key(result, full, True)
+        earlier = latest.get(slot)
+        if (earlier is not None and earlier.hyperparameters != result.hyperparameters
+                and earlier.extra_storage_bytes != result.extra_storage_bytes):
+            # matched only through defaults, and the storage says otherwise: what lacks a
+            # hyperparameter stands as recorded
+            if full != result.hyperparameters:
+                slot = key(result, result.hyperparameters, False)
+            else:
+                del latest[slot]
+                latest[key(earlier, earlier.hyperparameters, False)] = earlier
+        latest[slot] = result
+    return [dataclasses.replace(r, hyperparameters=completed(r)) if slot[3] else r for slot, r in latest.items()]
 
 
 def leaderboard_markdown(results_dir: Path) -> str:
-    results = load_results(results_dir)
+    """The leaderboard of every record under ``results_dir``. A malformed or contradictory
+    record is refused (RecordError naming file:line, field and reason); records of a method
+    or backbone that is not registered are shown, marked, after the registered ones."""
+    located = list(iter_records(Path(results_dir)))
     lines = [
         "# mergebench leaderboard",
         "",
@@ -75,15 +132,28 @@ def leaderboard_markdown(results_dir: Path) -> str:
         "do not edit by hand. Metrics in %; extra storage is the size on disk of what a "
         "method keeps beyond the pretrained weights ('-': nothing). Automatic: a dynamic "
         "method that needs no task identity at inference. Exemplars: unlabelled examples "
-        "per task the method used.",
+        "per task the method used. Merge (s): the time to build the merge, training included; "
+        "'(reused)': the method reused a cached training, and the time is that training's "
+        "original cost plus merging. Eval (s): evaluating every task. Peak memory: peak "
+        "resident memory of the run. '(unknown method)', '(unknown backbone)': records of a "
+        "method or backbone this mergebench does not register, listed after the registered ones.",
     ]
     by_backbone: dict[tuple[str, str], list[Result]] = {}
-    for result in results:  # results of different checkpoint families are never mixed
+    first_of_backbone: dict[str, tuple[str, Result]] = {}
+    for where, result in located:  # results of different checkpoint families are never mixed
+        first_where, first = first_of_backbone.setdefault(result.backbone, (where, result))
+        if result.suite != first.suite:
+            raise RecordError(f"{where}: suite: {result.suite!r} contradicts {first_where}, which records suite "
+                              f"{first.suite!r} for backbone {result.backbone!r}")
         by_backbone.setdefault((result.backbone, result.checkpoint_family or ""), []).append(result)
-    for (backbone, family), records in sorted(by_backbone.items()):
+    known_backbones, known_methods = set(BACKBONES.names()), set(METHODS.names())
+    registered_first = sorted(by_backbone.items(), key=lambda item: (item[0][0] not in known_backbones, item[0]))
+    for (backbone, family), records in registered_first:
         latest = latest_per_configuration(records)
         checkpoints = f", checkpoints: {family}" if family else ""
-        lines += ["", f"## {backbone} (suite: {latest[0].suite}{checkpoints})", "", results_table(latest)]
+        unknown = " (unknown backbone)" if backbone not in known_backbones else ""
+        lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})", "",
+                  results_table(latest, known_methods=known_methods)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mergebench.errors import RecordError, ResultsWriteError
 from mergebench.results import Result, append_result, load_results, results_file
 from mergebench.table import latest_per_configuration, leaderboard_markdown, results_table
 
@@ -75,18 +77,27 @@ def test_append_after_a_file_without_final_newline(tmp_path):
     assert load_results(tmp_path) == [first, second]
 
 
-def test_failed_rename_keeps_previous_content(tmp_path, monkeypatch):
+def test_failed_write_keeps_previous_content_and_saves_the_record(tmp_path, monkeypatch, mergebench_cache):
     path = append_result(tmp_path, make_result(average=0.25))
     before = path.read_bytes()
+    real_write = os.write
 
-    def failing_replace(src, dst):
-        raise OSError("disk full (simulated)")
+    def write_half_then_fail(fd, data):  # the disk fills up halfway through the line
+        if os.fstat(fd).st_ino == path.stat().st_ino:
+            real_write(fd, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
 
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="simulated"):
-        append_result(tmp_path, make_result(method="ties"))
-    assert path.read_bytes() == before
-    assert files_in(tmp_path) == ["tiny-bert.jsonl"]  # the temp file was removed
+    monkeypatch.setattr(os, "write", write_half_then_fail)
+    lost = make_result(method="ties")
+    with pytest.raises(ResultsWriteError) as caught:
+        append_result(tmp_path, lost)
+    recovery = mergebench_cache / "unsaved-results" / "tiny-bert.jsonl"
+    assert str(path) in str(caught.value) and str(recovery) in str(caught.value)
+    assert "No space left on device" in str(caught.value)
+    assert path.read_bytes() == before  # the half line was cut off again
+    assert [json.loads(line) for line in recovery.read_text().splitlines()][-1] == dataclasses.asdict(lost)
+    assert files_in(tmp_path) == ["tiny-bert.jsonl"]
 
 
 def test_failure_while_writing_keeps_previous_content(tmp_path, monkeypatch):
@@ -104,11 +115,15 @@ def test_failure_while_writing_keeps_previous_content(tmp_path, monkeypatch):
 
 
 def test_failure_on_first_write_leaves_nothing(tmp_path, monkeypatch):
-    def failing_replace(src, dst):
-        raise OSError("simulated")
+    real_open = os.open
 
-    monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    def read_only_results(path, *args, **kwargs):
+        if Path(path).parent == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_results)
+    with pytest.raises(ResultsWriteError, match="Read-only file system"):
         append_result(tmp_path, make_result())
     assert files_in(tmp_path) == []
 
@@ -139,7 +154,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
 def test_record_missing_fields_names_file_and_line(tmp_path):
     path = tmp_path / "tiny-bert.jsonl"
     path.write_text("\n".join([make_result().to_json(), make_result().to_json(), '{"method": "ties"}']) + "\n")
-    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: not a valid result record"):
+    with pytest.raises(RecordError, match=rf"^{re.escape(str(path))}:3: backbone: missing$"):
         load_results(tmp_path)
 
 
@@ -192,7 +207,8 @@ def test_leaderboard_groups_by_backbone_and_keeps_latest(tmp_path):
 
     text = leaderboard_markdown(tmp_path)
     assert text.startswith("# mergebench leaderboard\n")
-    assert text.index("## other-bert (suite: other)") < text.index("## tiny-bert (suite: tiny)")  # sorted
+    # sorted by name, a backbone that is not registered after the registered ones
+    assert text.index("## tiny-bert (suite: tiny)") < text.index("## other-bert (unknown backbone) (suite: other)")
 
     tiny = section(text, "## tiny-bert")
     other = section(text, "## other-bert")
