@@ -1,7 +1,8 @@
 """Storage codecs for compressed task vectors (T-Switch, Indep, SASS).
 
 This module turns one tensor's compressed task vector into a real bitstream and
-a set of named tensors into one artifact (bytes or a file), and back, exactly.
+back, exactly; :mod:`mergebench.container` puts these payloads, with any dense
+tensors and metadata, into one checksummed file.
 Everything is vectorised with numpy: there is no Python loop per element or per
 group, only over a fixed handful of bit fields.
 
@@ -48,41 +49,23 @@ usable inside ``indep``/``sass``), or ``quant="bas"`` (b-bit BAS codes, value =
 ``scale * Q``; ``scale`` is the optional calibration factor sigma(kappa) of
 FlexSwitch, 1.0 by default).
 
-Container (one artifact = one file)
------------------------------------
-::
-
-    offset 0   8 bytes   magic b"MBCODEC\\0"
-    offset 8   u32 LE    container version (1)
-    offset 12  u32 LE    header length H in bytes
-    offset 16  u32 LE    crc32 of the header bytes
-    offset 20  H bytes   header: UTF-8 JSON
-    offset 20+H          payloads, concatenated (offsets relative to here)
-
-The JSON header holds ``{"version", "payload_bytes", "tensors": [...]}`` and for
-each tensor its name, shape, dtype, format, bits, quant, params (fp32 values),
-sparsity, n_kept, group_size (sass), payload offset, byte length, bit length and
-crc32. Nothing is pickled. Any corrupt, truncated or inconsistent input raises
-:class:`CorruptArtifactError` naming the file (or ``<bytes>``) and the tensor.
+Container
+---------
+A named set of compressed tensors is stored in the one container of
+:mod:`mergebench.container` (header with shape, dtype, parameters and a crc32 per
+payload; never pickle); ``encode_tensors``, ``decode_tensors``, ``write_artifact``
+and ``read_artifact`` are importable from here too.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import struct
-import tempfile
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
-    "MAGIC",
-    "CONTAINER_VERSION",
     "FORMATS",
     "MAX_GROUP_SIZE",
     "CorruptArtifactError",
@@ -107,21 +90,14 @@ __all__ = [
     "decode_payload",
     "sass_encode",
     "sass_decode",
-    "encode_tensors",
-    "decode_tensors",
-    "write_artifact",
-    "read_artifact",
 ]
 
-MAGIC = b"MBCODEC\x00"
-CONTAINER_VERSION = 1
 FORMATS = ("tswitch", "indep", "sass")
 QUANTS = ("sign", "bas")
 MAX_GROUP_SIZE = 256          # SASS: "a maximum group size of 256, for which 8 bits are allocated"
 SASS_COUNT_BITS = 27          # SASS: "27 bits are reserved to store the group count"
 SASS_SIZE_BITS = 8
 SASS_CONST_BITS = SASS_COUNT_BITS + SASS_SIZE_BITS  # = 35, the constant of Eq. 16
-_PREAMBLE = struct.Struct("<8sIII")  # magic, version, header length, header crc32
 
 
 from mergebench.errors import CorruptArtifactError  # noqa: E402  (re-exported)
@@ -712,120 +688,16 @@ def _padding_is_zero(data: bytes, nbits: int) -> bool:
     return r == 0 or (data[-1] >> r) == 0
 
 
-# --------------------------------------------------------------------------- container
+# --------------------------------------------------------------------------- the container
+
+_CONTAINER_NAMES = ("MAGIC", "CONTAINER_VERSION", "encode_tensors", "decode_tensors", "write_artifact", "read_artifact")
 
 
-def encode_tensors(tensors: Mapping[str, CompressedTensor]) -> bytes:
-    """Serialise named compressed tensors into one artifact (see the module docstring)."""
-    entries: list[dict[str, Any]] = []
-    payloads: list[bytes] = []
-    offset = 0
-    for name, ct in tensors.items():
-        if not isinstance(name, str):
-            raise TypeError(f"tensor names must be strings, got {name!r}")
-        if not isinstance(ct, CompressedTensor):
-            raise TypeError(f"tensor {name!r}: expected a CompressedTensor, got {type(ct).__name__}")
-        data, nbits = encode_payload(ct)
-        entries.append({
-            "name": name, "shape": list(ct.shape), "dtype": ct.dtype, "format": ct.fmt,
-            "bits": ct.bits, "quant": ct.quant, "params": ct.params,
-            "sparsity": ct.sparsity, "n_kept": ct.n_kept, "group_size": ct.group_size,
-            "offset": offset, "length": len(data), "nbits": nbits, "crc32": zlib.crc32(data),
-        })
-        payloads.append(data)
-        offset += len(data)
-    header = json.dumps({"version": CONTAINER_VERSION, "payload_bytes": offset, "tensors": entries},
-                        separators=(",", ":"), allow_nan=False).encode("utf-8")
-    return b"".join([_PREAMBLE.pack(MAGIC, CONTAINER_VERSION, len(header), zlib.crc32(header)), header, *payloads])
+def __getattr__(name: str) -> Any:
+    """The container that stores these payloads is :mod:`mergebench.container`; its names stay
+    importable from here, looked up on first use because that module imports this one."""
+    if name in _CONTAINER_NAMES:
+        from mergebench import container
 
-
-def decode_tensors(data: bytes | bytearray | memoryview, source: str = "<bytes>") -> dict[str, CompressedTensor]:
-    """Inverse of :func:`encode_tensors`. ``source`` names the file in error messages."""
-    data = bytes(data)
-    where = str(source)
-    if len(data) < _PREAMBLE.size:
-        if not MAGIC.startswith(data[: len(MAGIC)]):
-            raise CorruptArtifactError(f"{where}: not a mergebench codec artifact (bad magic)")
-        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, shorter than the {_PREAMBLE.size}-byte preamble")
-    magic, version, hlen, hcrc = _PREAMBLE.unpack_from(data)
-    if magic != MAGIC:
-        raise CorruptArtifactError(f"{where}: not a mergebench codec artifact (bad magic {magic!r})")
-    if version != CONTAINER_VERSION:
-        raise CorruptArtifactError(f"{where}: unsupported container version {version} (this reader: {CONTAINER_VERSION})")
-    hend = _PREAMBLE.size + hlen
-    if len(data) < hend:
-        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, the header alone needs {hend}")
-    header_bytes = data[_PREAMBLE.size:hend]
-    if zlib.crc32(header_bytes) != hcrc:
-        raise CorruptArtifactError(f"{where}: header checksum mismatch (corrupt header)")
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-        entries = header["tensors"]
-        total = int(header["payload_bytes"])
-        if header.get("version") != CONTAINER_VERSION or not isinstance(entries, list):
-            raise ValueError("bad header fields")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise CorruptArtifactError(f"{where}: malformed header: {exc}") from None
-    body = data[hend:]
-    if len(body) < total:
-        cut = next((e.get("name", "?") for e in entries if isinstance(e, dict)
-                    and int(e.get("offset", 0)) + int(e.get("length", 0)) > len(body)), "?")
-        raise CorruptArtifactError(f"{where}: truncated: {len(data)} bytes, header declares "
-                                   f"{hend + total}; payload of tensor {cut!r} is cut off")
-    if len(body) > total:
-        raise CorruptArtifactError(f"{where}: {len(body) - total} unexpected trailing bytes after the payloads")
-    out: dict[str, CompressedTensor] = {}
-    for i, e in enumerate(entries):
-        name = e.get("name") if isinstance(e, dict) else None
-        label = f"tensor {name!r}" if isinstance(name, str) else f"tensor #{i}"
-        try:
-            if not isinstance(name, str):
-                raise ValueError("missing name")
-            if name in out:
-                raise ValueError("duplicate tensor name")
-            off, length, nbits = int(e["offset"]), int(e["length"]), int(e["nbits"])
-            if off < 0 or length < 0 or off + length > total:
-                raise ValueError(f"payload range [{off}, {off + length}) outside the {total} payload bytes")
-            payload = body[off:off + length]
-            if zlib.crc32(payload) != int(e["crc32"]):
-                raise ValueError("payload checksum mismatch (corrupt payload)")
-            ct = decode_payload(payload, nbits, shape=tuple(int(s) for s in e["shape"]), fmt=e["format"],
-                                bits=int(e["bits"]), quant=e["quant"],
-                                params={k: float(v) for k, v in e["params"].items()}, dtype=str(e["dtype"]))
-            if ct.n_kept != int(e["n_kept"]):
-                raise ValueError(f"{ct.n_kept} kept entries, header says {e['n_kept']}")
-            if ct.group_size != e.get("group_size"):
-                raise ValueError(f"group size {ct.group_size}, header says {e.get('group_size')}")
-        except CorruptArtifactError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
-            raise CorruptArtifactError(f"{where}: {label}: {exc}") from None
-        out[name] = ct
-    return out
-
-
-def write_artifact(path: str | os.PathLike, tensors: Mapping[str, CompressedTensor]) -> int:
-    """Write the artifact atomically (temporary file, then rename); returns its size in bytes."""
-    path = Path(path)
-    data = encode_tensors(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return len(data)
-
-
-def read_artifact(path: str | os.PathLike) -> dict[str, CompressedTensor]:
-    """Read an artifact written by :func:`write_artifact`; errors name the file."""
-    path = Path(path)
-    return decode_tensors(path.read_bytes(), source=str(path))
+        return getattr(container, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

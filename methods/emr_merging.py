@@ -19,16 +19,17 @@ tau_uni and the masks and accumulates both sums of lambda_k; lambda is applied a
 inference, never baked into the stored vectors, so no second read of the pool is
 needed.
 
-Storage (what ``artifacts()`` returns, all of it decoded again for inference):
-* ``unified.safetensors``: tau_uni in fp32, one safetensors tensor per stored key;
-* ``<task>.masks.safetensors`` per task: that task's mask bit-packed, 1 bit per
-  entry (``mask/<key>``: uint8, ``np.packbits`` little bit order, the layout of
-  ``mergebench.codecs.pack_bits``), and lambda_k (``lambda``: one fp32 scalar).
-Both are plain safetensors files (no pickle) whose metadata holds a format tag,
-the task name(s) and a crc32 of every tensor's bytes; anything corrupt,
-truncated or inconsistent raises :class:`~mergebench.codecs.CorruptArtifactError`
-naming the artifact (and the tensor). Tensors whose tau_uni is all zero (every
-task vector zero there, or every entry cancelling) store nothing.
+Storage (what ``artifacts()`` returns, all of it decoded again for inference), in the
+checksummed container of ``mergebench.container``:
+* ``unified.mbc``: tau_uni in fp32, one dense entry per stored key; its metadata
+  names the tasks;
+* ``<task>.masks.mbc`` per task: that task's mask per key as a bool entry, which
+  the container bit-packs (1 bit per entry), and lambda_k (fp32 value) and the
+  task name in its metadata.
+Anything corrupt, truncated or inconsistent raises
+:class:`~mergebench.errors.CorruptArtifactError` naming the artifact (and the
+tensor). Tensors whose tau_uni is all zero (every task vector zero there, or every
+entry cancelling) store nothing.
 
 Deviations from the authors' code (the paper's equations are followed):
 * lambda_k: the authors' code accumulates per-tensor *means*,
@@ -46,33 +47,27 @@ Deviations from the authors' code (the paper's equations are followed):
 """
 from __future__ import annotations
 
-import json
 import math
-import struct
-import zlib
 from typing import Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
-from mergebench.codecs import CorruptArtifactError
+from mergebench.container import decode_tensors, encode_tensors
 from mergebench.dynamic import DynamicMerged, TaskVectorStore
 from mergebench.method import Method
 from mergebench.pool import ModelPool
+from mergebench.errors import CorruptArtifactError
 from mergebench.registry import register_method
 
-UNIFIED = "unified.safetensors"
-UNIFIED_FORMAT = "emr-merging/unified/1"
-MASKS_FORMAT = "emr-merging/masks/1"
-MASK_PREFIX = "mask/"
-LAMBDA = "lambda"
+UNIFIED = "unified.mbc"
+UNIFIED_CONTENT = "emr-merging/unified"
+MASKS_CONTENT = "emr-merging/masks"
 
 
 def masks_artifact(task: str) -> str:
-    return f"{task}.masks.safetensors"
+    return f"{task}.masks.mbc"
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -121,93 +116,53 @@ def emr_merge(pool: ModelPool) -> dict[str, bytes]:
 # --------------------------------------------------------------------------- storage
 
 
-def _crc(tensor: torch.Tensor) -> int:
-    return zlib.crc32(tensor.contiguous().numpy().tobytes())
-
-
-def _save_checked(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    crcs = {name: _crc(t) for name, t in tensors.items()}
-    return save_safetensors(tensors, metadata={**metadata, "crc32": json.dumps(crcs, sort_keys=True, separators=(",", ":"))})
-
-
-def _load_checked(data: bytes, name: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a checked safetensors artifact; every tensor's crc32 verified."""
-    try:
-        tensors = load_safetensors(bytes(data))
-        (length,) = struct.unpack_from("<Q", data)
-        metadata = json.loads(bytes(data[8 : 8 + length]).decode("utf-8")).get("__metadata__") or {}
-        crcs = json.loads(metadata["crc32"])
-        if not isinstance(crcs, dict):
-            raise ValueError("crc32 table is not a mapping")
-    except Exception as error:  # safetensors raises its own error type
-        raise CorruptArtifactError(f"{name}: not a readable EMR-Merging artifact: {error}") from None
-    if metadata.get("format") != fmt:
-        raise CorruptArtifactError(f"{name}: format {metadata.get('format')!r}, expected {fmt!r}")
-    if set(crcs) != set(tensors):
-        raise CorruptArtifactError(f"{name}: the checksum table does not list the stored tensors")
-    for tensor_name, tensor in tensors.items():
-        if _crc(tensor) != crcs[tensor_name]:
-            raise CorruptArtifactError(f"{name}: tensor {tensor_name!r}: checksum mismatch (corrupt data)")
-    return tensors, metadata
-
-
 def encode_artifacts(tasks: list[str], unified: Mapping[str, torch.Tensor],
                      masks: list[Mapping[str, np.ndarray]], lambdas: torch.Tensor) -> dict[str, bytes]:
-    """``unified.safetensors`` (tau_uni, fp32) and one ``<task>.masks.safetensors`` per task
-    (its bit-packed mask per key and lambda_k as fp32)."""
-    artifacts = {UNIFIED: _save_checked({key: t.float().contiguous() for key, t in unified.items()},
-                                        {"format": UNIFIED_FORMAT, "tasks": json.dumps(list(tasks))})}
+    """``unified.mbc`` (tau_uni, fp32) and one ``<task>.masks.mbc`` per task (its mask per
+    key, held here bit-packed as ``np.packbits`` little bit order, and lambda_k)."""
+    artifacts = {UNIFIED: encode_tensors({key: t.float().contiguous() for key, t in unified.items()},
+                                         {"content": UNIFIED_CONTENT, "tasks": list(tasks)})}
     for k, task in enumerate(tasks):
-        tensors = {f"{MASK_PREFIX}{key}": torch.from_numpy(np.ascontiguousarray(packed, dtype=np.uint8))
-                   for key, packed in masks[k].items()}
-        tensors[LAMBDA] = lambdas[k].reshape(()).float().clone()
-        artifacts[masks_artifact(task)] = _save_checked(tensors, {"format": MASKS_FORMAT, "task": task})
+        bools = {key: torch.from_numpy(np.unpackbits(packed, count=unified[key].numel(), bitorder="little")
+                                       .view(np.bool_)).view(unified[key].shape)
+                 for key, packed in masks[k].items()}
+        metadata = {"content": MASKS_CONTENT, "task": task, "lambda": float(lambdas[k])}
+        artifacts[masks_artifact(task)] = encode_tensors(bools, metadata)
     return artifacts
 
 
 def decode_unified(data: bytes, tasks: list[str], name: str = UNIFIED) -> dict[str, torch.Tensor]:
-    tensors, metadata = _load_checked(data, name, UNIFIED_FORMAT)
-    try:
-        stored_tasks = json.loads(metadata.get("tasks", "null"))
-    except ValueError:
-        stored_tasks = None
-    if stored_tasks != list(tasks):
-        raise CorruptArtifactError(f"{name}: built for tasks {stored_tasks}, the pool has {list(tasks)}")
-    for key, tensor in tensors.items():
-        if tensor.dtype != torch.float32:
-            raise CorruptArtifactError(f"{name}: tensor {key!r} is {tensor.dtype}, expected float32")
+    contents = decode_tensors(data, source=name)
+    contents.expect_content(UNIFIED_CONTENT)
+    if contents.metadata.get("tasks") != list(tasks):
+        raise contents.error(f"built for tasks {contents.metadata.get('tasks')}, the pool has {list(tasks)}")
+    unified = {}
+    for key in contents:
+        tensor = contents.dense(key, torch.float32)
         if not torch.isfinite(tensor).all():
-            raise CorruptArtifactError(f"{name}: tensor {key!r} has NaN or infinite values")
-    return tensors
+            raise contents.error("has NaN or infinite values", key)
+        unified[key] = tensor
+    return unified
 
 
 def decode_masks(data: bytes, task: str, unified: Mapping[str, torch.Tensor],
                  name: str | None = None) -> tuple[float, dict[str, np.ndarray]]:
     """(lambda_k, {key: packed mask}) of one task, checked against the unified vector's keys
-    and sizes (packed length ceil(n/8), zero padding bits)."""
-    name = name or masks_artifact(task)
-    tensors, metadata = _load_checked(data, name, MASKS_FORMAT)
-    if metadata.get("task") != task:
-        raise CorruptArtifactError(f"{name}: holds the masks of task {metadata.get('task')!r}, expected {task!r}")
-    lam = tensors.pop(LAMBDA, None)
-    if lam is None or lam.dtype != torch.float32 or lam.numel() != 1 or not math.isfinite(float(lam)):
-        raise CorruptArtifactError(f"{name}: missing or invalid fp32 scalar {LAMBDA!r}")
-    packed: dict[str, np.ndarray] = {}
-    for tensor_name, tensor in tensors.items():
-        if not tensor_name.startswith(MASK_PREFIX):
-            raise CorruptArtifactError(f"{name}: unexpected tensor {tensor_name!r}")
-        packed[tensor_name[len(MASK_PREFIX):]] = tensor.numpy()
-    if set(packed) != set(unified):
-        missing, extra = sorted(set(unified) - set(packed)), sorted(set(packed) - set(unified))
-        raise CorruptArtifactError(f"{name}: mask keys differ from {UNIFIED} (missing: {missing[:5]}, extra: {extra[:5]})")
-    for key, bits in packed.items():
-        n = unified[key].numel()
-        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != (n + 7) // 8:
-            raise CorruptArtifactError(f"{name}: mask {key!r} is {bits.dtype} {list(bits.shape)}, "
-                                       f"expected uint8 [{(n + 7) // 8}] for {n} entries")
-        if n % 8 and bits[-1] >> (n % 8):
-            raise CorruptArtifactError(f"{name}: mask {key!r} has non-zero padding bits")
-    return float(lam), packed
+    and shapes; the masks are kept bit-packed (``np.packbits``, little bit order)."""
+    contents = decode_tensors(data, source=name or masks_artifact(task))
+    contents.expect_content(MASKS_CONTENT)
+    if contents.metadata.get("task") != task:
+        raise contents.error(f"holds the masks of task {contents.metadata.get('task')!r}, expected {task!r}")
+    lam = float(contents.field("lambda", (int, float)))
+    if not math.isfinite(lam):
+        raise contents.error(f"lambda is {lam}")
+    if set(contents) != set(unified):
+        missing, extra = sorted(set(unified) - set(contents)), sorted(set(contents) - set(unified))
+        raise contents.error(f"mask keys differ from {UNIFIED} (missing: {missing[:5]}, extra: {extra[:5]})")
+    packed = {key: np.packbits(contents.dense(key, torch.bool, unified[key].shape).reshape(-1).numpy(),
+                               bitorder="little")
+              for key in contents}
+    return lam, packed
 
 
 class EMRStore(TaskVectorStore):

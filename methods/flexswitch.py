@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,15 +50,17 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergebench.cache import cache_dir, write_bytes, write_json
-from mergebench.codecs import decode_tensors, dequantize, encode_tensors, quantize, quantized_from_task_vector
+from mergebench.cache import cache_dir
+from mergebench.codecs import CompressedTensor, dequantize, quantize, quantized_from_task_vector
+from mergebench.container import decode_tensors, encode_tensors, read_artifact, write_artifact
 from mergebench.dynamic import DynamicMerged, KNNRouter, batched_features
-from mergebench.method import Method
+from mergebench.errors import CorruptArtifactError
+from mergebench.hyperparameters import Bool, Choice, Float, Int, IntList
+from mergebench.method import HyperparameterError, Method
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
 from mergebench.methods.t_switch import SwitchStore
@@ -106,7 +109,7 @@ def resolve_loss(method: Method, backbone) -> None:
     if backbone.task_type != "detection":
         return
     if "loss" in method.overrides and method.hparams["loss"] != "mse":
-        raise ValueError(f"{method.name}: loss {method.hparams['loss']!r} does not apply to detection outputs "
+        raise HyperparameterError(f"{method.name}: loss {method.hparams['loss']!r} does not apply to detection outputs "
                          f"({backbone.name}); use loss=mse, the paper's choice for DETR")
     method.hparams["loss"] = "mse"
 
@@ -247,12 +250,9 @@ class FlexSwitchSettings:
 
     @staticmethod
     def from_hparams(hp: Mapping[str, Any]) -> "FlexSwitchSettings":
+        """From a method's checked hyperparameters (see FLEXSWITCH_HPARAMS)."""
         loss = str(hp["loss"])
-        if loss not in LOSSES:
-            raise ValueError(f"flexswitch: unknown loss {loss!r}; valid: {', '.join(LOSSES)}")
         bit_widths = tuple(int(b) for b in hp["bit_widths"])
-        if not bit_widths or any(b not in (1, 2, 4, 8) for b in bit_widths):
-            raise ValueError(f"flexswitch: bit_widths must be a non-empty subset of [1, 2, 4, 8], got {hp['bit_widths']}")
         lam = DEFAULT_LAMBDA[loss] if hp["lambda"] is None else float(hp["lambda"])
         return FlexSwitchSettings(loss, lam, int(hp["steps"]), int(hp["batch_size"]), float(hp["lr_lgs"]),
                                   float(hp["lr_bas"]), float(hp["rho"]), float(hp["omega"]), float(hp["decay"]),
@@ -357,52 +357,99 @@ def training_key(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tenso
     return digest.hexdigest()[:20]
 
 
+CACHE_CONTENT = "flexswitch/training"
+RECORD_FIELDS = ("seconds", "final_loss", "final_preservation")
+
+
+def read_cached_switch(path: Path, key: str) -> tuple[dict[str, CompressedTensor], dict[str, float]]:
+    """The switches and training record (``seconds``, ``final_loss``, ``final_preservation``)
+    of one cache entry; CorruptArtifactError naming the file if it is not a whole entry for ``key``."""
+    contents = read_artifact(path)
+    contents.expect_content(CACHE_CONTENT)
+    if contents.metadata.get("key") != key:
+        raise contents.error(f"is the entry of training {contents.metadata.get('key')!r}, expected {key!r}")
+    record = {name: float(contents.field(name, (int, float))) for name in RECORD_FIELDS}
+    if not (math.isfinite(record["seconds"]) and record["seconds"] >= 0):
+        raise contents.error(f"training seconds {record['seconds']} is not a duration")
+    return {name: contents.compressed(name) for name in contents}, record
+
+
 def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
-                   seed: int, encoder: nn.Module, reuse: bool) -> tuple[bytes, dict[str, Any]]:
-    """One task's SASS artifact and training record. With ``reuse``, a switch trained before on
-    the same inputs (cached under $MERGEBENCH_CACHE/flexswitch, checksummed) is read back
-    instead of trained again, e.g. by auto-flexswitch after flexswitch; the record says so."""
-    path = cache_dir() / "flexswitch" / f"{task}-{training_key(pool, task, exemplars, settings, seed)}"
-    artifact, record = path.with_suffix(".sass"), path.with_suffix(".json")
-    if reuse and artifact.exists() and record.exists():
-        data = artifact.read_bytes()
-        decode_tensors(data, source=str(artifact))  # a corrupt cache entry fails here, by its checksum
-        return data, {**json.loads(record.read_text()), "reused": True}
+                   seed: int, encoder: nn.Module, reuse: bool) -> tuple[bytes, dict[str, Any], float | None]:
+    """One task's SASS artifact, its training record and, when the switch was read back from
+    the cache instead of trained, the seconds its training originally took (else None).
+
+    Every training is cached under $MERGEBENCH_CACHE/flexswitch as one container holding the
+    switches and the training record, keyed by :func:`training_key`; with ``reuse`` such an
+    entry is read back, e.g. by auto-flexswitch after flexswitch. A corrupt entry is reported
+    with a warning naming it and trained again (and rewritten), so it never blocks a run."""
+    key = training_key(pool, task, exemplars, settings, seed)
+    path = cache_dir() / "flexswitch" / f"{task}-{key}.mbc"
+    if reuse and path.exists():
+        try:
+            tensors, record = read_cached_switch(path, key)
+        except CorruptArtifactError as error:
+            warnings.warn(f"flexswitch: training cache entry {path} is corrupt, training {task!r} again ({error})",
+                          stacklevel=2)
+        else:
+            stats = {**record, "seconds": round(record["seconds"], 2), **switch_statistics(tensors)}
+            return encode_tensors(tensors), {**stats, "reused": True}, record["seconds"]
     trained = train_flexswitch(pool, task, exemplars, settings, seed, encoder)
-    data = encode_tensors(trained.tensors)
-    stats = {"seconds": round(trained.seconds, 2), "final_loss": trained.final_loss,
-             "final_preservation": trained.final_preservation, **switch_statistics(trained.tensors)}
-    write_bytes(artifact, data)
-    write_json(record, stats)
-    return data, {**stats, "reused": False}
+    record = {"seconds": trained.seconds, "final_loss": trained.final_loss,
+              "final_preservation": trained.final_preservation}
+    write_artifact(path, trained.tensors, {"content": CACHE_CONTENT, "key": key, **record})
+    stats = {**record, "seconds": round(trained.seconds, 2), **switch_statistics(trained.tensors)}
+    return encode_tensors(trained.tensors), {**stats, "reused": False}, None
 
 
 def build_flexswitch(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any],
                      seed: int) -> FlexSwitchMerged:
+    """The switches of every task, trained or read back from the cache; the result's
+    ``reused_training_seconds`` is the original cost of the ones read back (None: none was)."""
     settings = FlexSwitchSettings.from_hparams(hparams)
     encoder = pool.backbone.build_encoder().eval().requires_grad_(False)
     encoder.load_state_dict(pool.pretrained_state(), strict=True)
-    artifacts, training = {}, {}
+    artifacts, training, reused = {}, {}, []
     for k, task in enumerate(tqdm(pool.tasks, desc="flexswitch: training", unit="task")):
-        artifacts[f"{task}.sass"], training[task] = trained_switch(
+        artifacts[f"{task}.sass"], training[task], seconds = trained_switch(
             pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]))
-    return FlexSwitchMerged(pool, artifacts, training)
+        if seconds is not None:
+            reused.append(seconds)
+    merged = FlexSwitchMerged(pool, artifacts, training)
+    merged.reused_training_seconds = sum(reused) if reused else None
+    return merged
 
 
 FLEXSWITCH_HPARAMS = {
-    "loss": "kl", "lambda": None, "exemplars": 100, "batch_size": 32, "steps": 500, "lr_lgs": 0.05,
-    "lr_bas": 0.1, "rho": 1.0, "omega": 1.0, "decay": 0.9, "decay_every": 10, "bit_widths": [1, 2, 4, 8],
-    "reuse_training": True,
+    "loss": Choice("kl", LOSSES, "the performance-preservation loss (Eqs. 9-11)"),
+    "lambda": Float(None, "weight of the preservation loss (null: the loss's default, KL 1, MSE 1, CKA 10)", 0.0,
+                    nullable=True),
+    "exemplars": Int(100, "N: unlabelled training inputs per task the switches are trained on", 1),
+    "batch_size": Int(32, "exemplars in one training step", 1),
+    "steps": Int(500, "Adam steps of the joint LGS + BAS training", 0),
+    "lr_lgs": Float(0.05, "learning rate of the thresholds and the scale (s+, s-, kappa)", 0.0, low_open=True),
+    "lr_bas": Float(0.1, "learning rate of the bit-width logits w", 0.0, low_open=True),
+    "rho": Float(1.0, "initial temperature of the soft gate", 0.0, low_open=True),
+    "omega": Float(1.0, "initial temperature of the bit-width softmax", 0.0, low_open=True),
+    "decay": Float(0.9, "factor on rho and omega every decay_every steps", 0.0, 1.0, low_open=True),
+    "decay_every": Int(10, "steps between two temperature decays", 1),
+    "bit_widths": IntList([1, 2, 4, 8], "W: the candidate bit-widths of the values", choices=(1, 2, 4, 8)),
+    "reuse_training": Bool(True, "load a switch trained earlier on the same inputs and settings from the cache"),
 }
 
 
 @register_method("flexswitch")
 class FlexSwitch(Method):
     name = "flexswitch"
-    hyperparameters = dict(FLEXSWITCH_HPARAMS)  # lambda None: the loss's default (DEFAULT_LAMBDA)
+    hyperparameters = dict(FLEXSWITCH_HPARAMS)
     needs_exemplars = True
     uses_task_identity = True
     dynamic = True
+
+    def check_applicable(self, backbone) -> None:
+        super().check_applicable(backbone)
+        if backbone.task_type == "detection" and self.hparams["loss"] != "mse" and "loss" in self.overrides:
+            resolve_loss(self, backbone)  # raises, naming the loss the paper uses there
 
     def merge(self, pool, exemplars=None):
         if not exemplars:
@@ -455,16 +502,60 @@ def learn_metric(features: torch.Tensor, labels: torch.Tensor, centres: torch.Te
     return projection.detach(), history
 
 
+ROUTER = "router.mbc"
+ROUTER_CONTENT = "auto-flexswitch/router"
+
+
+def encode_router(projection: torch.Tensor, centres: torch.Tensor, owners: torch.Tensor, tasks: list[str],
+                  neighbours: int) -> bytes:
+    """The learned metric L (r x e), the projected centres L c (one row per centre), the task of
+    each centre, and C."""
+    return encode_tensors({"projection": projection.float().contiguous(), "centres": centres.float().contiguous(),
+                           "owners": owners.long()},
+                          {"content": ROUTER_CONTENT, "tasks": list(tasks), "neighbours": int(neighbours)})
+
+
+def decode_router(data: bytes, tasks: list[str], name: str = ROUTER) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(projection, projected centres, owners, neighbours) of a stored router, checked."""
+    contents = decode_tensors(data, source=name)
+    contents.expect_content(ROUTER_CONTENT)
+    if contents.metadata.get("tasks") != list(tasks):
+        raise contents.error(f"built for tasks {contents.metadata.get('tasks')}, the pool has {list(tasks)}")
+    projection = contents.dense("projection", torch.float32)
+    if projection.dim() != 2:
+        raise contents.error(f"has shape {list(projection.shape)}, expected (rank, features)", "projection")
+    centres = contents.dense("centres", torch.float32)
+    if centres.dim() != 2 or centres.shape[1] != projection.shape[0]:
+        raise contents.error(f"has shape {list(centres.shape)}, expected (centres, {projection.shape[0]})", "centres")
+    owners = contents.dense("owners", torch.int64, (len(centres),))
+    if len(owners) and (int(owners.min()) < 0 or int(owners.max()) >= len(tasks)):
+        raise contents.error(f"task indices outside 0..{len(tasks) - 1}", "owners")
+    neighbours = contents.field("neighbours", int)
+    if not 1 <= neighbours <= len(centres):
+        raise contents.error(f"{neighbours} neighbours for {len(centres)} centres")
+    return projection, centres, owners, neighbours
+
+
 @register_method("auto-flexswitch")
 class AutoFlexSwitch(FlexSwitch):
     """FlexSwitch's switches, then the routing that replaces the task identity."""
 
     name = "auto-flexswitch"
-    hyperparameters = {**FLEXSWITCH_HPARAMS, "centres": 20, "rank": 32, "metric_lr": 0.5, "metric_epochs": 100,
-                       "neighbours": 10}
+    hyperparameters = {
+        **FLEXSWITCH_HPARAMS,
+        "centres": Int(20, "E: K-means centres per task", 1),
+        "rank": Int(32, "r: rank of the learned projection L", 1),
+        "metric_lr": Float(0.5, "Adam learning rate of L", 0.0, low_open=True),
+        "metric_epochs": Int(100, "full-batch epochs of the metric learning (Eq. 19)", 0),
+        "neighbours": Int(10, "C: nearest centres that vote for the task weights", 1),
+    }
     uses_task_identity = False
 
     def merge(self, pool, exemplars=None):
+        available = int(self.hparams["centres"]) * len(pool.tasks)
+        if int(self.hparams["neighbours"]) > available:
+            raise HyperparameterError(f"method {self.name!r}: neighbours={self.hparams['neighbours']} exceeds the "
+                                      f"{available} centres of {len(pool.tasks)} tasks")
         merged = super().merge(pool, exemplars)
         start = time.perf_counter()
         routed = pool.backbone.routing_features
@@ -480,17 +571,18 @@ class AutoFlexSwitch(FlexSwitch):
         centres = torch.cat(centres)
         neighbours = int(self.hparams["neighbours"])
         if neighbours > len(centres):
-            raise ValueError(f"auto-flexswitch: {neighbours} neighbours asked, there are {len(centres)} centres")
+            raise HyperparameterError(f"method {self.name!r}: neighbours={neighbours} exceeds the {len(centres)} "
+                                      f"K-means centres (fewer query features than centres)")
         projection, history = learn_metric(features, labels, centres, owners, int(self.hparams["rank"]), neighbours,
                                            float(self.hparams["metric_lr"]), int(self.hparams["metric_epochs"]),
                                            self.seed)
-        projected = centres @ projection.T
+        # what routing keeps beside the switches: L and the projected centres with their tasks; the
+        # router reads them back from the stored bytes
+        merged.stored[ROUTER] = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
+        projection, projected, owners, neighbours = decode_router(merged.stored[ROUTER], pool.tasks)
         encoder = merged.encoder
         merged.router = KNNRouter(lambda inputs: routed(encoder(**inputs)) @ projection.T, projected, owners,
                                   len(pool.tasks), neighbours)
-        # what routing keeps beside the switches: L and the projected centres with their tasks
-        merged.stored["router.safetensors"] = save_safetensors(
-            {"projection": projection.contiguous(), "centres": projected.contiguous(), "owners": owners})
         merged.training["metric"] = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0],
                                      "loss_end": history[-1]}
         return merged

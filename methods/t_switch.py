@@ -18,19 +18,22 @@ Switched tensors: every floating-point tensor of the encoder whose fine-tuned va
 differs from the pretrained one (identical tensors, e.g. embeddings frozen during
 fine-tuning, have no task vector and store nothing). Each task's switches are
 written as one artifact in the bit-packed ``tswitch`` format of
-``mergebench.codecs``; inference decodes exactly those bytes.
+``mergebench.codecs``, in the container of ``mergebench.container``; Auto-Switch's
+query set is a dense fp32 entry of the same container. Inference decodes exactly
+those bytes.
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import save as save_safetensors
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergebench.codecs import CorruptArtifactError, decode_tensors, encode_tensors, tswitch_from_task_vector
+from mergebench.codecs import FORMATS, CorruptArtifactError, tswitch_from_task_vector
+from mergebench.container import decode_tensors, encode_tensors
 from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore, batched_features
+from mergebench.hyperparameters import Choice, Float, Int
 from mergebench.method import Method
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
@@ -67,7 +70,11 @@ class SwitchStore(TaskVectorStore):
         self.switches: dict[str, torch.Tensor] = {}
         for k, task in enumerate(tasks):
             source = task + suffix
-            for key, compressed in decode_tensors(artifacts[source], source=source).items():
+            if source not in artifacts:
+                raise CorruptArtifactError(f"missing switch artifact {source}")
+            contents = decode_tensors(artifacts[source], source=source)
+            for key in contents:
+                compressed = contents.compressed(key)
                 stack = self.switches.get(key)
                 if stack is None:
                     stack = self.switches[key] = torch.zeros(len(tasks), *compressed.shape)
@@ -104,6 +111,30 @@ def encode_switches(pool: ModelPool, alpha: float, fmt: str = "tswitch") -> dict
     return artifacts
 
 
+QUERY_SET = "query_set.mbc"
+QUERY_SET_CONTENT = "auto-switch/query-set"
+
+
+def encode_query_set(features: torch.Tensor, owners: torch.Tensor, tasks: list[str]) -> bytes:
+    """The query set Q_k of every task: fp32 features (one row, or one (T, D) block, per
+    exemplar) and the index of the task each row belongs to."""
+    return encode_tensors({"features": features.float().contiguous(), "owners": owners.long()},
+                          {"content": QUERY_SET_CONTENT, "tasks": list(tasks)})
+
+
+def decode_query_set(data: bytes, tasks: list[str], name: str = QUERY_SET) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, owners) of a stored query set, checked against the pool's tasks."""
+    contents = decode_tensors(data, source=name)
+    contents.expect_content(QUERY_SET_CONTENT)
+    if contents.metadata.get("tasks") != list(tasks):
+        raise contents.error(f"built for tasks {contents.metadata.get('tasks')}, the pool has {list(tasks)}")
+    features = contents.dense("features", torch.float32)
+    owners = contents.dense("owners", torch.int64, (len(features),))
+    if len(owners) and (int(owners.min()) < 0 or int(owners.max()) >= len(tasks)):
+        raise contents.error(f"task indices outside 0..{len(tasks) - 1}", "owners")
+    return features, owners
+
+
 class SwitchMerged(DynamicMerged):
     def __init__(self, pool: ModelPool, artifacts: dict[str, bytes], router=None):
         super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts), router,
@@ -114,7 +145,10 @@ class SwitchMerged(DynamicMerged):
 class TSwitch(Method):
     name = "t-switch"
     # format: the storage layout of the switches (the values are the same in every layout)
-    hyperparameters = {"alpha": 0.5, "format": "tswitch"}
+    hyperparameters = {
+        "alpha": Float(0.5, "alpha: the fraction of smallest-magnitude entries deactivated per tensor", 0.0, 1.0, high_open=True),
+        "format": Choice("tswitch", FORMATS, "the storage layout of the switches (same values in every layout)"),
+    }
     uses_task_identity = True
     dynamic = True
 
@@ -128,7 +162,13 @@ class AutoSwitch(Method):
     # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation).
     # query_model: "pretrained" (Auto-FlexSwitch Eq. 5) or "averaged", the CVPR paper's choice: features
     # under theta + (1/K) sum_k tau_hat_k, which it found makes tasks easier to tell apart.
-    hyperparameters = {"alpha": 0.5, "exemplars": 100, "neighbours": 10, "query_model": "pretrained"}
+    hyperparameters = {
+        "alpha": Float(0.5, "alpha: the fraction of smallest-magnitude entries deactivated per tensor", 0.0, 1.0, high_open=True),
+        "exemplars": Int(100, "N: unlabelled training inputs per task in its query set", 1),
+        "neighbours": Int(10, "C: nearest query features that vote for the task weights", 1),
+        "query_model": Choice("pretrained", ("pretrained", "averaged"),
+                              "features of the query set: pretrained encoder or the averaged switches"),
+    }
     needs_exemplars = True
     dynamic = True
 
@@ -136,8 +176,6 @@ class AutoSwitch(Method):
         if not exemplars:
             raise ValueError("auto-switch needs exemplars to build its query sets")
         query_model = self.hparams["query_model"]
-        if query_model not in ("pretrained", "averaged"):
-            raise ValueError(f"auto-switch: query_model must be 'pretrained' or 'averaged', got {query_model!r}")
         artifacts = encode_switches(pool, float(self.hparams["alpha"]))
         merged = SwitchMerged(pool, artifacts)
         if query_model == "pretrained":
@@ -150,9 +188,9 @@ class AutoSwitch(Method):
         with torch.no_grad():
             queries = [routed(batched_features(extract, exemplars[task])) for task in pool.tasks]
         owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
-        queries = torch.cat(queries)
+        # the query features are stored beside the switches, and the router reads them back from there
+        merged.stored[QUERY_SET] = encode_query_set(torch.cat(queries), owners, pool.tasks)
+        queries, owners = decode_query_set(merged.stored[QUERY_SET], pool.tasks)
         merged.router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
                                   int(self.hparams["neighbours"]))
-        # the query features are stored beside the switches
-        merged.stored["query_set.safetensors"] = save_safetensors({"features": queries.contiguous(), "owners": owners})
         return merged

@@ -30,10 +30,13 @@ h = the layer's input of sample b under theta(x_b) (every earlier layer is itsel
 already corrected for sample b), so the whole network equals a forward with
 materialised weights theta(x_b), for every sample at once.
 
-Storage (``artifacts()``): the shared expert as a full fp32 state dict (Twin-Merging
-keeps theta_s beside the pretrained model, which the router reads; the T-Switch
-paper's Table 2 charges it as large storage), the U, S, V factors of each task as
-fp32 safetensors, and the router's state dict (with the feature standardisation).
+Storage (``artifacts()``), each a file of the checksummed container of
+``mergebench.container``: the shared expert as a full state dict (``shared.mbc``;
+Twin-Merging keeps theta_s beside the pretrained model, which the router reads; the
+T-Switch paper's Table 2 charges it as large storage), the fp32 U, S, V factors of each
+task (``<task>.experts.mbc``) and the router's state dict with the feature
+standardisation (``router.mbc``). Inference decodes the factors and the router from
+these bytes.
 """
 from __future__ import annotations
 
@@ -41,14 +44,25 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from mergebench.container import decode_tensors, encode_tensors
 from mergebench.dynamic import batched_features
-from mergebench.method import Merged, Method, serialize_state
+from mergebench.errors import CorruptArtifactError
+from mergebench.hyperparameters import Choice, Float, Hyperparameter, Int
+from mergebench.method import HyperparameterError, Merged, Method
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS, register_method
+
+SHARED = "shared.mbc"
+ROUTER = "router.mbc"
+SHARED_CONTENT = "twin-merging/shared"
+EXPERTS_CONTENT = "twin-merging/experts"
+ROUTER_CONTENT = "twin-merging/router"
+
+
+def experts_artifact(task: str) -> str:
+    return f"{task}.experts.mbc"
 
 
 class RouterMLP(nn.Module):
@@ -87,6 +101,52 @@ def train_router(features: torch.Tensor, labels: torch.Tensor, num_tasks: int, s
     return router.eval()
 
 
+def encode_router(router: RouterMLP, tasks: list[str]) -> bytes:
+    """The router's state dict; its metadata holds the sizes that rebuild the module."""
+    first = router.net[0]
+    return encode_tensors(router.state_dict(), {"content": ROUTER_CONTENT, "tasks": list(tasks),
+                                                "dim": first.in_features, "hidden": first.out_features})
+
+
+def decode_router(data: bytes, tasks: list[str], name: str = ROUTER) -> RouterMLP:
+    """The stored router, in eval mode, checked against the pool's tasks and the module's
+    state dict (every entry present, of its dtype and shape)."""
+    contents = decode_tensors(data, source=name)
+    contents.expect_content(ROUTER_CONTENT)
+    if contents.metadata.get("tasks") != list(tasks):
+        raise contents.error(f"built for tasks {contents.metadata.get('tasks')}, the pool has {list(tasks)}")
+    dim, hidden = contents.field("dim", int), contents.field("hidden", int)
+    if dim < 1 or hidden < 1:
+        raise contents.error(f"router sizes dim={dim}, hidden={hidden} are not positive")
+    with torch.device("meta"):  # shapes only: the stored tensors are assigned below
+        router = RouterMLP(dim, len(tasks), hidden)
+    expected = router.state_dict()
+    if set(contents) != set(expected):
+        missing, extra = sorted(set(expected) - set(contents)), sorted(set(contents) - set(expected))
+        raise contents.error(f"not the router's state dict (missing: {missing}, extra: {extra})")
+    state = {key: contents.dense(key, value.dtype, value.shape) for key, value in expected.items()}
+    router.load_state_dict(state, assign=True)
+    return router.eval()
+
+
+def decode_experts(data: bytes, task: str, name: str | None = None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """{key: (U, S, V)} of one task's exclusive experts, fp32, U (out, r), S (r,), V (in, r)."""
+    contents = decode_tensors(data, source=name or experts_artifact(task))
+    contents.expect_content(EXPERTS_CONTENT)
+    if contents.metadata.get("task") != task:
+        raise contents.error(f"holds the experts of task {contents.metadata.get('task')!r}, expected {task!r}")
+    factors = {}
+    for key in sorted({entry.rsplit(".", 1)[0] for entry in contents}):
+        u, s, v = (contents.dense(f"{key}.{part}", torch.float32) for part in "USV")
+        if u.dim() != 2 or s.dim() != 1 or v.dim() != 2 or not u.shape[1] == v.shape[1] == len(s):
+            raise contents.error(f"factor shapes {list(u.shape)}, {list(s.shape)}, {list(v.shape)} are not "
+                                 f"U (out, r), S (r,), V (in, r)", f"{key}.U")
+        factors[key] = (u, s, v)
+    if 3 * len(factors) != len(contents):
+        raise contents.error("holds entries that are not U, S, V factors")
+    return factors
+
+
 def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Truncated SVD delta ~ U diag(S) V^T with U (out, r), S (r,), V (in, r)."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -118,15 +178,42 @@ class TwinMerged(Merged):
             self.feature_encoder.load_state_dict(pool.pretrained_state(), strict=True)
         self._artifacts = artifacts
         # the factors used at inference are decoded from the stored bytes
-        decoded = [load_safetensors(artifacts[f"{task}.experts.safetensors"]) for task in self.tasks]
-        self.expert_keys = sorted({name[: -len(".U")] for name in decoded[0] if name.endswith(".U")})
-        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for key in self.expert_keys:
-            self.factors[key] = tuple(torch.stack([d[f"{key}.{part}"] for d in decoded]) for part in "USV")
+        self.factors = self.stacked_factors(artifacts)
+        self.expert_keys = sorted(self.factors)
         self._weights: torch.Tensor | None = None  # (B, K) for the forward in progress
         modules = dict(self.encoder.named_modules())
         self._hooks = [modules[key[: -len(".weight")]].register_forward_hook(self._hook(key)) for key in self.expert_keys]
         self._routed: dict[str, list[int]] = {}
+
+    def stacked_factors(self, artifacts: Mapping[str, bytes]) -> dict[str, tuple[torch.Tensor, ...]]:
+        """{key: (U, S, V)} stacked over the tasks, (K, out, r), (K, r), (K, in, r), each checked
+        against the other tasks' and the encoder's Linear weight."""
+        modules = dict(self.encoder.named_modules())
+        decoded, keys = [], None
+        for task in self.tasks:
+            name = experts_artifact(task)
+            if name not in artifacts:
+                raise CorruptArtifactError(f"missing Twin-Merging artifact {name}")
+            factors = decode_experts(artifacts[name], task)
+            keys = sorted(factors) if keys is None else keys
+            if sorted(factors) != keys:
+                raise CorruptArtifactError(f"{name}: experts for {sorted(factors)}, "
+                                           f"{experts_artifact(self.tasks[0])} has them for {keys}")
+            for key, (u, _, v) in factors.items():
+                linear = modules.get(key.removesuffix(".weight"))
+                if not isinstance(linear, nn.Linear) or tuple(linear.weight.shape) != (len(u), len(v)):
+                    raise CorruptArtifactError(f"{name}: tensor {key + '.U'!r}: no Linear weight of shape "
+                                               f"{[len(u), len(v)]} in the encoder")
+            decoded.append(factors)
+        stacked = {}
+        for key in keys or []:
+            shapes = [[list(part.shape) for part in d[key]] for d in decoded]
+            for task, shape in zip(self.tasks, shapes):
+                if shape != shapes[0]:
+                    raise CorruptArtifactError(f"{experts_artifact(task)}: tensor {key + '.U'!r}: U, S, V of shapes "
+                                               f"{shape}, {experts_artifact(self.tasks[0])} has {shapes[0]}")
+            stacked[key] = tuple(torch.stack([d[key][i] for d in decoded]) for i in range(3))
+        return stacked
 
     def _hook(self, key: str):
         U, S, V = self.factors[key]  # (K, out, r), (K, r), (K, in, r)
@@ -198,23 +285,28 @@ class TwinMerged(Merged):
 class TwinMerging(Method):
     name = "twin-merging"
     hyperparameters = {
-        "exemplars": 100,
-        "rank": 16,
-        "shared": "task-arithmetic",
-        "shared_scaling": 0.3,
-        "router_steps": 500,
-        "router_lr": 5e-4,
-        "router_features": "shared",  # the authors embed inputs with the shared expert
+        "exemplars": Int(100, "N: unlabelled training inputs per task the router is trained on", 1),
+        "rank": Int(16, "r: rank of each exclusive expert's truncated SVD", 1),
+        "shared": Hyperparameter("str", "task-arithmetic", "the shared expert: a static, exemplar-free method (e.g. ties)"),
+        "shared_scaling": Float(0.3, "lambda of the shared expert's merge, where it has one", 0.0),
+        "router_steps": Int(500, "full-batch Adam steps of the router", 0),
+        "router_lr": Float(5e-4, "Adam learning rate of the router", 0.0, low_open=True),
+        # the authors embed inputs with the shared expert
+        "router_features": Choice("shared", ("shared", "pretrained"), "encoder whose features the router reads"),
     }
     needs_exemplars = True
     dynamic = True
     uses_task_identity = False
 
+    def check_hyperparameters(self) -> None:
+        static = [name for name, cls in METHODS.items()
+                  if not (cls.needs_exemplars or cls.dynamic or cls.reference)]
+        if self.hparams["shared"] not in static:
+            raise HyperparameterError(f"method 'twin-merging': hyperparameter shared={self.hparams['shared']!r} is "
+                                      f"not allowed; expected a static exemplar-free method: {', '.join(static)}")
+
     def shared_state(self, pool: ModelPool) -> dict[str, torch.Tensor]:
-        name = self.hparams["shared"]
-        method_class = METHODS.get(name)
-        if method_class.needs_exemplars or method_class.dynamic or method_class.reference:
-            raise ValueError(f"twin-merging: shared expert must be a static exemplar-free merge, got {name!r}")
+        method_class = METHODS.get(self.hparams["shared"])
         overrides = {"scaling": float(self.hparams["shared_scaling"])} if "scaling" in method_class.hyperparameters else {}
         method = method_class(**overrides)
         method.seed = self.seed
@@ -223,25 +315,21 @@ class TwinMerging(Method):
     def build(self, pool: ModelPool) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
         """The shared expert and the artifacts (shared state, per-task U/S/V factors)."""
         rank = int(self.hparams["rank"])
-        if rank < 1:
-            raise ValueError(f"twin-merging: rank must be >= 1, got {rank}")
         shared = self.shared_state(pool)
         keys = linear_weight_keys(pool.backbone.build_encoder(), pool.merged_keys)
-        artifacts = {"shared.safetensors": serialize_state(shared)}
+        artifacts = {SHARED: encode_tensors(shared, {"content": SHARED_CONTENT})}
         for task in pool.tasks:
             factors = {}
             for key in keys:
                 u, s, v = svd_factors(pool.finetuned(task, key).float() - shared[key].float(), rank)
                 factors.update({f"{key}.U": u, f"{key}.S": s, f"{key}.V": v})
-            artifacts[f"{task}.experts.safetensors"] = save_safetensors(factors)
+            artifacts[experts_artifact(task)] = encode_tensors(factors, {"content": EXPERTS_CONTENT, "task": task})
         return shared, artifacts
 
     def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
         if not exemplars:
             raise ValueError("twin-merging needs exemplars to train its router")
         router_features = self.hparams["router_features"]
-        if router_features not in ("pretrained", "shared"):
-            raise ValueError(f"twin-merging: router_features must be 'pretrained' or 'shared', got {router_features!r}")
         shared, artifacts = self.build(pool)
         merged = TwinMerged(pool, shared, artifacts, router=None, router_features=router_features)
         with torch.no_grad():
@@ -250,7 +338,7 @@ class TwinMerging(Method):
         labels = torch.cat([torch.full((len(f),), k) for k, f in enumerate(features)])
         router = train_router(torch.cat(features), labels, len(pool.tasks), int(self.hparams["router_steps"]),
                               float(self.hparams["router_lr"]), self.seed)
-        merged.router = router
-        artifacts["router.safetensors"] = serialize_state(router.state_dict())
+        artifacts[ROUTER] = encode_router(router, pool.tasks)
+        merged.router = decode_router(artifacts[ROUTER], pool.tasks)  # inference reads the stored router
         merged._artifacts = artifacts
         return merged

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mergebench.codecs import CorruptArtifactError
+from mergebench.container import decode_tensors, encode_tensors
 from mergebench.method import HyperparameterError
 from mergebench.methods.emr_merging import (
     UNIFIED,
@@ -122,7 +123,7 @@ def test_storage_is_the_artifacts_bytes_and_beats_k_fp32_task_vectors(tmp_path):
     with make_pool(tmp_path, pre, finetuned_from(pre, *taus)) as pool:
         merged = make_method("emr-merging").merge(pool)
         artifacts = merged.artifacts()
-        assert set(artifacts) == {UNIFIED, "t1.masks.safetensors", "t2.masks.safetensors"}
+        assert set(artifacts) == {UNIFIED, "t1.masks.mbc", "t2.masks.mbc"}
         assert merged.storage_bytes() == sum(len(a) for a in artifacts.values())
         assert merged.storage_bytes() < 2 * 10_000 * 4  # K fp32 task vectors
         # fp32 tau_uni (40 kB) + 1 bit per entry per mask (1250 B) + small headers
@@ -140,7 +141,7 @@ def test_storage_is_the_artifacts_bytes_and_beats_k_fp32_task_vectors(tmp_path):
             assert torch.allclose(merged.merged_parameters(weights)["w"], expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [UNIFIED, "t2.masks.safetensors"])
+@pytest.mark.parametrize("name", [UNIFIED, "t2.masks.mbc"])
 @pytest.mark.parametrize("where", ["last byte", "header byte", "truncated"])
 def test_a_corrupt_artifact_raises_an_error_naming_it(pool, name, where):
     artifacts = emr_merge(pool)
@@ -159,11 +160,11 @@ def test_a_corrupt_artifact_raises_an_error_naming_it(pool, name, where):
 def test_swapped_or_missing_artifacts_are_named(pool):
     artifacts = emr_merge(pool)
     swapped = dict(artifacts)
-    swapped["t1.masks.safetensors"], swapped["t2.masks.safetensors"] = artifacts["t2.masks.safetensors"], artifacts["t1.masks.safetensors"]
-    with pytest.raises(CorruptArtifactError, match=r"t1\.masks\.safetensors.*task 't2'"):
+    swapped["t1.masks.mbc"], swapped["t2.masks.mbc"] = artifacts["t2.masks.mbc"], artifacts["t1.masks.mbc"]
+    with pytest.raises(CorruptArtifactError, match=r"t1\.masks\.mbc.*task 't2'"):
         EMRStore(pool.tasks, swapped)
-    missing = {k: v for k, v in artifacts.items() if k != "t2.masks.safetensors"}
-    with pytest.raises(CorruptArtifactError, match=r"t2\.masks\.safetensors"):
+    missing = {k: v for k, v in artifacts.items() if k != "t2.masks.mbc"}
+    with pytest.raises(CorruptArtifactError, match=r"t2\.masks\.mbc"):
         EMRStore(pool.tasks, missing)
 
 
@@ -185,3 +186,20 @@ def test_every_single_bit_flip_of_an_artifact_is_detected(pool):
                 damaged[position] ^= 1 << bit
                 with pytest.raises(CorruptArtifactError, match=name.replace(".", r"\.")):
                     EMRStore(pool.tasks, {**artifacts, name: bytes(damaged)})
+
+
+def test_artifacts_are_checksummed_containers_with_one_bit_masks_and_the_rescaler_in_metadata(pool):
+    artifacts = emr_merge(pool)
+    masks = decode_tensors(artifacts[masks_artifact("t2")], source="t2")
+    assert masks.metadata == {"content": "emr-merging/masks", "task": "t2", "lambda": pytest.approx(LAMBDA2)}
+    for key in PRE:
+        assert torch.equal(masks.dense(key, torch.bool), as_mask(MASK2[key]))
+    unified = decode_tensors(artifacts[UNIFIED])
+    assert unified.metadata["tasks"] == ["t1", "t2"]
+    assert all(torch.equal(unified.dense(key, torch.float32), UNI[key]) for key in PRE)
+    # a well-formed container of the wrong content, or with a mask of the wrong shape, is refused by name
+    with pytest.raises(CorruptArtifactError, match=r"t1\.masks\.mbc: holds 'emr-merging/unified'"):
+        EMRStore(pool.tasks, {**artifacts, masks_artifact("t1"): artifacts[UNIFIED]})
+    reshaped = encode_tensors({**{k: masks[k] for k in PRE}, "a": torch.ones(5, dtype=torch.bool)}, masks.metadata)
+    with pytest.raises(CorruptArtifactError, match=r"t2\.masks\.mbc: tensor 'a': has shape \[5\], expected \[4\]"):
+        EMRStore(pool.tasks, {**artifacts, masks_artifact("t2"): reshaped})

@@ -3,18 +3,24 @@ hand-sized cases, and end to end on the tiny-bert suite."""
 from __future__ import annotations
 
 import math
+import re
+import struct
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mergebench.codecs import choose_group_size, decode_tensors, dequantize, encode_tensors, quantize, sass_bits_exact
+from mergebench.codecs import choose_group_size, dequantize, quantize, sass_bits_exact
+from mergebench.container import decode_tensors, encode_tensors, read_artifact
+from mergebench.errors import CorruptArtifactError
+from mergebench.hyperparameters import resolve
 from mergebench.methods.flexswitch import (
     FLEXSWITCH_HPARAMS,
     FlexSwitchSettings,
     TensorGate,
     cka_loss,
+    decode_router,
     kl_loss,
     learn_metric,
     metric_loss,
@@ -29,7 +35,7 @@ TAU = torch.tensor([0.5, -0.2, 0.1, -0.8, 0.05, 0.3, -0.05, 0.0])
 
 
 def settings(**overrides) -> FlexSwitchSettings:
-    return FlexSwitchSettings.from_hparams({**FLEXSWITCH_HPARAMS, **overrides})
+    return FlexSwitchSettings.from_hparams(resolve(FLEXSWITCH_HPARAMS, overrides, "flexswitch"))
 
 
 def test_phi_maps_the_real_line_into_the_unit_interval():
@@ -226,21 +232,82 @@ def test_flexswitch_needs_exemplars(tiny_bert):
             make_method("flexswitch").merge(pool, None)
 
 
-def test_a_second_run_reuses_the_trained_switches_and_detects_a_corrupt_cache(tiny_bert, tmp_path, mergebench_cache):
+def test_a_second_run_reuses_the_trained_switches(tiny_bert, tmp_path, mergebench_cache):
     hp = {"steps": 3, "exemplars": 8, "batch_size": 4}  # settings no other test uses: the first run trains
     first = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
     second = run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
     assert not any(d["reused"] for d in first.diagnostics["flexswitch"].values())
     assert all(d["reused"] for d in second.diagnostics["flexswitch"].values())
     assert second.metrics == first.metrics and second.extra_storage_bytes == first.extra_storage_bytes
+    assert second.diagnostics["flexswitch"] == {task: {**d, "reused": True} for task, d in first.diagnostics["flexswitch"].items()}
     fresh = run("flexswitch", "tiny-bert", hyperparameters={**hp, "reuse_training": False}, results_dir=None)
     assert not any(d["reused"] for d in fresh.diagnostics["flexswitch"].values())
-    entries = list((mergebench_cache / "flexswitch").glob("*.sass"))  # other tests' entries are there too
-    for entry in entries:
-        entry.write_bytes(entry.read_bytes()[:-3])
-    try:
-        with pytest.raises(ValueError, match="truncated|corrupt|checksum|CRC"):
-            run("flexswitch", "tiny-bert", hyperparameters=hp, results_dir=None)
-    finally:  # leave no corrupt entry behind for later tests
-        for entry in entries:
-            entry.unlink()
+
+
+def test_one_cache_file_per_training_with_its_cost_and_corrupt_entries_are_retrained(tiny_bert, mergebench_cache):
+    hp = {"steps": 2, "exemplars": 8, "batch_size": 4, "decay_every": 3}  # settings no other test uses
+    tasks = [t.name for t in tiny_bert.tasks]
+    exemplars = draw_exemplars(tiny_bert, tasks, 8, 0)
+    cache = mergebench_cache / "flexswitch"
+    with ModelPool(tiny_bert, tasks) as pool:
+        before = set(cache.glob("*"))
+        first = make_method("flexswitch", hp).merge(pool, exemplars)
+        entries = {path.stem.rsplit("-", 1)[0]: path for path in set(cache.glob("*")) - before}
+        assert first.reused_training_seconds is None
+        # one container per task (switches + training record), no sidecar; stored artifacts carry no record
+        assert sorted(entries) == sorted(tasks)
+        assert all(path.suffix == ".mbc" for path in entries.values())
+        seconds = {}
+        for task in tasks:
+            contents = read_artifact(entries[task])
+            assert contents.metadata["seconds"] > 0 and set(contents) == set(decode_tensors(first.artifacts()[f"{task}.sass"]))
+            assert decode_tensors(first.artifacts()[f"{task}.sass"]).metadata == {}
+            seconds[task] = contents.metadata["seconds"]
+
+        second = make_method("flexswitch", hp).merge(pool, exemplars)
+        assert all(d["reused"] for d in second.training.values())
+        assert second.reused_training_seconds == pytest.approx(sum(seconds.values()), rel=1e-12)
+        assert second.artifacts() == first.artifacts()
+
+        truncated, flipped = (entries[task] for task in tasks[:2])
+        truncated.write_bytes(truncated.read_bytes()[:-3])
+        damaged = bytearray(flipped.read_bytes())
+        damaged[30] ^= 0x04  # inside the header, which holds the training record
+        flipped.write_bytes(bytes(damaged))
+        for path, reason in ((truncated, "truncated"), (flipped, "header checksum mismatch")):
+            with pytest.raises(CorruptArtifactError, match=re.escape(str(path)) + ".*" + reason):
+                read_artifact(path)
+        with pytest.warns(UserWarning) as caught:
+            third = make_method("flexswitch", hp).merge(pool, exemplars)
+        messages = [str(w.message) for w in caught]
+        for path in (truncated, flipped):
+            assert any(str(path) in m and "corrupt" in m for m in messages), messages
+        assert [third.training[t]["reused"] for t in tasks] == [False, False, True]
+        assert third.reused_training_seconds == pytest.approx(seconds[tasks[2]])
+        assert third.artifacts() == first.artifacts()  # retrained with the same seed
+        for path in (truncated, flipped):  # rewritten whole
+            assert read_artifact(path).metadata["key"] in path.name
+
+
+def test_auto_flexswitch_reuses_flexswitch_training_and_stores_a_checked_router(tiny_bert):
+    hp = {"steps": 2, "exemplars": 8, "batch_size": 4, "decay": 0.8}  # settings no other test uses
+    tasks = [t.name for t in tiny_bert.tasks]
+    exemplars = draw_exemplars(tiny_bert, tasks, 8, 0)
+    with ModelPool(tiny_bert, tasks) as pool:
+        flex = make_method("flexswitch", hp).merge(pool, exemplars)
+        auto = make_method("auto-flexswitch", {**hp, "centres": 2, "rank": 2, "metric_epochs": 2, "neighbours": 3}
+                           ).merge(pool, exemplars)
+    assert flex.reused_training_seconds is None
+    assert auto.reused_training_seconds == pytest.approx(sum(d["seconds"] for d in flex.training.values()), abs=0.02)
+    stored = auto.artifacts()["router.mbc"]
+    projection, centres, owners, neighbours = decode_router(stored, tasks)
+    assert projection.shape[0] == 2 and centres.shape == (2 * len(tasks), 2) and neighbours == 3
+    assert torch.equal(auto.router.queries, centres) and torch.equal(auto.router.owners, owners)
+    assert decode_tensors(stored).metadata == {"content": "auto-flexswitch/router", "tasks": tasks, "neighbours": 3}
+    damaged = bytearray(stored)
+    _, _, hlen, _ = struct.unpack_from("<8sIII", stored)
+    damaged[20 + hlen] ^= 0x01  # the first payload: the projection L
+    with pytest.raises(CorruptArtifactError, match=r"router\.mbc: tensor 'projection': payload checksum mismatch"):
+        decode_router(bytes(damaged), tasks)
+    with pytest.raises(CorruptArtifactError, match=r"router\.mbc: built for tasks"):
+        decode_router(stored, tasks[:2])

@@ -101,7 +101,7 @@ def test_auto_switch_routes_each_task_to_itself_on_separable_features(pool):
     merged = make_method("auto-switch", {"exemplars": 12, "neighbours": 5}).merge(pool, exemplars)
     weights = merged.routing_weights("t1", {"x": torch.tensor([-1.0, 1.0])})
     assert torch.equal(weights, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
-    assert "query_set.safetensors" in merged.artifacts()
+    assert "query_set.mbc" in merged.artifacts()
 
 
 def test_auto_switch_needs_exemplars(pool):
@@ -146,3 +146,26 @@ def test_routing_accuracy_is_recorded_during_prediction(pool):
     diagnostics = merged.diagnostics()
     assert diagnostics["routing_accuracy"] == {"t1": 0.75, "t2": 1.0}
     assert diagnostics["routing_accuracy_mean"] == 0.875
+
+
+def test_auto_switch_query_set_is_a_checked_container_the_router_reads(pool):
+    from mergebench.codecs import CorruptArtifactError
+    from mergebench.container import decode_tensors
+    from mergebench.methods.t_switch import decode_query_set
+
+    exemplars = {"t1": {"x": torch.full((12,), -1.0)}, "t2": {"x": torch.full((12,), 1.0)}}
+    merged = make_method("auto-switch", {"exemplars": 12, "neighbours": 5}).merge(pool, exemplars)
+    stored = merged.artifacts()["query_set.mbc"]
+    contents = decode_tensors(stored)
+    assert contents.metadata == {"content": "auto-switch/query-set", "tasks": ["t1", "t2"]}
+    features, owners = decode_query_set(stored, pool.tasks)
+    assert torch.equal(merged.router.queries, features.reshape(len(features), -1))
+    assert torch.equal(merged.router.owners, owners) and owners.tolist() == [0] * 12 + [1] * 12
+    damaged = bytearray(stored)
+    damaged[-1] ^= 0x80  # in the owners payload
+    with pytest.raises(CorruptArtifactError, match=r"query_set\.mbc: tensor 'owners': payload checksum mismatch"):
+        decode_query_set(bytes(damaged), pool.tasks)
+    with pytest.raises(CorruptArtifactError, match=r"query_set\.mbc: truncated"):
+        decode_query_set(stored[:-5], pool.tasks)
+    with pytest.raises(CorruptArtifactError, match=r"query_set\.mbc: holds None"):  # a switch file in its place
+        decode_query_set(merged.artifacts()["t1.tswitch"], pool.tasks)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load as load_safetensors
 from torch import nn
 from torch.func import functional_call
 
-from mergebench.methods.twin_merging import TwinMerged, TwinMerging, svd_factors
+from mergebench.container import decode_tensors
+from mergebench.errors import CorruptArtifactError
+from mergebench.methods.twin_merging import (TwinMerged, TwinMerging, decode_experts, decode_router, experts_artifact,
+                                             svd_factors)
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS
 from mergebench.runner import make_method
@@ -73,7 +75,7 @@ def test_registration_flags():
     cls = METHODS.get("twin-merging")
     assert cls is TwinMerging
     assert cls.needs_exemplars and cls.dynamic and not cls.uses_task_identity
-    assert cls.hyperparameters["shared"] == "task-arithmetic" and cls.hyperparameters["exemplars"] == 100
+    assert cls.defaults()["shared"] == "task-arithmetic" and cls.defaults()["exemplars"] == 100
 
 
 def test_svd_factors_truncate_to_rank():
@@ -93,10 +95,10 @@ def test_shared_expert_is_task_arithmetic_with_lambda_0_3(pool):
 def test_full_rank_experts_reconstruct_finetuned_minus_shared(pool):
     shared, artifacts = make_method("twin-merging", {"rank": 4}).build(pool)
     for task in pool.tasks:
-        factors = load_safetensors(artifacts[f"{task}.experts.safetensors"])
-        assert sorted({name.rsplit(".", 1)[0] for name in factors}) == LINEAR  # biases: no expert
+        factors = decode_experts(artifacts[experts_artifact(task)], task)
+        assert sorted(factors) == LINEAR  # biases: no expert
         for key in LINEAR:
-            u, s, v = (factors[f"{key}.{p}"] for p in "USV")
+            u, s, v = factors[key]
             expected = pool.finetuned(task, key) - shared[key]
             assert torch.allclose(u @ torch.diag(s) @ v.T, expected, atol=1e-5)
 
@@ -124,7 +126,7 @@ def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
         weights = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         out = merged.encode({"x": x}, weights)
-        decoded = [load_safetensors(artifacts[f"{t}.experts.safetensors"]) for t in pool.tasks]
+        decoded = [decode_tensors(artifacts[experts_artifact(t)]) for t in pool.tasks]
         for b in range(2):
             params = dict(shared)
             for key in LINEAR:
@@ -156,7 +158,7 @@ def test_router_training_is_seeded(pool):
     exemplars = clusters()
     a = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
     b = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
-    assert a.artifacts()["router.safetensors"] == b.artifacts()["router.safetensors"]
+    assert a.artifacts()["router.mbc"] == b.artifacts()["router.mbc"]
 
 
 def test_shared_router_features_route_too(pool):
@@ -170,11 +172,11 @@ def test_shared_router_features_route_too(pool):
 def test_storage_is_the_artifacts_bytes(pool):
     merged = make_method("twin-merging", {"rank": 2, "router_steps": 5}).merge(pool, clusters())
     artifacts = merged.artifacts()
-    assert set(artifacts) == {"shared.safetensors", "t1.experts.safetensors", "t2.experts.safetensors", "router.safetensors"}
+    assert set(artifacts) == {"shared.mbc", "t1.experts.mbc", "t2.experts.mbc", "router.mbc"}
     assert merged.storage_bytes() == sum(len(a) for a in artifacts.values())
-    shared = load_safetensors(artifacts["shared.safetensors"])
+    shared = decode_tensors(artifacts["shared.mbc"])
     assert set(shared) == set(pool.keys())  # the full shared model
-    factors = load_safetensors(artifacts["t1.experts.safetensors"])
+    factors = decode_tensors(artifacts["t1.experts.mbc"])
     assert factors["net.0.weight.U"].shape == (4, 2) and factors["net.2.weight.V"].shape == (4, 2)
     assert all(t.dtype == torch.float32 for t in factors.values())
 
@@ -195,3 +197,33 @@ def test_ties_shared_expert(pool):
     ties = make_method("ties").merge(pool)
     for key, value in ties.encoder.state_dict().items():
         assert torch.allclose(shared[key], value)
+
+
+def test_router_and_experts_are_read_back_from_their_checked_containers(pool):
+    merged = make_method("twin-merging", {"rank": 2, "router_steps": 5}).merge(pool, clusters())
+    artifacts = merged.artifacts()
+    router = decode_router(artifacts["router.mbc"], pool.tasks)
+    assert not router.training and not merged.router.training
+    stored = router.state_dict()
+    assert all(torch.equal(value, stored[key]) for key, value in merged.router.state_dict().items())
+    assert decode_tensors(artifacts["shared.mbc"]).metadata == {"content": "twin-merging/shared"}
+
+    damaged = bytearray(artifacts["router.mbc"])
+    damaged[-1] ^= 0x01  # the last payload: the last entry of the state dict
+    with pytest.raises(CorruptArtifactError, match=r"router\.mbc: tensor 'net\.8\.bias': payload checksum mismatch"):
+        decode_router(bytes(damaged), pool.tasks)
+    with pytest.raises(CorruptArtifactError, match=r"router\.mbc: built for tasks \['t1', 't2'\]"):
+        decode_router(artifacts["router.mbc"], ["t2", "t1"])
+    with pytest.raises(CorruptArtifactError, match=r"router\.mbc: holds 'twin-merging/experts'"):
+        decode_router(artifacts["t1.experts.mbc"], pool.tasks)
+
+    shared = decode_tensors(artifacts["shared.mbc"])
+    swapped = {**artifacts, "t2.experts.mbc": artifacts["t1.experts.mbc"]}
+    with pytest.raises(CorruptArtifactError, match=r"t2\.experts\.mbc: holds the experts of task 't1'"):
+        TwinMerged(pool, shared, swapped)
+    _, rank_one = make_method("twin-merging", {"rank": 1}).build(pool)
+    with pytest.raises(CorruptArtifactError, match=r"t2\.experts\.mbc: tensor 'net\.0\.weight\.U': U, S, V of shapes "
+                                                   r"\[\[4, 1\], \[1\], \[4, 1\]\], t1\.experts\.mbc has \[\[4, 2\]"):
+        TwinMerged(pool, shared, {**artifacts, "t2.experts.mbc": rank_one["t2.experts.mbc"]})
+    with pytest.raises(CorruptArtifactError, match=r"missing Twin-Merging artifact t1\.experts\.mbc"):
+        TwinMerged(pool, shared, {k: v for k, v in artifacts.items() if k != "t1.experts.mbc"})
