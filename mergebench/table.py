@@ -120,6 +120,21 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
     return [dataclasses.replace(r, hyperparameters=completed(r)) if slot[3] else r for slot, r in latest.items()]
 
 
+# the packages whose version is shown under each table (every record stores more)
+SHOWN_VERSIONS = ("torch", "transformers", "numpy", "scikit-learn")
+
+
+def versions_line(results: list[Result]) -> str:
+    """The versions the rows ran with: a number can change with them, so a table that mixes
+    versions says so."""
+    parts = []
+    for package in SHOWN_VERSIONS:
+        seen = sorted({r.versions[package] for r in results if package in r.versions})
+        if seen:
+            parts.append(f"{package} {' / '.join(seen)}")
+    return f"_Package versions of these rows: {'; '.join(parts)}._" if parts else "_Package versions not recorded._"
+
+
 def leaderboard_markdown(results_dir: Path) -> str:
     """The leaderboard of every record under ``results_dir``. A malformed or contradictory
     record is refused (RecordError naming file:line, field and reason); records of a method
@@ -153,7 +168,7 @@ def leaderboard_markdown(results_dir: Path) -> str:
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
         lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})", "",
-                  results_table(latest, known_methods=known_methods)]
+                  results_table(latest, known_methods=known_methods), "", versions_line(latest)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
     return "\n".join(lines) + "\n"

@@ -268,3 +268,11 @@ def test_committed_leaderboard_shows_each_configuration_once():
                                                                                 "alpha=0.5, format=tswitch"]
     (reusing,) = [r for r in rows if r["Method"] == "auto-flexswitch"]
     assert reusing["Merge (s)"] == "2447.5 (reused)"
+
+
+def test_leaderboard_shows_the_package_versions_of_its_rows(tmp_path):
+    append_result(tmp_path, make_result(versions={"torch": "2.13.0+cpu", "transformers": "5.23.0"}))
+    append_result(tmp_path, make_result(method="ties", hyperparameters={"keep": 0.2, "scaling": 0.3},
+                                        versions={"torch": "2.13.0+cpu", "transformers": "5.24.0"}))
+    text = leaderboard_markdown(tmp_path)
+    assert "_Package versions of these rows: torch 2.13.0+cpu; transformers 5.23.0 / 5.24.0._" in text
