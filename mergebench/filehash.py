@@ -52,8 +52,9 @@ def file_sha256(path: Path | str) -> str:
         return entry["sha256"]
     digest = _digest(path)
     if _stamp(path.stat()) == _stamp(before):  # not rewritten while it was read
+        kept = {name: entry for name, entry in _read_cache().items() if Path(name).exists()}  # forget deleted files
         try:
-            write_json(cache_path(), {**_read_cache(), key: {"stamp": _stamp(before), "sha256": digest}})
+            write_json(cache_path(), {**kept, key: {"stamp": _stamp(before), "sha256": digest}})
         except OSError:  # a read-only cache only costs the next run a re-hash
             pass
     return digest

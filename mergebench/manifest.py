@@ -83,9 +83,8 @@ def checkpoint_files(backbone: Backbone) -> list[Path]:
 
 
 # --- reading and writing ---------------------------------------------------------------
-def read_manifest(backbone: Backbone) -> Manifest | None:
-    """The backbone's manifest, or None if it has none (prepared by an older version, or never)."""
-    path = manifest_path(backbone)
+def _load(path: Path) -> Manifest | None:
+    """The manifest in ``path``, None if there is none; ValueError saying why it is not one."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -96,10 +95,16 @@ def read_manifest(backbone: Backbone) -> Manifest | None:
             raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
         files = {str(name): Entry(int(e["size"]), str(e["sha256"])) for name, e in data["files"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(
-            f"{path}: not a valid checkpoint manifest ({error}); run `mergebench prepare --backbone {backbone.name}`"
-        ) from None
+        raise ValueError(f"{path}: not a valid checkpoint manifest ({error})") from None
     return Manifest(path, files, hashlib.sha256(raw).hexdigest())
+
+
+def read_manifest(backbone: Backbone) -> Manifest | None:
+    """The backbone's manifest, or None if it has none (prepared by an older version, or never)."""
+    try:
+        return _load(manifest_path(backbone))
+    except ValueError as error:
+        raise CheckpointError(f"{error}; `mergebench prepare --backbone {backbone.name}` writes a new one") from None
 
 
 def _write(backbone: Backbone, path: Path, entries: dict[Path, Entry]) -> Manifest:
@@ -136,7 +141,7 @@ def mismatch(file: Path, entry: Entry) -> str | None:
         return f"{file} is {size} bytes, its manifest says {entry.size}"
     digest = file_sha256(file)
     if digest != entry.sha256:
-        return f"{file} has SHA-256 {digest}, its manifest says {entry.sha256}"
+        return f"{file} has SHA-256 {digest[:16]}…, its manifest says {entry.sha256[:16]}…"
     return None
 
 
@@ -154,19 +159,19 @@ def integrity_error(backbone: Backbone, problems: Iterable[str]) -> CheckpointEr
         remedy = f"run `{command}`{f' {hint}' if hint else ''}, which rebuilds it, or add --force to rebuild every file"
     else:
         remedy = f"run `{command} --force`{f' {hint}' if hint else ''} to prepare the backbone again"
-    return CheckpointError(f"{'; '.join(problems)}. The checkpoint is corrupt, truncated or changed since it was "
-                           f"prepared: {remedy}")
+    return CheckpointError(f"{'; '.join(problems)}: corrupt, truncated or changed since it was prepared; {remedy}")
 
 
-def verify(backbone: Backbone, manifest: Manifest, file: Path) -> None:
-    """CheckpointError unless ``file`` has its manifest's size and SHA-256."""
+def verify(backbone: Backbone, manifest: Manifest, file: Path) -> bool:
+    """Whether the manifest lists ``file``; if it does, CheckpointError unless the file has
+    the size and SHA-256 it lists."""
     entry = manifest.entry(file)
     if entry is None:
-        raise CheckpointError(f"{file} is not in the checkpoint manifest {manifest.path}: "
-                              f"run `mergebench prepare --backbone {backbone.name}`")
+        return False
     problem = mismatch(file, entry)
     if problem is not None:
         raise integrity_error(backbone, [problem])
+    return True
 
 
 # --- prepare ------------------------------------------------------------------------------------
@@ -193,9 +198,9 @@ def _repair_or_refuse(backbone: Backbone, problems: dict[Path, str], repair: boo
 
 def _recorded(backbone: Backbone) -> Manifest | None:
     try:
-        return read_manifest(backbone)
-    except CheckpointError as error:  # every file is inspected again instead
-        print(f"mergebench: {error}; checking every checkpoint again", file=sys.stderr)
+        return _load(manifest_path(backbone))
+    except ValueError as error:  # every file is inspected again instead
+        print(f"mergebench: {error}; checking every checkpoint to write a new one", file=sys.stderr)
         return None
 
 
@@ -236,6 +241,7 @@ def prepare_checkpoints(backbone: Backbone, force: bool = False, repair: bool = 
         entries.update({file: inspect(file) for file in again})  # rebuilding did not help: the error as it is
 
     path = manifest_path(backbone)
-    if recorded is not None and recorded.path == path and {_name(path, f): e for f, e in entries.items()} == recorded.files:
+    unchanged = recorded is not None and recorded.path == path
+    if unchanged and {_name(path, file): entry for file, entry in entries.items()} == recorded.files:
         return recorded
     return _write(backbone, path, entries)

@@ -5,7 +5,7 @@ that merges key by key holds only K+1 copies of one tensor at a time, never K
 models. Every checkpoint is verified on first use against the prepare manifest (size
 and SHA-256; ``mergebench.manifest``, which also found its values finite) and against
 the pretrained one (same keys, shapes and dtypes); errors name the file and tensor.
-A backbone without a manifest (e.g. one built by a test) has every opened checkpoint's
+A checkpoint the manifest does not list (no manifest, or a file a test wrote) has its
 values checked for NaN and inf instead.
 """
 from __future__ import annotations
@@ -49,14 +49,7 @@ class ModelPool:
         self._stack = ExitStack()
         self.manifest = read_manifest(backbone)
         self.manifest_sha256 = self.manifest.sha256 if self.manifest is not None else None  # recorded with results
-        path = backbone.pretrained_checkpoint()
-        self._pretrained = self._stack.enter_context(self._open_verified(path))
-        if self.manifest is None:
-            try:
-                check_finite(self._pretrained, path)
-            except CheckpointError:
-                self.close()
-                raise
+        self._pretrained = self._stack.enter_context(self._open_checked(backbone.pretrained_checkpoint()))
         self._finetuned: dict[str, object] = {}
         self._keys = sorted(self._pretrained.keys())
         self.merged_keys = [k for k in self._keys if backbone.is_merged(k, _dtype(self._pretrained, k))]
@@ -100,7 +93,7 @@ class ModelPool:
             if task not in self.tasks:
                 raise KeyError(f"task {task!r} is not in the pool; tasks: {', '.join(self.tasks)}")
             path = self.backbone.finetuned_checkpoint(task)
-            handle = self._open_verified(path)
+            handle = self._open_checked(path)
             try:
                 self._validate(path, handle)
             except BaseException:
@@ -109,10 +102,17 @@ class ModelPool:
             self._finetuned[task] = self._stack.enter_context(handle)
         return self._finetuned[task]
 
-    def _open_verified(self, path: Path):
-        if self.manifest is not None and path.is_file():
-            verify(self.backbone, self.manifest, path)
-        return _open(path)
+    def _open_checked(self, path: Path):
+        """A checkpoint verified against the manifest, or read in full and found finite."""
+        verified = self.manifest is not None and path.is_file() and verify(self.backbone, self.manifest, path)
+        handle = _open(path)
+        if not verified:
+            try:
+                check_finite(handle, path)
+            except BaseException:
+                handle.__exit__(None, None, None)
+                raise
+        return handle
 
     def _validate(self, path: Path, handle) -> None:
         keys = set(handle.keys())
@@ -129,8 +129,6 @@ class ModelPool:
                     f"{path}: tensor {key!r} has shape {theirs.get_shape()} {theirs.get_dtype()}, "
                     f"pretrained has {ours.get_shape()} {ours.get_dtype()}"
                 )
-        if self.manifest is None:  # else found finite when the manifest was written
-            check_finite(handle, path)
 
     def close(self) -> None:
         self._stack.close()

@@ -77,18 +77,20 @@ def collect_missing(missing: list[MissingResourceError], find: Callable[..., T],
 
 def all_missing(name: str, missing: list[MissingResourceError]) -> MissingResourceError:
     """One error naming every missing item; items with the same reason and hint share a line."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    plain: list[str] = []  # errors with a message of their own
+    groups: dict[tuple[str, str], list[str]] = {}  # (why, hint) -> what
     for error in missing:
-        key, what = ((error.why, error.hint), error.what) if isinstance(error, MissingGlueResource) else ((str(error), ""), "")
-        if what not in groups.setdefault(key, []):
-            groups[key].append(what)
-    count = sum(map(len, groups.values()))
+        if isinstance(error, MissingGlueResource):
+            whats = groups.setdefault((error.why, error.hint), [])
+            if error.what not in whats:
+                whats.append(error.what)
+        elif str(error) not in plain:
+            plain.append(str(error))
+    count = len(plain) + sum(map(len, groups.values()))
     if count == 1:
         return missing[0]
-    lines = [
-        ("; ".join(whats) + ": " + why.removeprefix("is ") if whats != [""] else why) + (f". {hint}" if hint else "")
-        for (why, hint), whats in groups.items()
-    ]
+    lines = plain + [f"{'; '.join(whats)}: {why.removeprefix('is ')}" + (f". {hint}" if hint else "")
+                     for (why, hint), whats in groups.items()]
     return MissingResourceError(f"{name}: {count} datasets or checkpoints are missing:\n"
                                 + "\n".join(f"  - {line}" for line in lines))
 
