@@ -131,7 +131,7 @@ def run(
             eval_seconds = time.perf_counter() - start
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
-        manifest = getattr(pool, "manifest_sha256", None)
+        manifest = pool.manifest_sha256
 
     reused = getattr(merged, "reused_training_seconds", None)
     result = Result(
