@@ -21,6 +21,7 @@ import numpy as np
 from tabulate import tabulate
 
 from mergebench import codecs as C
+from mergebench.sparsify import magnitude_mask
 
 CONFIGS = [  # (label, format, bits, quant)
     ("tswitch", "tswitch", 1, "sign"),
@@ -51,7 +52,7 @@ def run(rows: int, cols: int, alphas: list[float], repeat: int, seed: int, df: f
     mb = tau.nbytes / 1e6
     results = []
     for alpha in alphas:
-        mask = C.magnitude_mask(tau, alpha)
+        mask = magnitude_mask(tau, alpha)
         for label, fmt, bits, quant in CONFIGS:
             def encode():
                 if quant == "sign":

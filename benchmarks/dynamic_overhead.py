@@ -21,11 +21,12 @@ import time
 import torch
 from tabulate import tabulate
 
-from mergebench.dynamic import DynamicMerged
+from mergebench.dynamic import ComposedMerged
+from mergebench.exemplars import draw_exemplars
 from mergebench.method import StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import BACKBONES, METHODS
-from mergebench.runner import draw_exemplars, make_method
+from mergebench.runner import make_method
 
 DYNAMIC = ["t-switch", "emr-merging", "auto-switch", "twin-merging", "auto-flexswitch"]
 # Inference cost does not depend on how long the switches were trained (the composed weights
@@ -60,7 +61,7 @@ def timed(function, repeat: int) -> float:
 
 def routing_groups(merged, task: str, inputs) -> str:
     """How many distinct weight vectors the batch is split into (one forward each)."""
-    if isinstance(merged, DynamicMerged):
+    if isinstance(merged, ComposedMerged):
         return str(len(torch.unique(merged.routing_weights(task, inputs), dim=0)))
     return "- (per-input low-rank hooks)"
 
@@ -101,8 +102,8 @@ def main() -> None:
             for name, model in merged.items():
                 warm = timed(lambda: model.predict(task, inputs), args.repeat)
                 cold = "-"
-                if isinstance(model, DynamicMerged):
-                    model._cache.clear()
+                if isinstance(model, ComposedMerged):
+                    model.clear_cache()
                     start = clock()
                     model.predict(task, inputs)
                     cold = f"{(clock() - start) / base:.2f}"

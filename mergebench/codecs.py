@@ -83,7 +83,6 @@ __all__ = [
     "indep_bits",
     "tswitch_bits",
     "entropy_bound_bits",
-    "magnitude_mask",
     "tswitch_from_task_vector",
     "quantized_from_task_vector",
     "encode_payload",
@@ -433,11 +432,6 @@ class CompressedTensor:
             return indep_bits(self.n, self.bits)
         return sass_bits_exact(self.n, self.n_kept, self.bits, self.group_size)
 
-    @property
-    def storage_bits(self) -> int:
-        """Payload bits plus 32 bits per fp32 parameter kept in the header."""
-        return self.payload_bits + 32 * len(self.params)
-
     # ---- values
     def values(self) -> np.ndarray:
         """The float32 values of the kept entries."""
@@ -458,11 +452,6 @@ class CompressedTensor:
         """The decoded task vector as a float32 CPU tensor of the original shape."""
         return torch.from_numpy(self.to_numpy())
 
-    def with_format(self, fmt: str) -> "CompressedTensor":
-        """The same content in another storage layout."""
-        return CompressedTensor(self.shape, fmt, self.bits, self.mask, self.codes, self.quant,
-                                dict(self.params), self.dtype)
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CompressedTensor):
             return NotImplemented
@@ -474,21 +463,6 @@ class CompressedTensor:
     def __repr__(self) -> str:
         return (f"CompressedTensor(shape={self.shape}, fmt={self.fmt!r}, bits={self.bits}, "
                 f"quant={self.quant!r}, n_kept={self.n_kept}, params={self.params})")
-
-
-def magnitude_mask(tau: Any, sparsity: float) -> np.ndarray:
-    """P-Spar / P-Discard mask: keep the round(n (1 - sparsity)) largest |tau| (ties by position)."""
-    if not 0.0 <= sparsity <= 1.0:
-        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
-    a = np.abs(_as_numpy_f32(tau))
-    flat = a.ravel()
-    k = int(round(flat.size * (1.0 - sparsity)))
-    mask = np.zeros(flat.size, dtype=np.bool_)
-    if k >= flat.size:
-        mask[:] = True
-    elif k > 0:
-        mask[np.argpartition(-flat, k - 1)[:k]] = True
-    return mask.reshape(a.shape)
 
 
 def _prepare(tau: Any, mask: Any) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], str]:

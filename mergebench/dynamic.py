@@ -1,10 +1,14 @@
-"""Dynamic inference: theta(x) = theta_pre + sum_k w_k(x) * tau_hat_k, without one
-weight materialisation per sample.
+"""Dynamic inference: the compact per-task parts of a merge, composed per input.
 
-The inputs of a batch are grouped by their routing-weight vectors (Auto-Switch
-weights are multiples of 1/C, so a batch has few distinct vectors); merged
-weights are built once per distinct vector and kept in a small LRU cache, and the
-encoder runs through ``torch.func.functional_call`` so no module is copied.
+:class:`RoutedMerged` is what every dynamic method builds: the routing weights w(x)
+(one-hot on the known task, or a router's), the routing accuracy, the stored
+artifacts and the diagnostics, all given at construction. :class:`ComposedMerged`
+runs theta(x) = theta_pre + sum_k w_k(x) * tau_hat_k without one weight
+materialisation per sample: the inputs of a batch are grouped by their
+routing-weight vectors (Auto-Switch weights are multiples of 1/C, so a batch has few
+distinct vectors); merged weights are built once per distinct vector and kept in a
+small LRU cache, and the encoder runs through ``torch.func.functional_call`` so no
+module is copied.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from mergebench.backbone import Backbone
@@ -35,40 +40,88 @@ class TaskVectorStore(abc.ABC):
         """sum_k weights[k] * tau_hat_k[key] as a dense float tensor."""
 
 
-class DynamicMerged(Merged):
-    def __init__(
-        self,
-        backbone: Backbone,
-        pretrained: Mapping[str, torch.Tensor],
-        store: TaskVectorStore,
-        router: Router | None = None,
-        cache_bytes: int = 2 * 1024**3,
-        artifacts: Mapping[str, bytes] | None = None,
-    ):
-        super().__init__(backbone)
-        self.stored = dict(artifacts or {})  # the serialized parts this model was decoded from
-        self.encoder = backbone.build_encoder().eval()
-        self.encoder.load_state_dict(dict(pretrained), strict=True)
-        self.pretrained = {key: pretrained[key] for key in store.keys()}
-        self.store = store
+class RoutedMerged(Merged):
+    """Per-task parts composed with per-input weights w(x) over ``tasks``.
+
+    Without a router the task identity is used: w is one-hot on the task being evaluated.
+    With one, ``route`` gives the weights and every prediction counts how many inputs put
+    their largest weight on their own task (the routing accuracy of ``diagnostics``).
+    ``artifacts`` are the serialized parts the model was decoded from, charged as storage."""
+
+    def __init__(self, backbone: Backbone, tasks: list[str], *, router: Any = None,
+                 artifacts: Mapping[str, bytes] | None = None, diagnostics: Mapping[str, Any] | None = None,
+                 reused_training_seconds: float | None = None):
+        super().__init__(backbone, diagnostics=diagnostics, reused_training_seconds=reused_training_seconds)
+        self.tasks = list(tasks)
         self.router = router
+        self._artifacts = dict(artifacts or {})
+        self._routed: dict[str, list[int]] = {}  # task -> [inputs whose top weight is the task, inputs]
+
+    def route(self, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(batch, K) weights from the router (a subclass whose router is not a callable of
+        the inputs says here how to read it)."""
+        return self.router(inputs)
+
+    @torch.no_grad()
+    def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """(batch, K) composition weights: the router's, or one-hot on the known task."""
+        if self.router is not None:
+            return self.route(inputs)
+        batch = next(iter(inputs.values())).shape[0]
+        weights = torch.zeros(batch, len(self.tasks))
+        weights[:, self.tasks.index(task)] = 1.0
+        return weights
+
+    @abc.abstractmethod
+    def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+        """Encoder features, each input under the parts composed with its own weights."""
+
+    @torch.no_grad()
+    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
+        weights = self.routing_weights(task, inputs)
+        if self.router is not None:
+            counts = self._routed.setdefault(task, [0, 0])
+            counts[0] += int((weights.argmax(1) == self.tasks.index(task)).sum())
+            counts[1] += len(weights)
+        return self.head(task)(self.features(inputs, weights))
+
+    def artifacts(self) -> dict[str, bytes]:
+        return dict(self._artifacts)
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What the method learned, the size of each stored artifact and, with a router, the
+        routing accuracy: the share of inputs whose largest weight goes to their own task."""
+        out = super().diagnostics()
+        if self._artifacts:
+            out["artifact_bytes"] = {name: len(data) for name, data in self._artifacts.items()}
+        if self._routed:
+            accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
+            out.update(routing_accuracy=accuracy, routing_accuracy_mean=sum(accuracy.values()) / len(accuracy))
+        return out
+
+
+class ComposedMerged(RoutedMerged):
+    """theta(x) = theta_pre + sum_k w_k(x) tau_hat_k, the tau_hat_k read from ``store`` and the
+    composed weights run through ``encoder`` (the pretrained encoder, which a router may
+    share for its features)."""
+
+    def __init__(self, backbone: Backbone, encoder: nn.Module, store: TaskVectorStore, *, router: Router | None = None,
+                 artifacts: Mapping[str, bytes] | None = None, diagnostics: Mapping[str, Any] | None = None,
+                 reused_training_seconds: float | None = None, cache_bytes: int = 2 * 1024**3):
+        super().__init__(backbone, store.tasks, router=router, artifacts=artifacts, diagnostics=diagnostics,
+                         reused_training_seconds=reused_training_seconds)
+        self.encoder = encoder
+        state = encoder.state_dict()
+        self.pretrained = {key: state[key] for key in store.keys()}
+        self.store = store
         entry_bytes = sum(t.numel() * 4 for t in self.pretrained.values()) or 1
         self.cache_size = max(1, cache_bytes // entry_bytes)  # how many merged weight sets fit the budget
         self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
-        self._routed: dict[str, list[int]] = {}  # task -> [inputs whose top weight is the task, inputs]
 
-    def artifacts(self) -> dict[str, bytes]:
-        return dict(self.stored)
-
-    def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """(batch, K) composition weights: the router's, or one-hot on the known task."""
-        if self.router is not None:
-            return self.router(inputs)
-        batch = next(iter(inputs.values())).shape[0]
-        weights = torch.zeros(batch, len(self.store.tasks))
-        weights[:, self.store.tasks.index(task)] = 1.0
-        return weights
+    def clear_cache(self) -> None:
+        """Forget every merged weight set (the next batch builds its weights again)."""
+        self._cache.clear()
 
     def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
         key = tuple(weights.tolist())
@@ -84,7 +137,7 @@ class DynamicMerged(Merged):
 
     @torch.no_grad()
     def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
-        """Encoder features, each input under its own composed weights, one forward per group."""
+        """One forward per group of inputs with equal weights."""
         unique, inverse = torch.unique(weights, dim=0, return_inverse=True)
         if len(unique) == 1:
             return functional_call(self.encoder, self.merged_parameters(unique[0]), args=(), kwargs=dict(inputs))
@@ -97,25 +150,6 @@ class DynamicMerged(Merged):
                 output = features.new_empty((weights.shape[0], *features.shape[1:]))
             output[index] = features
         return output
-
-    @torch.no_grad()
-    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        weights = self.routing_weights(task, inputs)
-        if self.router is not None:
-            hits = int((weights.argmax(1) == self.store.tasks.index(task)).sum())
-            counts = self._routed.setdefault(task, [0, 0])
-            counts[0] += hits
-            counts[1] += len(weights)
-        return self.head(task)(self.features(inputs, weights))
-
-    def diagnostics(self) -> dict[str, Any]:
-        """The size of each stored artifact and, with a router, the routing accuracy: the
-        share of inputs whose largest weight goes to their own task."""
-        sizes = {"artifact_bytes": {name: len(data) for name, data in self.stored.items()}} if self.stored else {}
-        if not self._routed:
-            return sizes
-        accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
-        return {**sizes, "routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
 
 
 class KNNRouter:
@@ -169,8 +203,3 @@ class KNNRouter:
             weights[i, votes.argmax()] = 1.0
         return weights
 
-
-def batched_features(encoder: Callable[..., torch.Tensor], inputs: Mapping[str, torch.Tensor], batch_size: int = 64) -> torch.Tensor:
-    """encoder(**inputs) over a large input batch, ``batch_size`` rows at a time."""
-    n = next(iter(inputs.values())).shape[0]
-    return torch.cat([encoder(**{k: v[i : i + batch_size] for k, v in inputs.items()}) for i in range(0, n, batch_size)])

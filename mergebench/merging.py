@@ -2,7 +2,8 @@
 
 A static method only says how to combine one tensor's task vectors; this loop
 walks the pool key by key, so memory stays at the pretrained model, the merged
-model, and K copies of a single tensor.
+model, and K copies of a single tensor. ``finetuned_mean`` is the fallback of the
+methods that merge some tensors by other rules (Fisher, RegMean).
 """
 from __future__ import annotations
 
@@ -29,3 +30,13 @@ def merge_task_vectors(pool: ModelPool, combine: Combine, desc: str = "merging")
         else:
             state[key] = pre
     return state
+
+
+def finetuned_mean(pool: ModelPool, key: str) -> torch.Tensor:
+    """Plain mean of one tensor over the fine-tuned checkpoints (float32 or wider)."""
+    total = None
+    for task in pool.tasks:
+        value = pool.finetuned(task, key)
+        value = value.to(torch.promote_types(value.dtype, torch.float32))
+        total = value if total is None else total + value
+    return total / len(pool.tasks)

@@ -24,13 +24,15 @@ Artifact = bytes | Path  # serialized bytes, or a file that is kept as it is
 
 
 class Merged(abc.ABC):
-    """What a method produces."""
+    """What a method produces. What the method learned (coefficients, sparsity, bit-widths)
+    is given at construction as ``diagnostics``, so that it reaches the run's record."""
 
-    reused_training_seconds: float | None = None  # original cost of training loaded from a cache (None: none reused)
-
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, *, diagnostics: Mapping[str, Any] | None = None,
+                 reused_training_seconds: float | None = None):
         self.backbone = backbone
         self._heads: dict[str, nn.Module] = {}
+        self._learned = dict(diagnostics or {})
+        self.reused_training_seconds = reused_training_seconds  # original cost of training read from a cache
 
     def head(self, task: str) -> nn.Module:
         if task not in self._heads:
@@ -46,8 +48,8 @@ class Merged(abc.ABC):
         return {}
 
     def diagnostics(self) -> dict[str, Any]:
-        """Method-specific figures measured during evaluation (e.g. routing accuracy)."""
-        return {}
+        """What the method learned, and figures measured during evaluation (e.g. routing accuracy)."""
+        return dict(self._learned)
 
     def storage_bytes(self) -> int:
         return sum(a.stat().st_size if isinstance(a, Path) else len(a) for a in self.artifacts().values())
@@ -57,18 +59,24 @@ class StaticMerged(Merged):
     """One merged encoder for every task. It replaces the pretrained weights, so a
     static merge keeps nothing extra (the papers' tables print '-' for storage)."""
 
-    def __init__(self, backbone: Backbone, state: Mapping[str, torch.Tensor]):
-        super().__init__(backbone)
+    def __init__(self, backbone: Backbone, state: Mapping[str, torch.Tensor], *,
+                 diagnostics: Mapping[str, Any] | None = None):
+        super().__init__(backbone, diagnostics=diagnostics)
         for key, tensor in state.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteError(f"merged tensor {key!r} has NaN or infinite values")
-        self.encoder = backbone.build_encoder()
-        self.encoder.load_state_dict(dict(state), strict=True)
-        self.encoder.eval()
+        self.encoder = load_encoder(backbone, state)
 
     @torch.no_grad()
     def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
         return self.head(task)(self.encoder(**inputs))
+
+
+def load_encoder(backbone: Backbone, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    """The backbone's encoder holding ``state`` (every key), in eval mode."""
+    encoder = backbone.build_encoder()
+    encoder.load_state_dict(dict(state), strict=True)
+    return encoder.eval()
 
 
 def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -84,7 +92,7 @@ class Method(abc.ABC):
     every value is checked when the method is made, before any work starts.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by ``register_method``
     hyperparameters: ClassVar[dict[str, Hyperparameter]] = {}
     needs_exemplars: ClassVar[bool] = False  # uses (unlabelled) training exemplars
     uses_task_identity: ClassVar[bool] = False  # needs to know the task at inference
@@ -107,6 +115,12 @@ class Method(abc.ABC):
     def check_hyperparameters(self) -> None:
         """Constraints between values that one declaration cannot express; raise
         HyperparameterError (called when the method is made, before any work)."""
+
+    def resolved_hyperparameters(self, backbone: Backbone | type[Backbone]) -> dict[str, Any]:
+        """Every hyperparameter as a merge on ``backbone`` uses it: what the record names.
+        A method whose defaults depend on the backbone fills them in here, so that ``merge``
+        never changes ``hparams``; HyperparameterError if a value does not apply to it."""
+        return dict(self.hparams)
 
     @property
     def automatic(self) -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -80,9 +79,6 @@ class ModelPool:
     def finetuned_state(self, task: str) -> dict[str, torch.Tensor]:
         self._handle(task)
         return load_file(str(self.backbone.finetuned_checkpoint(task)))
-
-    def iter_merged_keys(self) -> Iterator[str]:
-        yield from self.merged_keys
 
     def checkpoint_paths(self) -> dict[str, Path]:
         return {task: self.backbone.finetuned_checkpoint(task) for task in self.tasks}

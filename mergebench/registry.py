@@ -66,5 +66,16 @@ class Registry(Generic[T]):
 METHODS: Registry = Registry("method", "mergebench.methods", "mergebench.methods")
 BACKBONES: Registry = Registry("backbone", "mergebench.tasks", "mergebench.tasks")
 
-register_method = METHODS.register
 register_backbone = BACKBONES.register
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Register a Method class under ``name``, which becomes its ``name``: written once."""
+    register = METHODS.register(name)
+
+    def decorator(cls: type) -> type:
+        register(cls)
+        cls.name = name
+        return cls
+
+    return decorator

@@ -15,6 +15,7 @@ import torch
 
 from mergebench.backbone import Backbone
 from mergebench.evaluate import evaluate
+from mergebench.exemplars import draw_exemplars
 from mergebench.manifest import prepare_checkpoints
 from mergebench.errors import HyperparameterError, NonFiniteError
 from mergebench.memory import PeakMemory
@@ -63,11 +64,6 @@ def git_commit(here: Path | None = None) -> str | None:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def draw_exemplars(backbone: Backbone, tasks: list[str], n: int, seed: int, split: str = "train") -> dict[str, Any]:
-    """The same seeded, label-free exemplars for every method asking for ``n`` per task."""
-    return {task: backbone.exemplars(task, n, seed, split) for task in tasks}
 
 
 def make_method(name: str, hyperparameters: dict[str, Any] | None = None, seed: int = 0) -> Method:
@@ -139,7 +135,7 @@ def run(
         backbone=backbone.name,
         suite=backbone.suite,
         seed=seed,
-        hyperparameters=method.hparams,  # every value, defaults included: a changed default never merges rows
+        hyperparameters=method.resolved_hyperparameters(backbone),  # every value as used, defaults included
         metrics=metrics,
         average=float(np.mean(list(metrics.values()))),
         extra_storage_bytes=storage,

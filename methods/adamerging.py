@@ -30,8 +30,8 @@ sign election, as the authors' ``ties_merging_split`` does, and the coefficients
 on the resulting per-task vectors (the ``selected_entries``, not TIES' merged vector):
 * trim: each tau_k keeps its top ``keep`` fraction (20%, the authors' ``K = 20``) of entries
   by magnitude over the whole flattened task vector, ties at the threshold kept
-  (``methods.ties.trim_thresholds``, the authors' ``topk_values_mask``);
-* elect: the sign of the sum of the trimmed vectors (``methods.ties.elect_and_merge``, the
+  (``mergebench.sparsify.trim_thresholds``, the authors' ``topk_values_mask``);
+* elect: the sign of the sum of the trimmed vectors (``mergebench.sparsify.elect_and_merge``, the
   authors' ``resolve_sign``); an exact zero sum takes the majority sign, per tensor here and
   over the whole model in the authors' code (this only decides exact ties, as in ``ties``);
 * selected_k = trimmed tau_k where its sign agrees with the elected one, else 0 (the authors'
@@ -58,12 +58,12 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from mergebench.exemplars import example_count, task_exemplars
 from mergebench.hyperparameters import Bool, Float, Int
 from mergebench.method import Method, StaticMerged
-from mergebench.methods.fisher import example_count, task_exemplars
-from mergebench.methods.ties import elect_and_merge, trim_thresholds
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
+from mergebench.sparsify import selected_entries, trim, trim_thresholds
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -87,15 +87,7 @@ def ties_selected_vectors(pool: ModelPool, keep: float) -> list[torch.Tensor]:
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"adamerging++: keep must be in (0, 1], got {keep}")
     thresholds = torch.tensor(trim_thresholds(pool, keep))
-    out = []
-    for stacked in stacked_task_vectors(pool):
-        limit = thresholds.view(-1, *([1] * (stacked.dim() - 1))).to(stacked.dtype)
-        trimmed = stacked * (stacked.abs() >= limit)
-        # the disjoint mean is non-zero with the elected sign wherever some trimmed value
-        # is non-zero, so "same sign as the mean" is "agrees with the elected sign"
-        elected = elect_and_merge(trimmed)
-        out.append(trimmed * (trimmed * elected > 0))
-    return out
+    return [selected_entries(trim(stacked, thresholds)) for stacked in stacked_task_vectors(pool)]
 
 
 class AdaMergingModel:
@@ -146,6 +138,23 @@ class AdaMergingModel:
                 for key, value in self.pretrained.items()}
 
 
+FULL_TABLE_LIMIT = 1024  # coefficients recorded one by one up to this many (K x L); beyond, per-task summaries only
+
+
+def learned_coefficients(tasks: list[str], coefficients: torch.Tensor, losses: list[float]) -> dict[str, Any]:
+    """What the record keeps of the learned (K, L) coefficients: per task their mean, min and
+    max over the merged tensors, the whole table in ``pool.merged_keys`` order when it is
+    small, and the entropy at the first and last step."""
+    summary = {task: {"mean": float(row.mean()), "min": float(row.min()), "max": float(row.max())}
+               for task, row in zip(tasks, coefficients)}
+    learned: dict[str, Any] = {"coefficients": summary}
+    if coefficients.numel() <= FULL_TABLE_LIMIT:
+        learned["coefficients_per_tensor"] = {task: row.tolist() for task, row in zip(tasks, coefficients)}
+    if losses:
+        learned["entropy"] = {"first_step": losses[0], "last_step": losses[-1]}
+    return learned
+
+
 class BatchSampler:
     """Per task, its N inputs reshuffled every pass (seeded) and taken ``size`` at a time."""
 
@@ -169,7 +178,6 @@ class BatchSampler:
 
 @register_method("adamerging")
 class AdaMerging(Method):
-    name = "adamerging"
     needs_exemplars = True
     uses_test_inputs = True
     # the entropy of class probabilities is its objective; the Auto-FlexSwitch paper excludes it from
@@ -194,22 +202,21 @@ class AdaMerging(Method):
         model = AdaMergingModel(pool, self.task_vectors(pool), init, bool(self.hparams["clamp"]))
         optimizer = torch.optim.Adam([model.coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         sampler = BatchSampler(inputs, batch_size, self.seed)
-        self.losses: list[float] = []
+        losses: list[float] = []
         progress = tqdm(range(steps), desc=self.name, unit="step", leave=False)
         for _ in progress:
             loss = model.entropy(sampler.next())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            self.losses.append(loss.item())
-            progress.set_postfix(entropy=f"{self.losses[-1]:.4f}")
-        self.coefficients = model.used_coefficients().detach().clone()
-        return StaticMerged(pool.backbone, model.merged_state())
+            losses.append(loss.item())
+            progress.set_postfix(entropy=f"{losses[-1]:.4f}")
+        learned = learned_coefficients(pool.tasks, model.used_coefficients().detach(), losses)
+        return StaticMerged(pool.backbone, model.merged_state(), diagnostics=learned)
 
 
 @register_method("adamerging++")
 class AdaMergingPlusPlus(AdaMerging):
-    name = "adamerging++"
     hyperparameters = {
         **AdaMerging.hyperparameters,
         "keep": Float(0.2, "TIES k: the fraction of largest-magnitude entries kept per task vector", 0.0, 1.0,

@@ -18,18 +18,11 @@ from mergebench.hyperparameters import Float
 from mergebench.merging import merge_task_vectors
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
-
-
-def drop_and_rescale(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    if p == 0.0:
-        return tau
-    keep = torch.rand(tau.shape, generator=generator) >= p
-    return tau * keep / (1.0 - p)
+from mergebench.sparsify import drop_and_rescale
 
 
 @register_method("dare")
 class Dare(Method):
-    name = "dare"
     hyperparameters = {
         "drop_rate": Float(0.5, "p: the probability of dropping each task-vector entry", 0.0, 1.0, high_open=True),
         "scaling": Float(0.3, "lambda: the factor on the sum of the rescaled task vectors", 0.0),

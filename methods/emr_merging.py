@@ -55,10 +55,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mergebench.container import decode_tensors, encode_tensors
-from mergebench.dynamic import DynamicMerged, TaskVectorStore
-from mergebench.method import Method
-from mergebench.pool import ModelPool
+from mergebench.dynamic import ComposedMerged, TaskVectorStore
 from mergebench.errors import CorruptArtifactError
+from mergebench.method import Method, load_encoder
+from mergebench.pool import ModelPool
 from mergebench.registry import register_method
 
 UNIFIED = "unified.mbc"
@@ -207,17 +207,13 @@ class EMRStore(TaskVectorStore):
         return scale * tau_uni
 
 
-class EMRMerged(DynamicMerged):
-    def __init__(self, pool: ModelPool, artifacts: dict[str, bytes]):
-        super().__init__(pool.backbone, pool.pretrained_state(), EMRStore(pool.tasks, artifacts), artifacts=artifacts)
-
-
 @register_method("emr-merging")
 class EMRMerging(Method):
-    name = "emr-merging"
     hyperparameters: dict = {}  # tuning-free
     uses_task_identity = True
     dynamic = True
 
     def merge(self, pool, exemplars=None):
-        return EMRMerged(pool, emr_merge(pool))
+        artifacts = emr_merge(pool)
+        encoder = load_encoder(pool.backbone, pool.pretrained_state())
+        return ComposedMerged(pool.backbone, encoder, EMRStore(pool.tasks, artifacts), artifacts=artifacts)

@@ -54,38 +54,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.exemplars import example_count, select_examples, task_exemplars
 from mergebench.hyperparameters import Bool, Float, Int
+from mergebench.merging import finetuned_mean
 from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
-
-
-# --- helpers shared with methods/regmean.py ----------------------------------------
-def task_exemplars(method: str, exemplars: Mapping[str, Any] | None, task: str) -> Mapping[str, Any]:
-    """The exemplar inputs of one task, or a clear error naming what is missing."""
-    if exemplars is None:
-        raise ValueError(f"method {method!r} needs exemplars (unlabelled training inputs) for every task; got none")
-    if task not in exemplars:
-        raise ValueError(
-            f"method {method!r}: no exemplars for task {task!r}; tasks with exemplars: {sorted(exemplars)}"
-        )
-    inputs = exemplars[task]
-    if example_count(inputs) == 0:
-        raise ValueError(f"method {method!r}: the exemplars of task {task!r} are empty")
-    return inputs
-
-
-def example_count(inputs: Mapping[str, Any]) -> int:
-    """N, the leading dimension shared by the input tensors of a batch."""
-    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    if len(sizes) != 1:
-        raise ValueError(f"exemplar inputs must share one leading (example) dimension, got sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
-def select_examples(inputs: Mapping[str, Any], start: int, stop: int) -> dict[str, Any]:
-    """Examples start..stop-1 of a batch of inputs (non-tensor values pass through)."""
-    return {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in inputs.items()}
 
 
 def varying_keys(pool: ModelPool) -> set[str]:
@@ -97,16 +71,6 @@ def varying_keys(pool: ModelPool) -> set[str]:
         if any(not torch.equal(first, pool.finetuned(task, key)) for task in pool.tasks[1:]):
             varying.add(key)
     return varying
-
-
-def finetuned_mean(pool: ModelPool, key: str) -> torch.Tensor:
-    """Plain mean of one tensor over the fine-tuned checkpoints (float32 or wider)."""
-    total = None
-    for task in pool.tasks:
-        value = pool.finetuned(task, key)
-        value = value.to(torch.promote_types(value.dtype, torch.float32))
-        total = value if total is None else total + value
-    return total / len(pool.tasks)
 
 
 # --- the Fisher ----------------------------------------------------------------------
@@ -176,7 +140,6 @@ def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
 # --- the method ------------------------------------------------------------------------
 @register_method("fisher")
 class FisherMerging(Method):
-    name = "fisher"
     needs_exemplars = True
     # the Fisher is that of a classifier's softmax over one output per example; a detector's
     # set prediction (per-query classes and boxes) has no such likelihood here (see README, RF100)

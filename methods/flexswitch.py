@@ -29,7 +29,7 @@ r = 32, E = 20 (its ablation's fixed value), metric lr 0.5 for 100 epochs. Choic
 leaves open, documented here:
 * lambda: Table I is not in our copy of the paper; the defaults (KL 1.0, MSE 1.0, CKA 10.0)
   were chosen on the mini suite so that each loss reaches a comparable sparsity (the
-  paper's stated criterion); see the closing note of issue #4 / README.
+  paper's stated criterion); see README.
 * initial values: s = 0 (thresholds at mid-range), softplus(kappa) = 1, w = 0 (uniform mix).
 * a side with no entries (e.g. no negative entries) has no gate term; a side whose entries
   are all equal uses r = v_max so the gate stays finite.
@@ -44,6 +44,7 @@ import math
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -57,13 +58,14 @@ from tqdm.auto import tqdm
 from mergebench.cache import cache_dir
 from mergebench.codecs import CompressedTensor, dequantize, quantize, quantized_from_task_vector
 from mergebench.container import decode_tensors, encode_tensors, read_artifact, write_artifact
-from mergebench.dynamic import DynamicMerged, KNNRouter, batched_features
-from mergebench.errors import CorruptArtifactError
+from mergebench.dynamic import ComposedMerged, KNNRouter
+from mergebench.errors import CorruptArtifactError, HyperparameterError
+from mergebench.exemplars import batched_features, per_task_features, task_indices
 from mergebench.hyperparameters import Bool, Choice, Float, Int, IntList
-from mergebench.method import HyperparameterError, Method
+from mergebench.method import Method, load_encoder
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
-from mergebench.methods.t_switch import SwitchStore
+from mergebench.switches import SwitchStore
 
 LOSSES = ("kl", "mse", "cka")
 DEFAULT_LAMBDA = {"kl": 1.0, "mse": 1.0, "cka": 10.0}
@@ -101,17 +103,18 @@ def cka_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 PRESERVATION_LOSSES = {"kl": kl_loss, "mse": mse_loss, "cka": cka_loss}
 
 
-def resolve_loss(method: Method, backbone) -> None:
-    """On a detector the preservation loss is MSE, the paper's choice for DETR (§IV-A2: "we
-    only consider MSE as the performance preserving loss to ensure alignment of both the
-    classification and regression branches"); KL and CKA read one class distribution or one
-    output vector per input. The default becomes mse there; asking for another is an error."""
+def resolve_loss(method: Method, backbone) -> str:
+    """The preservation loss a merge on ``backbone`` uses. On a detector it is MSE, the paper's
+    choice for DETR (§IV-A2: "we only consider MSE as the performance preserving loss to ensure
+    alignment of both the classification and regression branches"); KL and CKA read one class
+    distribution or one output vector per input. The default becomes mse there; asking for
+    another is an error."""
     if backbone.task_type != "detection":
-        return
+        return str(method.hparams["loss"])
     if "loss" in method.overrides and method.hparams["loss"] != "mse":
         raise HyperparameterError(f"{method.name}: loss {method.hparams['loss']!r} does not apply to detection outputs "
-                         f"({backbone.name}); use loss=mse, the paper's choice for DETR")
-    method.hparams["loss"] = "mse"
+                                  f"({backbone.name}); use loss=mse, the paper's choice for DETR")
+    return "mse"
 
 
 # --------------------------------------------------------------------------- gates
@@ -274,6 +277,11 @@ class TrainedSwitch:
     final_preservation: float
 
 
+def outputs_under(encoder: nn.Module, head: nn.Module, params: Mapping[str, torch.Tensor], **inputs) -> torch.Tensor:
+    """head(encoder(inputs)) with ``params`` in place of the encoder's own tensors."""
+    return head(functional_call(encoder, params, args=(), kwargs=inputs))
+
+
 def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor],
                      settings: FlexSwitchSettings, seed: int, encoder: nn.Module) -> TrainedSwitch:
     """Optimise Eq. 14 for one task and return its SASS-encoded task vector."""
@@ -284,11 +292,10 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
     gates = nn.ModuleDict({key.replace(".", "/"): TensorGate(pool.task_vector(task, key), settings.bit_widths)
                            for key in keys})
     pretrained = {key: pool.pretrained(key).float() for key in keys}
-    finetuned = {key: pretrained[key] + gates[key.replace(".", "/")].tau for key in keys}
     n = next(iter(exemplars.values())).shape[0]
-    with torch.no_grad():  # the fine-tuned model's outputs on the exemplars are fixed: compute them once
-        teacher = torch.cat([head(functional_call(encoder, finetuned, args=(), kwargs={k: v[i:i + 64] for k, v in exemplars.items()}))
-                             for i in range(0, n, 64)])
+    # the fine-tuned model's outputs on the exemplars are fixed: compute them once
+    finetuned = {key: pretrained[key] + gates[key.replace(".", "/")].tau for key in keys}
+    teacher = batched_features(partial(outputs_under, encoder, head, finetuned), exemplars)
     del finetuned
     lgs = [p for g in gates.values() for p in (g.s_pos, g.s_neg, g.kappa)]
     bas = [g.w for g in gates.values()]
@@ -331,16 +338,6 @@ def switch_statistics(tensors: Mapping[str, Any]) -> dict[str, Any]:
         "kept_weighted_bits": sum(t.bits * t.n_kept for t in tensors.values()) / kept if kept else 0.0,
         "tensors": {key: {"n": t.n, "sparsity": round(t.sparsity, 6), "bits": t.bits} for key, t in tensors.items()},
     }
-
-
-class FlexSwitchMerged(DynamicMerged):
-    def __init__(self, pool: ModelPool, artifacts: dict[str, bytes], training: dict[str, Any]):
-        super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts, ".sass"),
-                         artifacts=artifacts)
-        self.training = training
-
-    def diagnostics(self) -> dict[str, Any]:
-        return {**super().diagnostics(), "flexswitch": self.training}
 
 
 def training_key(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
@@ -402,22 +399,18 @@ def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Ten
     return encode_tensors(trained.tensors), {**stats, "reused": False}, None
 
 
-def build_flexswitch(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any],
-                     seed: int) -> FlexSwitchMerged:
-    """The switches of every task, trained or read back from the cache; the result's
-    ``reused_training_seconds`` is the original cost of the ones read back (None: none was)."""
+def train_switches(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any], seed: int,
+                   encoder: nn.Module) -> tuple[dict[str, bytes], dict[str, Any], float | None]:
+    """The switches of every task, trained or read back from the cache: their SASS artifacts,
+    each task's training record, and the original cost of the ones read back (None: none was)."""
     settings = FlexSwitchSettings.from_hparams(hparams)
-    encoder = pool.backbone.build_encoder().eval().requires_grad_(False)
-    encoder.load_state_dict(pool.pretrained_state(), strict=True)
     artifacts, training, reused = {}, {}, []
     for k, task in enumerate(tqdm(pool.tasks, desc="flexswitch: training", unit="task")):
         artifacts[f"{task}.sass"], training[task], seconds = trained_switch(
             pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]))
         if seconds is not None:
             reused.append(seconds)
-    merged = FlexSwitchMerged(pool, artifacts, training)
-    merged.reused_training_seconds = sum(reused) if reused else None
-    return merged
+    return artifacts, training, sum(reused) if reused else None
 
 
 FLEXSWITCH_HPARAMS = {
@@ -440,7 +433,6 @@ FLEXSWITCH_HPARAMS = {
 
 @register_method("flexswitch")
 class FlexSwitch(Method):
-    name = "flexswitch"
     hyperparameters = dict(FLEXSWITCH_HPARAMS)
     needs_exemplars = True
     uses_task_identity = True
@@ -448,15 +440,31 @@ class FlexSwitch(Method):
 
     def check_applicable(self, backbone) -> None:
         super().check_applicable(backbone)
-        if backbone.task_type == "detection" and self.hparams["loss"] != "mse" and "loss" in self.overrides:
-            resolve_loss(self, backbone)  # raises, naming the loss the paper uses there
+        self.resolved_hyperparameters(backbone)  # raises if the loss asked for does not apply to its outputs
+
+    def resolved_hyperparameters(self, backbone) -> dict[str, Any]:
+        """The loss this backbone's outputs take (:func:`resolve_loss`) and, for a null lambda,
+        that loss's default: the record names the values the switches were trained with."""
+        hparams = {**super().resolved_hyperparameters(backbone), "loss": resolve_loss(self, backbone)}
+        hparams["lambda"] = FlexSwitchSettings.from_hparams(hparams).lam
+        return hparams
 
     def merge(self, pool, exemplars=None):
         if not exemplars:
             raise ValueError(f"{self.name} needs exemplars to train its switches")
-        resolve_loss(self, pool.backbone)
-        self.hparams["lambda"] = FlexSwitchSettings.from_hparams(self.hparams).lam  # the record names the lambda used
-        return build_flexswitch(pool, exemplars, self.hparams, self.seed)
+        hparams = self.resolved_hyperparameters(pool.backbone)
+        encoder = load_encoder(pool.backbone, pool.pretrained_state()).requires_grad_(False)
+        artifacts, training, reused = train_switches(pool, exemplars, hparams, self.seed, encoder)
+        store = SwitchStore(pool.tasks, artifacts, ".sass")
+        router, routing_artifacts, routing_record = self.routing(pool, exemplars, encoder)
+        return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts={**artifacts, **routing_artifacts},
+                              diagnostics={"flexswitch": {**training, **routing_record}},
+                              reused_training_seconds=reused)
+
+    def routing(self, pool: ModelPool, exemplars: Mapping[str, Any],
+                encoder: nn.Module) -> tuple[KNNRouter | None, dict[str, bytes], dict[str, Any]]:
+        """The router, what it stores and what its training reached (FlexSwitch: the task identity, none)."""
+        return None, {}, {}
 
 
 # --------------------------------------------------------------------------- routing
@@ -540,7 +548,6 @@ def decode_router(data: bytes, tasks: list[str], name: str = ROUTER) -> tuple[to
 class AutoFlexSwitch(FlexSwitch):
     """FlexSwitch's switches, then the routing that replaces the task identity."""
 
-    name = "auto-flexswitch"
     hyperparameters = {
         **FLEXSWITCH_HPARAMS,
         "centres": Int(20, "E: K-means centres per task", 1),
@@ -556,18 +563,21 @@ class AutoFlexSwitch(FlexSwitch):
         if int(self.hparams["neighbours"]) > available:
             raise HyperparameterError(f"method {self.name!r}: neighbours={self.hparams['neighbours']} exceeds the "
                                       f"{available} centres of {len(pool.tasks)} tasks")
-        merged = super().merge(pool, exemplars)
+        return super().merge(pool, exemplars)
+
+    def routing(self, pool, exemplars, encoder):
+        """k-NN over K-means centres of the pretrained query features, in the learned metric."""
         start = time.perf_counter()
         routed = pool.backbone.routing_features
-        with torch.no_grad():  # query sets: pretrained features f_ex(x; Theta) of the exemplars (Eq. 5)
-            queries = [routed(batched_features(merged.encoder, exemplars[task])) for task in pool.tasks]
+        # query sets: pretrained features f_ex(x; Theta) of the exemplars (Eq. 5)
+        queries = [routed(features) for features in per_task_features(encoder, exemplars, pool.tasks)]
         # a detector gives one vector per object query: each is a query of its task, and an image is
         # composed by the majority vote of its queries' k-NN weights (§IV-A2; KNNRouter)
         queries = [q.reshape(-1, q.shape[-1]) for q in queries]
         features = torch.cat(queries).float()
-        labels = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
+        labels = task_indices(queries)
         centres = [kmeans_centres(q.float(), int(self.hparams["centres"]), self.seed) for q in queries]
-        owners = torch.cat([torch.full((len(c),), k) for k, c in enumerate(centres)])
+        owners = task_indices(centres)
         centres = torch.cat(centres)
         neighbours = int(self.hparams["neighbours"])
         if neighbours > len(centres):
@@ -578,11 +588,9 @@ class AutoFlexSwitch(FlexSwitch):
                                            self.seed)
         # what routing keeps beside the switches: L and the projected centres with their tasks; the
         # router reads them back from the stored bytes
-        merged.stored[ROUTER] = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
-        projection, projected, owners, neighbours = decode_router(merged.stored[ROUTER], pool.tasks)
-        encoder = merged.encoder
-        merged.router = KNNRouter(lambda inputs: routed(encoder(**inputs)) @ projection.T, projected, owners,
-                                  len(pool.tasks), neighbours)
-        merged.training["metric"] = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0],
-                                     "loss_end": history[-1]}
-        return merged
+        stored = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
+        projection, projected, owners, neighbours = decode_router(stored, pool.tasks)
+        router = KNNRouter(lambda inputs: routed(encoder(**inputs)) @ projection.T, projected, owners,
+                           len(pool.tasks), neighbours)
+        record = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0], "loss_end": history[-1]}
+        return router, {ROUTER: stored}, {"metric": record}

@@ -14,7 +14,6 @@ from mergebench.registry import register_method
 
 @register_method("pretrained")
 class Pretrained(Method):
-    name = "pretrained"
     reference = True
 
     def merge(self, pool, exemplars=None):
@@ -43,7 +42,6 @@ class PerTaskEncoders(Merged):
 
 @register_method("individual")
 class Individual(Method):
-    name = "individual"
     reference = True
     uses_task_identity = True
     dynamic = True

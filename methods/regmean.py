@@ -52,9 +52,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.exemplars import example_count, select_examples, task_exemplars
 from mergebench.hyperparameters import Float, Int
+from mergebench.merging import finetuned_mean
 from mergebench.method import Method, StaticMerged
-from mergebench.methods.fisher import example_count, finetuned_mean, select_examples, task_exemplars
 from mergebench.registry import register_method
 
 BATCH_SIZE = 64  # exemplars per forward pass while collecting Grams
@@ -155,7 +156,6 @@ def solve_regmean(
 
 @register_method("regmean")
 class RegMean(Method):
-    name = "regmean"
     needs_exemplars = True
     hyperparameters = {
         "exemplars": Int(256, "N: unlabelled training inputs per task the Gram matrices are built from", 1),

@@ -30,69 +30,16 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from mergebench.codecs import FORMATS, CorruptArtifactError, tswitch_from_task_vector
+from mergebench.codecs import FORMATS, tswitch_from_task_vector
 from mergebench.container import decode_tensors, encode_tensors
-from mergebench.dynamic import DynamicMerged, KNNRouter, TaskVectorStore, batched_features
+from mergebench.dynamic import ComposedMerged, KNNRouter
+from mergebench.exemplars import per_task_features, task_indices
 from mergebench.hyperparameters import Choice, Float, Int
-from mergebench.method import Method
+from mergebench.method import Method, load_encoder
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
-
-
-def pulse_mask(tau: torch.Tensor, alpha: float) -> torch.Tensor:
-    """P-Spar (Eq. 2): drop the alpha fraction of smallest positive and of smallest
-    negative entries (by magnitude), separately; zeros are never kept."""
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"alpha must be in [0, 1), got {alpha}")
-    mask = torch.zeros_like(tau, dtype=torch.bool)
-    for side in (tau > 0, tau < 0):
-        magnitudes = tau[side].abs()
-        drop = int(alpha * magnitudes.numel())
-        if magnitudes.numel() == 0:
-            continue
-        if drop == 0:
-            mask |= side
-        else:
-            level = magnitudes.kthvalue(drop).values  # the alpha-quantile of this side
-            mask |= side & (tau.abs() > level)
-    return mask
-
-
-class SwitchStore(TaskVectorStore):
-    """The decoded switches beta_k A_k (.) P_k of every task (or any compressed task
-    vectors in the codec container: ``artifacts[task + suffix]``), stacked per tensor
-    as a (K, n) float matrix, so composing any weight vector is one matrix product.
-    The artifacts are decoded one task at a time into the stacks, so that decoding
-    holds no more than one task's masks and codes beside them."""
-
-    def __init__(self, tasks: list[str], artifacts: dict[str, bytes], suffix: str = ".tswitch"):
-        self.tasks = tasks
-        self.switches: dict[str, torch.Tensor] = {}
-        for k, task in enumerate(tasks):
-            source = task + suffix
-            if source not in artifacts:
-                raise CorruptArtifactError(f"missing switch artifact {source}")
-            contents = decode_tensors(artifacts[source], source=source)
-            for key in contents:
-                compressed = contents.compressed(key)
-                stack = self.switches.get(key)
-                if stack is None:
-                    stack = self.switches[key] = torch.zeros(len(tasks), *compressed.shape)
-                elif tuple(stack.shape[1:]) != compressed.shape:
-                    raise CorruptArtifactError(f"{source}: tensor {key!r} has shape {list(compressed.shape)}, "
-                                               f"other tasks have {list(stack.shape[1:])}")
-                stack[k] = compressed.to_dense()
-        self._keys = sorted(self.switches)
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
-        switches = self.switches[key]
-        active = weights.nonzero().squeeze(1)
-        if len(active) == 1:  # task identity known: a scaled copy, no product needed
-            return weights[active[0]] * switches[active[0]]
-        return (weights.float() @ switches.view(len(self.tasks), -1)).view(switches.shape[1:])
+from mergebench.sparsify import pulse_mask
+from mergebench.switches import SwitchStore
 
 
 def encode_switches(pool: ModelPool, alpha: float, fmt: str = "tswitch") -> dict[str, bytes]:
@@ -135,15 +82,8 @@ def decode_query_set(data: bytes, tasks: list[str], name: str = QUERY_SET) -> tu
     return features, owners
 
 
-class SwitchMerged(DynamicMerged):
-    def __init__(self, pool: ModelPool, artifacts: dict[str, bytes], router=None):
-        super().__init__(pool.backbone, pool.pretrained_state(), SwitchStore(pool.tasks, artifacts), router,
-                         artifacts=artifacts)
-
-
 @register_method("t-switch")
 class TSwitch(Method):
-    name = "t-switch"
     # format: the storage layout of the switches (the values are the same in every layout)
     hyperparameters = {
         "alpha": Float(0.5, "alpha: the fraction of smallest-magnitude entries deactivated per tensor", 0.0, 1.0, high_open=True),
@@ -153,12 +93,13 @@ class TSwitch(Method):
     dynamic = True
 
     def merge(self, pool, exemplars=None):
-        return SwitchMerged(pool, encode_switches(pool, float(self.hparams["alpha"]), str(self.hparams["format"])))
+        artifacts = encode_switches(pool, float(self.hparams["alpha"]), str(self.hparams["format"]))
+        encoder = load_encoder(pool.backbone, pool.pretrained_state())
+        return ComposedMerged(pool.backbone, encoder, SwitchStore(pool.tasks, artifacts), artifacts=artifacts)
 
 
 @register_method("auto-switch")
 class AutoSwitch(Method):
-    name = "auto-switch"
     # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation).
     # query_model: "pretrained" (Auto-FlexSwitch Eq. 5) or "averaged", the CVPR paper's choice: features
     # under theta + (1/K) sum_k tau_hat_k, which it found makes tasks easier to tell apart.
@@ -177,20 +118,20 @@ class AutoSwitch(Method):
             raise ValueError("auto-switch needs exemplars to build its query sets")
         query_model = self.hparams["query_model"]
         artifacts = encode_switches(pool, float(self.hparams["alpha"]))
-        merged = SwitchMerged(pool, artifacts)
+        encoder = load_encoder(pool.backbone, pool.pretrained_state())
+        store = SwitchStore(pool.tasks, artifacts)
         if query_model == "pretrained":
-            extract = merged.encoder  # f_ex(x; Theta)
+            extract = encoder  # f_ex(x; Theta)
         else:
             uniform = torch.full((len(pool.tasks),), 1.0 / len(pool.tasks))
-            averaged = merged.merged_parameters(uniform)
-            extract = lambda **inputs: functional_call(merged.encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
+            state = encoder.state_dict()
+            averaged = {key: state[key] + store.combine(key, uniform) for key in store.keys()}
+            extract = lambda **inputs: functional_call(encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
         routed = pool.backbone.routing_features  # e.g. DETR: one vector per object query, majority vote
-        with torch.no_grad():
-            queries = [routed(batched_features(extract, exemplars[task])) for task in pool.tasks]
-        owners = torch.cat([torch.full((len(q),), k) for k, q in enumerate(queries)])
+        queries = [routed(features) for features in per_task_features(extract, exemplars, pool.tasks)]
         # the query features are stored beside the switches, and the router reads them back from there
-        merged.stored[QUERY_SET] = encode_query_set(torch.cat(queries), owners, pool.tasks)
-        queries, owners = decode_query_set(merged.stored[QUERY_SET], pool.tasks)
-        merged.router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
-                                  int(self.hparams["neighbours"]))
-        return merged
+        artifacts[QUERY_SET] = encode_query_set(torch.cat(queries), task_indices(queries), pool.tasks)
+        queries, owners = decode_query_set(artifacts[QUERY_SET], pool.tasks)
+        router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
+                           int(self.hparams["neighbours"]))
+        return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts=artifacts)

@@ -13,7 +13,6 @@ from mergebench.registry import register_method
 
 @register_method("task-arithmetic")
 class TaskArithmetic(Method):
-    name = "task-arithmetic"
     hyperparameters = {"scaling": Float(0.3, "lambda: the factor on the sum of task vectors", 0.0)}
 
     def merge(self, pool, exemplars=None):

@@ -47,10 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench.container import decode_tensors, encode_tensors
-from mergebench.dynamic import batched_features
-from mergebench.errors import CorruptArtifactError
+from mergebench.dynamic import RoutedMerged
+from mergebench.errors import CorruptArtifactError, HyperparameterError
+from mergebench.exemplars import per_task_features, task_indices
 from mergebench.hyperparameters import Choice, Float, Hyperparameter, Int
-from mergebench.method import HyperparameterError, Merged, Method
+from mergebench.method import Method, load_encoder
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS, register_method
 
@@ -160,30 +161,34 @@ def linear_weight_keys(encoder: nn.Module, keys: list[str]) -> list[str]:
     return [k for k in keys if k.endswith(".weight") and isinstance(modules.get(k[: -len(".weight")]), nn.Linear)]
 
 
-class TwinMerged(Merged):
+def routing_input(backbone, features: torch.Tensor) -> torch.Tensor:
+    """What the router reads from encoder features: one vector per input. Several vectors per
+    input (DETR's 100 object queries) are averaged; flattened, they would make a 25600-wide
+    input and a router of billions of parameters."""
+    features = backbone.routing_features(features)
+    return features.mean(1) if features.dim() == 3 else features
+
+
+class TwinMerged(RoutedMerged):
     """theta_s in one encoder plus low-rank exclusive experts applied by forward hooks
-    with per-sample routing weights (see the module docstring for why it is exact)."""
+    with per-sample routing weights (see the module docstring for why it is exact).
+    With a router, w(x) = softmax(router(features(x))), the features being the pretrained
+    encoder's (``router_features`` "pretrained") or the shared expert's."""
 
     def __init__(self, pool: ModelPool, shared: Mapping[str, torch.Tensor], artifacts: dict[str, bytes],
                  router: RouterMLP | None = None, router_features: str = "pretrained"):
-        super().__init__(pool.backbone)
-        self.tasks = list(pool.tasks)
-        self.encoder = pool.backbone.build_encoder().eval()
-        self.encoder.load_state_dict(dict(shared), strict=True)
-        self.router = router
+        super().__init__(pool.backbone, pool.tasks, router=router, artifacts=artifacts)
+        self.encoder = load_encoder(pool.backbone, shared)
         self.router_features = router_features
         self.feature_encoder = None
         if router_features == "pretrained":
-            self.feature_encoder = pool.backbone.build_encoder().eval()
-            self.feature_encoder.load_state_dict(pool.pretrained_state(), strict=True)
-        self._artifacts = artifacts
+            self.feature_encoder = load_encoder(pool.backbone, pool.pretrained_state())
         # the factors used at inference are decoded from the stored bytes
         self.factors = self.stacked_factors(artifacts)
         self.expert_keys = sorted(self.factors)
         self._weights: torch.Tensor | None = None  # (B, K) for the forward in progress
         modules = dict(self.encoder.named_modules())
         self._hooks = [modules[key[: -len(".weight")]].register_forward_hook(self._hook(key)) for key in self.expert_keys]
-        self._routed: dict[str, list[int]] = {}
 
     def stacked_factors(self, artifacts: Mapping[str, bytes]) -> dict[str, tuple[torch.Tensor, ...]]:
         """{key: (U, S, V)} stacked over the tasks, (K, out, r), (K, r), (K, in, r), each checked
@@ -236,54 +241,25 @@ class TwinMerged(Merged):
     @torch.no_grad()
     def features_for_routing(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         if self.feature_encoder is not None:
-            features = self.feature_encoder(**inputs)
-        else:
-            self._weights = None  # the shared expert alone
-            features = self.encoder(**inputs)
-        features = self.backbone.routing_features(features)
-        # several vectors per input (DETR's 100 object queries): the router reads their mean; flattened,
-        # they would make a 25600-wide input and a router of billions of parameters
-        return features.mean(1) if features.dim() == 3 else features
+            return routing_input(self.backbone, self.feature_encoder(**inputs))
+        self._weights = None  # the shared expert alone
+        return routing_input(self.backbone, self.encoder(**inputs))
 
-    @torch.no_grad()
-    def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        if self.router is None:  # oracle: one-hot on the known task
-            batch = next(iter(inputs.values())).shape[0]
-            weights = torch.zeros(batch, len(self.tasks))
-            weights[:, self.tasks.index(task)] = 1.0
-            return weights
+    def route(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return torch.softmax(self.router(self.features_for_routing(inputs)), dim=-1)
 
     @torch.no_grad()
-    def encode(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+    def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
+        """One forward of the shared expert, each Linear's hook adding its inputs' experts."""
         self._weights = weights
         try:
             return self.encoder(**inputs)
         finally:
             self._weights = None
 
-    @torch.no_grad()
-    def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        weights = self.routing_weights(task, inputs)
-        if self.router is not None:
-            counts = self._routed.setdefault(task, [0, 0])
-            counts[0] += int((weights.argmax(1) == self.tasks.index(task)).sum())
-            counts[1] += len(weights)
-        return self.head(task)(self.encode(inputs, weights))
-
-    def artifacts(self):
-        return dict(self._artifacts)
-
-    def diagnostics(self) -> dict[str, Any]:
-        if not self._routed:
-            return {}
-        accuracy = {task: hits / total for task, (hits, total) in self._routed.items()}
-        return {"routing_accuracy": accuracy, "routing_accuracy_mean": sum(accuracy.values()) / len(accuracy)}
-
 
 @register_method("twin-merging")
 class TwinMerging(Method):
-    name = "twin-merging"
     hyperparameters = {
         "exemplars": Int(100, "N: unlabelled training inputs per task the router is trained on", 1),
         "rank": Int(16, "r: rank of each exclusive expert's truncated SVD", 1),
@@ -329,16 +305,20 @@ class TwinMerging(Method):
     def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
         if not exemplars:
             raise ValueError("twin-merging needs exemplars to train its router")
-        router_features = self.hparams["router_features"]
         shared, artifacts = self.build(pool)
-        merged = TwinMerged(pool, shared, artifacts, router=None, router_features=router_features)
-        with torch.no_grad():
-            extract = lambda **inputs: merged.features_for_routing(inputs)  # noqa: E731
-            features = [batched_features(extract, exemplars[task]) for task in pool.tasks]
-        labels = torch.cat([torch.full((len(f),), k) for k, f in enumerate(features)])
-        router = train_router(torch.cat(features), labels, len(pool.tasks), int(self.hparams["router_steps"]),
-                              float(self.hparams["router_lr"]), self.seed)
+        features = self.router_training_features(pool, shared, exemplars)
+        router = train_router(torch.cat(features), task_indices(features), len(pool.tasks),
+                              int(self.hparams["router_steps"]), float(self.hparams["router_lr"]), self.seed)
         artifacts[ROUTER] = encode_router(router, pool.tasks)
-        merged.router = decode_router(artifacts[ROUTER], pool.tasks)  # inference reads the stored router
-        merged._artifacts = artifacts
-        return merged
+        # inference reads the stored router
+        return TwinMerged(pool, shared, artifacts, decode_router(artifacts[ROUTER], pool.tasks),
+                          self.hparams["router_features"])
+
+    def router_training_features(self, pool: ModelPool, shared: Mapping[str, torch.Tensor],
+                                 exemplars: Mapping[str, Any]) -> list[torch.Tensor]:
+        """Per task, what the router reads from its exemplars (an encoder of its own, freed
+        before the merged model builds its encoders)."""
+        state = shared if self.hparams["router_features"] == "shared" else pool.pretrained_state()
+        encoder = load_encoder(pool.backbone, state)
+        return per_task_features(lambda **inputs: routing_input(pool.backbone, encoder(**inputs)), exemplars,
+                                 pool.tasks)

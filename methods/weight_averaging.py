@@ -11,7 +11,6 @@ from mergebench.registry import register_method
 
 @register_method("weight-averaging")
 class WeightAveraging(Method):
-    name = "weight-averaging"
 
     def merge(self, pool, exemplars=None):
         # mean of the fine-tuned weights == pretrained + mean of the task vectors

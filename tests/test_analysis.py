@@ -12,9 +12,9 @@ from mergebench.analysis.edits import Edit, binary_approximation, keep_low_mask,
 from mergebench.analysis.groups import groups_of, in_group, tensor_layer, tensor_type
 from mergebench.analysis.probe import EditedTaskVectors, FirstTestExamples, Prober
 from mergebench.cli import main
-from mergebench.methods.t_switch import pulse_mask
 from mergebench.method import StaticMerged
 from mergebench.pool import ModelPool
+from mergebench.sparsify import pulse_mask
 
 TAU = torch.tensor([3.0, 1.0, 2.0, -1.0, -4.0, -0.5, 0.0, 0.25, -2.0, 5.0])
 

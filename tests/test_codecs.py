@@ -294,12 +294,6 @@ def test_tswitch_nothing_kept_has_zero_beta():
     assert ct.params["beta"] == 0.0 and not ct.to_dense().any()
 
 
-def test_magnitude_mask_keeps_largest():
-    tau = np.array([0.1, -5.0, 2.0, -0.3, 4.0, 0.0], dtype=np.float32)
-    np.testing.assert_array_equal(C.magnitude_mask(tau, 0.5), [False, True, True, False, True, False])
-    assert C.magnitude_mask(tau, 0.0).all() and not C.magnitude_mask(tau, 1.0).any()
-
-
 # --------------------------------------------------------------------------- BAS quantiser (Eq. 13)
 
 

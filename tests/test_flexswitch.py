@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mergebench.codecs import choose_group_size, dequantize, quantize, sass_bits_exact
 from mergebench.container import decode_tensors, encode_tensors, read_artifact
 from mergebench.errors import CorruptArtifactError
+from mergebench.exemplars import draw_exemplars
 from mergebench.hyperparameters import resolve
 from mergebench.methods.flexswitch import (
     FLEXSWITCH_HPARAMS,
@@ -29,7 +30,7 @@ from mergebench.methods.flexswitch import (
     train_flexswitch,
 )
 from mergebench.pool import ModelPool
-from mergebench.runner import draw_exemplars, make_method, run
+from mergebench.runner import make_method, run
 
 TAU = torch.tensor([0.5, -0.2, 0.1, -0.8, 0.05, 0.3, -0.05, 0.0])
 
@@ -265,7 +266,7 @@ def test_one_cache_file_per_training_with_its_cost_and_corrupt_entries_are_retra
             seconds[task] = contents.metadata["seconds"]
 
         second = make_method("flexswitch", hp).merge(pool, exemplars)
-        assert all(d["reused"] for d in second.training.values())
+        assert all(d["reused"] for d in second.diagnostics()["flexswitch"].values())
         assert second.reused_training_seconds == pytest.approx(sum(seconds.values()), rel=1e-12)
         assert second.artifacts() == first.artifacts()
 
@@ -282,7 +283,7 @@ def test_one_cache_file_per_training_with_its_cost_and_corrupt_entries_are_retra
         messages = [str(w.message) for w in caught]
         for path in (truncated, flipped):
             assert any(str(path) in m and "corrupt" in m for m in messages), messages
-        assert [third.training[t]["reused"] for t in tasks] == [False, False, True]
+        assert [third.diagnostics()["flexswitch"][t]["reused"] for t in tasks] == [False, False, True]
         assert third.reused_training_seconds == pytest.approx(seconds[tasks[2]])
         assert third.artifacts() == first.artifacts()  # retrained with the same seed
         for path in (truncated, flipped):  # rewritten whole
@@ -298,7 +299,7 @@ def test_auto_flexswitch_reuses_flexswitch_training_and_stores_a_checked_router(
         auto = make_method("auto-flexswitch", {**hp, "centres": 2, "rank": 2, "metric_epochs": 2, "neighbours": 3}
                            ).merge(pool, exemplars)
     assert flex.reused_training_seconds is None
-    assert auto.reused_training_seconds == pytest.approx(sum(d["seconds"] for d in flex.training.values()), abs=0.02)
+    assert auto.reused_training_seconds == pytest.approx(sum(d["seconds"] for d in flex.diagnostics()["flexswitch"].values()), abs=0.02)
     stored = auto.artifacts()["router.mbc"]
     projection, centres, owners, neighbours = decode_router(stored, tasks)
     assert projection.shape[0] == 2 and centres.shape == (2 * len(tasks), 2) and neighbours == 3

@@ -80,6 +80,15 @@ def test_register_builtin_name_with_another_object_raises(isolated_methods):
     assert isolated_methods.get("task-arithmetic") is original
 
 
+def test_registration_gives_the_class_its_name(isolated_methods):
+    class Named(_First):
+        pass
+
+    register_method("test-named")(Named)
+    assert Named.name == "test-named" and _First.name == "test-dup"  # the parent keeps its own
+    assert make_method("test-named").name == "test-named"
+
+
 def test_registered_method_is_found_by_name(isolated_methods):
     register_method("test-dup")(_First)
     assert "test-dup" in isolated_methods.names()

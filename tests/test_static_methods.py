@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mergebench.runner import make_method
-from mergebench.methods.ties import elect_and_merge, magnitude_threshold
+from mergebench.sparsify import elect_and_merge, magnitude_threshold
 from tests._stub import finetuned_from, make_pool, merged_state, tensors
 
 PRE = tensors(a=[1.0, 1.0, 1.0, 1.0], b=[0.0, 0.0], c=[2.0])

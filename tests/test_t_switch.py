@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
-from mergebench.dynamic import DynamicMerged, KNNRouter
-from mergebench.methods.t_switch import SwitchStore, encode_switches, pulse_mask
+from mergebench.dynamic import ComposedMerged, KNNRouter
+from mergebench.method import load_encoder
+from mergebench.methods.t_switch import encode_switches
+from mergebench.sparsify import pulse_mask
+from mergebench.switches import SwitchStore
 from mergebench.runner import make_method
 from tests._stub import finetuned_from, make_pool, tensors
 
@@ -85,7 +88,8 @@ def test_knn_router_rejects_more_neighbours_than_queries():
 def test_dynamic_inference_groups_inputs_and_caches_weights(pool):
     store = SwitchStore(pool.tasks, encode_switches(pool, alpha=0.5))
     rows = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
-    merged = DynamicMerged(pool.backbone, pool.pretrained_state(), store, router=lambda inputs: rows)
+    encoder = load_encoder(pool.backbone, pool.pretrained_state())
+    merged = ComposedMerged(pool.backbone, encoder, store, router=lambda inputs: rows)
     x = {"x": torch.tensor([1.0, 2.0, 3.0, 4.0])}
     out = merged.predict("t1", x)
     assert merged.materialisations == 2  # two distinct weight vectors, not four samples
@@ -94,6 +98,24 @@ def test_dynamic_inference_groups_inputs_and_caches_weights(pool):
         assert torch.allclose(out[i], sum(p.sum() for p in params.values()) * x["x"][i])
     merged.predict("t1", x)
     assert merged.materialisations == 2  # served from the cache
+    merged.clear_cache()
+    assert torch.equal(merged.predict("t1", x), out)
+    assert merged.materialisations == 4  # built again after the cache was cleared
+
+
+def test_routed_model_reports_what_was_learned_stored_and_routed(pool):
+    store = SwitchStore(pool.tasks, encode_switches(pool, alpha=0.5))
+    encoder = load_encoder(pool.backbone, pool.pretrained_state())
+    routed = ComposedMerged(pool.backbone, encoder, store, router=lambda inputs: torch.tensor([[1.0, 0.0], [0.0, 1.0]]),
+                            artifacts={"parts.mbc": b"abc"}, diagnostics={"learned": [1, 2]})
+    routed.predict("t1", {"x": torch.ones(2)})
+    assert routed.diagnostics() == {"learned": [1, 2], "artifact_bytes": {"parts.mbc": 3},
+                                    "routing_accuracy": {"t1": 0.5}, "routing_accuracy_mean": 0.5}
+    assert routed.artifacts() == {"parts.mbc": b"abc"} and routed.storage_bytes() == 3
+    oracle = ComposedMerged(pool.backbone, encoder, store)  # no router: one-hot on the task evaluated
+    assert torch.equal(oracle.routing_weights("t2", {"x": torch.ones(3)}), torch.tensor([[0.0, 1.0]] * 3))
+    oracle.predict("t2", {"x": torch.ones(3)})
+    assert oracle.diagnostics() == {}
 
 
 def test_auto_switch_routes_each_task_to_itself_on_separable_features(pool):

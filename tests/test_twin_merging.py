@@ -113,7 +113,7 @@ def test_one_hot_full_rank_equals_the_finetuned_model(pool):
         finetuned.load_state_dict(pool.finetuned_state(task))
         weights = torch.zeros(5, 2)
         weights[:, k] = 1.0
-        assert torch.allclose(merged.encode({"x": x}, weights), finetuned(x), atol=1e-5)
+        assert torch.allclose(merged.features({"x": x}, weights), finetuned(x), atol=1e-5)
         assert torch.allclose(merged.predict(task, {"x": x}), finetuned(x), atol=1e-5)  # no router: oracle
 
 
@@ -125,7 +125,7 @@ def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
         merged = TwinMerged(pool, shared, artifacts)
         weights = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-        out = merged.encode({"x": x}, weights)
+        out = merged.features({"x": x}, weights)
         decoded = [decode_tensors(artifacts[experts_artifact(t)]) for t in pool.tasks]
         for b in range(2):
             params = dict(shared)

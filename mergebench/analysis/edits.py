@@ -4,7 +4,7 @@ Auto-FlexSwitch (arXiv 2604.28109) Sec. III-B, with T-Switch (CVPR 2025) Sec. 3.
 
 * ``keep-high`` (C1, P-Spar): tau (.) g_m(tau), g_m keeping the entries above the
   alpha-quantile of the positive entries and below that of the negative ones
-  (``methods.t_switch.pulse_mask``); a fraction 1 - alpha survives.
+  (``mergebench.sparsify.pulse_mask``); a fraction 1 - alpha survives.
 * ``keep-low`` (C2): prune the alpha fraction of *largest* magnitudes of each sign and
   keep the low ones, tau (.) (1 - g_m(tau)) with g_m taken at the (1 - alpha)-quantiles,
   so that a fraction 1 - alpha survives, as in C1 and C3. Eq. 2's text puts C2's
@@ -36,7 +36,7 @@ import torch
 
 from mergebench.analysis.groups import in_group
 from mergebench.codecs import tswitch_from_task_vector
-from mergebench.methods.t_switch import pulse_mask
+from mergebench.sparsify import pulse_mask
 
 KINDS = ("full", "pretrained", "keep-high", "keep-low", "random", "binary")
 

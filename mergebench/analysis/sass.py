@@ -17,8 +17,8 @@ from mergebench.analysis.options import AnalysisOptions
 from mergebench.analysis.report import Report, markdown_table
 from mergebench.codecs import (choose_group_size, encode_payload, encode_tensors, entropy_bound_bits, indep_bits, quantized_from_task_vector,
                                sass_bits_eq16, tswitch_bits, tswitch_from_task_vector)
-from mergebench.methods.t_switch import pulse_mask
 from mergebench.pool import ModelPool
+from mergebench.sparsify import pulse_mask
 
 SASS_ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)  # Fig. 12's range
 MB = 1_000_000
