@@ -16,6 +16,7 @@ its accuracies mean nothing. Used by ``benchmarks/vit_b32_merge.py``.
 from __future__ import annotations
 
 import hashlib
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,8 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Backbone, Task
+from mergebench.backbone import Backbone
 from mergebench.cache import cache_dir, write_atomically
+from mergebench.task import Batch, Task, TaskData
 
 VIT_B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                image_size=224, patch_size=32)
@@ -50,30 +52,11 @@ class PooledVision(nn.Module):
         return self.model(pixel_values=pixel_values).pooler_output
 
 
-class SyntheticViTB32(Backbone):
-    name = "synthetic-vit-b32"
-    suite = "synthetic"
-    description = "random-init CLIP ViT-B/32 + K Student-t task vectors (cost benchmarks only)"
+class SyntheticImages(TaskData):
+    """Random images with a fixed pattern per task, random labels and seeded random heads."""
 
-    def __init__(self, root: Path | None = None, num_tasks: int = 8, seed: int = 0, scale: float = 1e-3,
-                 df: float = 3.0, test_examples: int = 16, **locations: Any):
-        super().__init__(**locations)
-        self.num_tasks, self.seed, self.scale, self.df, self.test_examples = num_tasks, seed, scale, df, test_examples
-        self.root = Path(root) if root else cache_dir() / "benchmarks" / f"{self.name}-k{num_tasks}-s{seed}-{scale:g}-t{df:g}"
-
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(Task(f"task-{k}", CLASSES) for k in range(self.num_tasks))
-
-    def pretrained_checkpoint(self) -> Path:
-        return self.root / "pretrained.safetensors"
-
-    def finetuned_checkpoint(self, task: str) -> Path:
-        self.task(task)
-        return self.root / f"{task}.safetensors"
-
-    def build_encoder(self) -> nn.Module:
-        return PooledVision()
+    def __init__(self, seed: int, test_examples: int):
+        self.seed, self.test_examples = seed, test_examples
 
     def head(self, task: str) -> nn.Module:
         head = nn.Linear(VIT_B32["hidden_size"], len(CLASSES))
@@ -89,7 +72,7 @@ class SyntheticViTB32(Backbone):
         noise = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(_seed(seed, task, "images")))
         return noise + pattern
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
         images = self._images(task, self.test_examples, _seed(split))
         labels = torch.randint(len(CLASSES), (self.test_examples,), generator=torch.Generator().manual_seed(_seed(task)))
         for start in range(0, self.test_examples, batch_size):
@@ -97,6 +80,37 @@ class SyntheticViTB32(Backbone):
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         return {"pixel_values": self._images(task, n, _seed(seed, split))}
+
+
+class SyntheticViTB32(Backbone):
+    name = "synthetic-vit-b32"
+    suite = "synthetic"
+    description = "random-init CLIP ViT-B/32 + K Student-t task vectors (cost benchmarks only)"
+
+    def __init__(self, root: Path | None = None, num_tasks: int = 8, seed: int = 0, scale: float = 1e-3,
+                 df: float = 3.0, test_examples: int = 16, **locations: Any):
+        super().__init__(**locations)
+        self.num_tasks, self.seed, self.scale, self.df, self.test_examples = num_tasks, seed, scale, df, test_examples
+        self.root = Path(root) if root else cache_dir() / "benchmarks" / f"{self.name}-k{num_tasks}-s{seed}-{scale:g}-t{df:g}"
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(f"task-{k}" for k in range(self.num_tasks))
+
+    @cached_property
+    def tasks(self) -> tuple[Task, ...]:
+        data = SyntheticImages(self.seed, self.test_examples)
+        return tuple(Task(name, CLASSES, data=data) for name in self.task_names)
+
+    def pretrained_checkpoint(self) -> Path:
+        return self.root / "pretrained.safetensors"
+
+    def finetuned_checkpoint(self, task: str) -> Path:
+        self.check_task(task)
+        return self.root / f"{task}.safetensors"
+
+    def build_encoder(self) -> nn.Module:
+        return PooledVision()
 
     def prepare(self, force: bool = False) -> None:
         """Write the pretrained checkpoint and the K fine-tuned ones (about 350 MB each) if missing."""

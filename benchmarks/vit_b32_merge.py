@@ -109,7 +109,7 @@ def worker(method_name: str, root: Path, num_tasks: int, exemplars_per_task: int
         storage = merged.storage_bytes()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         task = pool.tasks[0]
-        inputs, _ = next(backbone.batches(task, "test", 2))
+        inputs, _ = next(backbone.task(task).batches("test", 2))
         logits = merged.predict(task, inputs)  # the merged model works
         assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     return {

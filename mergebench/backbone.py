@@ -1,44 +1,30 @@
-"""Backbone and Task: what a suite plugin provides to the harness.
+"""Backbone: a pretrained model family and its fine-tuned checkpoints, weights only.
 
-A Backbone is a pretrained model family with fine-tuned checkpoints for the tasks
-of its suite. Its *encoder* (the part that is merged) is an ``nn.Module`` whose
-``forward(**inputs)`` returns one feature vector per input; each task keeps its own
-fixed head on top, which no method merges (as in the papers).
-Checkpoints are safetensors files so that the ModelPool can read them tensor by
-tensor (bounded memory) and nothing is ever unpickled.
+Its *encoder* (the part that is merged) is an ``nn.Module`` whose ``forward(**inputs)``
+returns the features of a batch; everything else a task needs (its head, data, metric
+and what routing reads) belongs to the Task (``mergebench.task``), which the backbone's
+suite declares. Checkpoints are safetensors files so that the ModelPool can read them
+tensor by tensor (bounded memory) and nothing is ever unpickled.
 """
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-Inputs = Mapping[str, torch.Tensor]  # one batch of model inputs, e.g. input_ids + attention_mask
-
-
-from mergebench.errors import MissingResourceError  # noqa: E402  (re-exported)
-
-
-@dataclass(frozen=True)
-class Task:
-    """An evaluation dataset with its label set and metric. A ``regression`` task (GLUE's
-    STS-B) has one real-valued output per input, scored as it is rather than by argmax."""
-
-    name: str
-    classes: tuple[str, ...]
-    metric: str = "accuracy"
-    regression: bool = False
+from mergebench.registry import SUITES
+from mergebench.task import Task
 
 
 class Backbone(abc.ABC):
     name: ClassVar[str]
-    suite: ClassVar[str]
+    suite: ClassVar[str]  # the name of its Suite (``mergebench.registry.SUITES``)
+    task_names: ClassVar[tuple[str, ...]]  # the suite's tasks it has fine-tuned checkpoints for, in table order
     description: ClassVar[str] = ""
-    task_type: ClassVar[str] = "classification"  # what its tasks are; methods declare which types they can merge
 
     def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None):
         """``checkpoint_dir`` / ``data_dir``: local copies of the checkpoints and datasets a
@@ -53,11 +39,6 @@ class Backbone(abc.ABC):
         (e.g. "huggingface" or "open_clip"); recorded with every result."""
         return None
 
-    @property
-    @abc.abstractmethod
-    def tasks(self) -> tuple[Task, ...]:
-        """The tasks of the suite, in table order."""
-
     # --- checkpoints -------------------------------------------------------
     @abc.abstractmethod
     def pretrained_checkpoint(self) -> Path:
@@ -67,55 +48,30 @@ class Backbone(abc.ABC):
     def finetuned_checkpoint(self, task: str) -> Path:
         """Safetensors file of the encoder fine-tuned on ``task``."""
 
-    @classmethod
-    def system_commands(cls) -> list[list[str]]:
-        """Commands that install the system data this backbone needs (run by `prepare --install-data`)."""
-        return []
-
     def prepare(self, force: bool = False) -> None:
-        """Create whatever is missing (data caches, fine-tuned checkpoints)."""
+        """Create whatever is missing (converted or locally fine-tuned checkpoints, data caches)."""
 
-    # --- modules ------------------------------------------------------------
+    def check_task(self, task: str) -> None:
+        """KeyError naming the valid tasks unless the backbone has a checkpoint for ``task``."""
+        if task not in self.task_names:
+            raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(self.task_names)}")
+
+    # --- the encoder ---------------------------------------------------------
     @abc.abstractmethod
     def build_encoder(self) -> nn.Module:
-        """A fresh encoder module (weights are loaded by the caller)."""
-
-    @abc.abstractmethod
-    def head(self, task: str) -> nn.Module:
-        """The task's fixed classification head (features -> logits)."""
+        """A fresh encoder module (weights are loaded by the caller); its output are the features."""
 
     def is_merged(self, key: str, dtype: torch.dtype | None) -> bool:
         """Which tensors merging methods touch: every floating-point tensor (dtype None: not floating)."""
         return dtype is not None
 
-    def routing_features(self, features: torch.Tensor) -> torch.Tensor:
-        """What k-NN routers compare, from encoder features: (batch, D), one vector per input
-        (default: the features, flattened), or (batch, T, D), T vectors per input whose
-        votes are aggregated per input (DETR's object queries; see ``KNNRouter``)."""
-        return features.reshape(len(features), -1)
-
-    def score(self, task: str, outputs: list[torch.Tensor], targets: list[Any]) -> float:
-        """The task's metric over a whole split, from the ``Merged.predict`` outputs and the
-        targets of every batch of ``batches``. Default: the task's METRICS entry on the argmax
-        (or regression) predictions; a backbone whose outputs are not logits (detection) overrides it."""
-        from mergebench.evaluate import score_predictions  # evaluate imports this module
-
-        return score_predictions(self.task(task), outputs, targets)
-
-    # --- data -----------------------------------------------------------------
-    @abc.abstractmethod
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """(inputs, targets) batches of a split ("train" or "test"), in a fixed order; targets are
-        what ``score`` reads (class labels; image ids for detection)."""
-
-    @abc.abstractmethod
-    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
-        """Inputs (no labels) of ``n`` seeded examples of a split: "train" for exemplars,
-        "test" for methods that adapt on unlabelled test inputs (AdaMerging's protocol)."""
+    # --- its tasks ----------------------------------------------------------------
+    @cached_property
+    def tasks(self) -> tuple[Task, ...]:
+        """The tasks it has checkpoints for, bound to its data: their inputs come through its
+        tokenizer or image processor, their heads from its fine-tuned checkpoints."""
+        return SUITES.get(self.suite).bind(self)
 
     def task(self, name: str) -> Task:
-        for task in self.tasks:
-            if task.name == name:
-                return task
-        valid = ", ".join(t.name for t in self.tasks)
-        raise KeyError(f"backbone {self.name!r} has no task {name!r}; its tasks: {valid}")
+        self.check_task(name)
+        return next(task for task in self.tasks if task.name == name)

@@ -14,7 +14,7 @@ from typing import Any
 from mergebench.cache import write_atomically
 from mergebench.errors import (HyperparameterError, MergebenchError, NotApplicableError, ResultsWriteError,
                                UnknownNameError)
-from mergebench.registry import BACKBONES, METHODS
+from mergebench.registry import BACKBONES, METHODS, SUITES
 
 # environment errors a user can fix (disk full, read-only, permission): one line naming the path
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
@@ -120,11 +120,19 @@ def command_list(args: argparse.Namespace) -> int:
           + tabulate(rows, headers=["method", "name", "default", "allowed", "meaning"], disable_numparse=True))
     rows = [[name, cls.suite, cls.description] for name, cls in BACKBONES.items()]
     print("\nBackbones\n" + tabulate(rows, headers=["backbone", "suite", "description"]))
-    suites: dict[str, list[str]] = {}
-    for name, cls in BACKBONES.items():
-        suites.setdefault(cls.suite, []).append(name)
-    print("\nSuites\n" + tabulate(sorted((s, ", ".join(b)) for s, b in suites.items()), headers=["suite", "backbones"]))
+    rows = [[name, ", ".join(task.name for task in suite.tasks), ", ".join(suite_backbones(suite)), suite.description]
+            for name, suite in SUITES.items()]
+    print("\nSuites\n" + tabulate(rows, headers=["suite", "tasks", "backbones", "description"]))
     return 0
+
+
+def suite_backbones(suite) -> list[str]:
+    """The suite's backbones, each with the tasks it has no checkpoints for (e.g. "mamba-130m (no stsb)")."""
+    names = []
+    for name in suite.backbones:
+        missing = suite.missing(BACKBONES.get(name))
+        names.append(f"{name} (no {', '.join(missing)})" if missing else name)
+    return names
 
 
 def hyperparameter_help() -> str:
@@ -143,7 +151,7 @@ def command_prepare(args: argparse.Namespace) -> int:
 
     backbone_cls = BACKBONES.get(args.backbone)
     if args.install_data:
-        for command in backbone_cls.system_commands():
+        for command in SUITES.get(backbone_cls.suite).system_commands:
             if os.geteuid() != 0:
                 command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)

@@ -156,18 +156,19 @@ class KNNRouter:
     """w_k(x) = |Q_k ∩ N_x| / C over the C nearest query features (Euclidean), the
     Auto-Switch rule (T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5).
 
-    Features of shape (batch, T, D) give T vectors per input, e.g. DETR's T object
-    queries. Auto-FlexSwitch §IV-A2: "since DETR returns multiple object queries per
-    sample, we first aggregate the KNN prediction probabilities for each sample via
-    majority voting before performing the merging". Here each vector is routed against
-    the query set (which then holds every vector of every exemplar), votes for the task
-    its k-NN weights favour, and the input is composed with the task most of its vectors
-    vote for: w(x) one-hot on the majority (ties go to the lower task index).
+    With ``by_parts`` (tasks that ``routes_by_parts``) the features are (batch, T, D),
+    T vectors per input, e.g. DETR's T object queries. Auto-FlexSwitch §IV-A2: "since
+    DETR returns multiple object queries per sample, we first aggregate the KNN prediction
+    probabilities for each sample via majority voting before performing the merging".
+    Here each vector is routed against the query set (which then holds every vector of
+    every exemplar), votes for the task its k-NN weights favour, and the input is composed
+    with the task most of its vectors vote for: w(x) one-hot on the majority (ties go to
+    the lower task index).
     """
 
     def __init__(self, extract: Callable[[Mapping[str, Any]], torch.Tensor], queries: torch.Tensor,
-                 owners: torch.Tensor, num_tasks: int, neighbours: int):
-        if queries.dim() == 3:  # (N, T, D): each of an exemplar's T vectors is a query of its task
+                 owners: torch.Tensor, num_tasks: int, neighbours: int, by_parts: bool = False):
+        if by_parts and queries.dim() == 3:  # (N, T, D): each of an exemplar's T vectors is a query of its task
             owners = owners.repeat_interleave(queries.shape[1])
             queries = queries.flatten(0, 1)
         queries = queries.reshape(len(queries), -1).float()
@@ -178,13 +179,14 @@ class KNNRouter:
         self.owners = owners
         self.num_tasks = num_tasks
         self.neighbours = neighbours
+        self.by_parts = by_parts
 
     @torch.no_grad()
     def __call__(self, inputs: Mapping[str, Any]) -> torch.Tensor:
         return self.weights_for_features(self.extract(inputs))
 
     def weights_for_features(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() == 3:
+        if self.by_parts:
             return self.majority_weights(features)
         return self.knn_weights(features.reshape(len(features), -1))
 

@@ -15,7 +15,7 @@ from mergebench.backbone import Backbone
 
 def draw_exemplars(backbone: Backbone, tasks: list[str], n: int, seed: int, split: str = "train") -> dict[str, Any]:
     """The same seeded, label-free exemplars for every method asking for ``n`` per task."""
-    return {task: backbone.exemplars(task, n, seed, split) for task in tasks}
+    return {task: backbone.task(task).exemplars(n, seed, split) for task in tasks}
 
 
 def task_exemplars(method: str, exemplars: Mapping[str, Any] | None, task: str) -> Mapping[str, Any]:

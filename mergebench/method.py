@@ -19,6 +19,7 @@ from mergebench.backbone import Backbone
 from mergebench.errors import HyperparameterError, NonFiniteError, NotApplicableError  # noqa: F401  (re-exported)
 from mergebench.hyperparameters import Hyperparameter, defaults, resolve
 from mergebench.pool import ModelPool
+from mergebench.suite import declared_tasks
 
 Artifact = bytes | Path  # serialized bytes, or a file that is kept as it is
 
@@ -36,7 +37,7 @@ class Merged(abc.ABC):
 
     def head(self, task: str) -> nn.Module:
         if task not in self._heads:
-            self._heads[task] = self.backbone.head(task).eval()
+            self._heads[task] = self.backbone.task(task).head().eval()
         return self._heads[task]
 
     @abc.abstractmethod
@@ -99,7 +100,7 @@ class Method(abc.ABC):
     dynamic: ClassVar[bool] = False  # composes weights per input / per task at inference
     uses_test_inputs: ClassVar[bool] = False  # adapts on unlabelled test inputs (AdaMerging)
     reference: ClassVar[bool] = False  # Pretrained / Individual: bounds, not merges
-    task_types: ClassVar[frozenset[str] | None] = None  # Backbone.task_type values it can merge; None: any
+    requires: ClassVar[frozenset[str]] = frozenset()  # Task capabilities every task must have (mergebench.task)
 
     def __init__(self, **overrides: Any):
         self.hparams: dict[str, Any] = resolve(self.hyperparameters, overrides, f"method {self.name!r}")
@@ -128,11 +129,13 @@ class Method(abc.ABC):
         return not self.uses_task_identity
 
     def check_applicable(self, backbone: Backbone | type[Backbone]) -> None:
-        """Raise NotApplicableError if the method cannot merge this backbone's kind of task."""
-        if self.task_types is not None and backbone.task_type not in self.task_types:
+        """Raise NotApplicableError if a task of the backbone lacks a capability the method requires."""
+        lacking = [task.name for task in declared_tasks(backbone) if not self.requires <= task.capabilities]
+        if lacking:
             raise NotApplicableError(
-                f"method {self.name!r} is not applicable to backbone {backbone.name!r}: it merges "
-                f"{' and '.join(sorted(self.task_types))} models, {backbone.name!r} has {backbone.task_type} tasks"
+                f"method {self.name!r} is not applicable to backbone {backbone.name!r}: it needs "
+                f"{' and '.join(sorted(self.requires))} of every task, which task{'s' if len(lacking) > 1 else ''} "
+                f"{', '.join(lacking)} {'lack' if len(lacking) > 1 else 'lacks'}"
             )
 
     @property

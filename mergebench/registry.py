@@ -1,4 +1,4 @@
-"""Name -> plugin registries for methods and backbones.
+"""Name -> plugin registries for methods, backbones and suites.
 
 Built-in plugins are the modules of ``mergebench.methods`` and ``mergebench.tasks``:
 each registers itself with a decorator when imported, so adding a method is one new
@@ -65,8 +65,14 @@ class Registry(Generic[T]):
 
 METHODS: Registry = Registry("method", "mergebench.methods", "mergebench.methods")
 BACKBONES: Registry = Registry("backbone", "mergebench.tasks", "mergebench.tasks")
+SUITES: Registry = Registry("suite", "mergebench.tasks", "mergebench.tasks")  # the same plugins register both
 
 register_backbone = BACKBONES.register
+
+
+def register_suite(suite: T) -> T:
+    """Register a Suite object under its own name."""
+    return SUITES.register(suite.name)(suite)
 
 
 def register_method(name: str) -> Callable[[type], type]:

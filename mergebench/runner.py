@@ -123,7 +123,7 @@ def run(
             storage = merged.storage_bytes()
 
             start = time.perf_counter()
-            metrics = evaluate(merged, backbone, tasks, batch_size)
+            metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size)
             eval_seconds = time.perf_counter() - start
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None

@@ -64,6 +64,7 @@ from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
 from mergebench.sparsify import selected_entries, trim, trim_thresholds
+from mergebench.task import OUTPUT_PER_INPUT
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class AdaMergingModel:
         self.encoder.eval()
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
-        self.heads = {task: self.backbone.head(task).eval() for task in pool.tasks}
+        self.heads = {task: self.backbone.task(task).head().eval() for task in pool.tasks}
         for head in self.heads.values():
             for parameter in head.parameters():
                 parameter.requires_grad_(False)
@@ -182,7 +183,7 @@ class AdaMerging(Method):
     uses_test_inputs = True
     # the entropy of class probabilities is its objective; the Auto-FlexSwitch paper excludes it from
     # detection for that reason (§IV-A2), and so does mergebench (AdaMerging++ inherits this)
-    task_types = frozenset({"classification"})
+    requires = frozenset({OUTPUT_PER_INPUT})
     hyperparameters = {
         "exemplars": Int(256, "unlabelled test inputs per task the entropy is minimised on", 1),
         "steps": Int(500, "Adam steps on the entropy objective (0: the initial coefficients)", 0),

@@ -60,6 +60,7 @@ from mergebench.merging import finetuned_mean
 from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
+from mergebench.task import OUTPUT_PER_INPUT
 
 
 def varying_keys(pool: ModelPool) -> set[str]:
@@ -143,7 +144,7 @@ class FisherMerging(Method):
     needs_exemplars = True
     # the Fisher is that of a classifier's softmax over one output per example; a detector's
     # set prediction (per-query classes and boxes) has no such likelihood here (see README, RF100)
-    task_types = frozenset({"classification"})
+    requires = frozenset({OUTPUT_PER_INPUT})
     hyperparameters = {
         "exemplars": Int(256, "N: unlabelled training inputs per task the Fisher is estimated on", 1),
         "fisher_floor": Float(1e-6, "added to every Fisher entry so no weight has zero total weight", 0.0,
@@ -164,7 +165,7 @@ class FisherMerging(Method):
         encoder = backbone.build_encoder()
         for task in tqdm(pool.tasks, desc=self.name, unit="task", leave=False):
             encoder.load_state_dict(pool.finetuned_state(task), strict=True)
-            fisher = diagonal_fisher(encoder, backbone.head(task), inputs[task], keys=varying)
+            fisher = diagonal_fisher(encoder, backbone.task(task).head(), inputs[task], keys=varying)
             norm = fisher_norm(fisher) if normalize else 1.0
             scale = 1.0 / norm if norm > 0 else 1.0
             theta = encoder.state_dict()

@@ -65,7 +65,9 @@ from mergebench.hyperparameters import Bool, Choice, Float, Int, IntList
 from mergebench.method import Method, load_encoder
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
+from mergebench.suite import declared_tasks
 from mergebench.switches import SwitchStore
+from mergebench.task import OUTPUT_PER_INPUT, routing_view
 
 LOSSES = ("kl", "mse", "cka")
 DEFAULT_LAMBDA = {"kl": 1.0, "mse": 1.0, "cka": 10.0}
@@ -104,16 +106,17 @@ PRESERVATION_LOSSES = {"kl": kl_loss, "mse": mse_loss, "cka": cka_loss}
 
 
 def resolve_loss(method: Method, backbone) -> str:
-    """The preservation loss a merge on ``backbone`` uses. On a detector it is MSE, the paper's
-    choice for DETR (§IV-A2: "we only consider MSE as the performance preserving loss to ensure
-    alignment of both the classification and regression branches"); KL and CKA read one class
-    distribution or one output vector per input. The default becomes mse there; asking for
-    another is an error."""
-    if backbone.task_type != "detection":
+    """The preservation loss a merge on ``backbone`` uses. KL and CKA read one output vector
+    per input; on tasks without one (a detector's classes and boxes per object query) it is
+    MSE, the paper's choice for DETR (§IV-A2: "we only consider MSE as the performance
+    preserving loss to ensure alignment of both the classification and regression
+    branches"). The default becomes mse there; asking for another is an error."""
+    if all(OUTPUT_PER_INPUT in task.capabilities for task in declared_tasks(backbone)):
         return str(method.hparams["loss"])
     if "loss" in method.overrides and method.hparams["loss"] != "mse":
-        raise HyperparameterError(f"{method.name}: loss {method.hparams['loss']!r} does not apply to detection outputs "
-                                  f"({backbone.name}); use loss=mse, the paper's choice for DETR")
+        raise HyperparameterError(f"{method.name}: loss {method.hparams['loss']!r} reads one output vector per input, "
+                                  f"which the tasks of {backbone.name} do not have; use loss=mse, the paper's choice "
+                                  "for DETR")
     return "mse"
 
 
@@ -287,7 +290,7 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
     """Optimise Eq. 14 for one task and return its SASS-encoded task vector."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    head = pool.backbone.head(task).eval().requires_grad_(False)
+    head = pool.backbone.task(task).head().eval().requires_grad_(False)
     keys = [key for key in pool.merged_keys if torch.count_nonzero(pool.task_vector(task, key))]
     gates = nn.ModuleDict({key.replace(".", "/"): TensorGate(pool.task_vector(task, key), settings.bit_widths)
                            for key in keys})
@@ -568,7 +571,8 @@ class AutoFlexSwitch(FlexSwitch):
     def routing(self, pool, exemplars, encoder):
         """k-NN over K-means centres of the pretrained query features, in the learned metric."""
         start = time.perf_counter()
-        routed = pool.backbone.routing_features
+        routing = routing_view(pool.backbone.tasks)
+        routed = routing.routing_features
         # query sets: pretrained features f_ex(x; Theta) of the exemplars (Eq. 5)
         queries = [routed(features) for features in per_task_features(encoder, exemplars, pool.tasks)]
         # a detector gives one vector per object query: each is a query of its task, and an image is
@@ -591,6 +595,6 @@ class AutoFlexSwitch(FlexSwitch):
         stored = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
         projection, projected, owners, neighbours = decode_router(stored, pool.tasks)
         router = KNNRouter(lambda inputs: routed(encoder(**inputs)) @ projection.T, projected, owners,
-                           len(pool.tasks), neighbours)
+                           len(pool.tasks), neighbours, by_parts=routing.routes_by_parts)
         record = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0], "loss_end": history[-1]}
         return router, {ROUTER: stored}, {"metric": record}

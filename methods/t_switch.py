@@ -11,7 +11,7 @@ Per merged tensor l of task k, the task vector tau is replaced by three switches
 T-Switch uses the task identity: theta_k = theta + beta_k A_k (.) P_k.
 Auto-Switch routes per input: w_k(x) = |Q_k ∩ N_x| / C over the C nearest query
 features (Eq. 5), the query set Q_k holding the pretrained encoder's features of
-N unlabelled exemplars of task k (``Backbone.routing_features``; for a detector, one
+N unlabelled exemplars of task k (``Task.routing_features``; for a detector, one
 vector per object query, aggregated per image by majority vote: ``KNNRouter``).
 
 Switched tensors: every floating-point tensor of the encoder whose fine-tuned value
@@ -40,6 +40,7 @@ from mergebench.pool import ModelPool
 from mergebench.registry import register_method
 from mergebench.sparsify import pulse_mask
 from mergebench.switches import SwitchStore
+from mergebench.task import routing_view
 
 
 def encode_switches(pool: ModelPool, alpha: float, fmt: str = "tswitch") -> dict[str, bytes]:
@@ -127,11 +128,12 @@ class AutoSwitch(Method):
             state = encoder.state_dict()
             averaged = {key: state[key] + store.combine(key, uniform) for key in store.keys()}
             extract = lambda **inputs: functional_call(encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
-        routed = pool.backbone.routing_features  # e.g. DETR: one vector per object query, majority vote
+        routing = routing_view(pool.backbone.tasks)  # e.g. DETR: one vector per object query, majority vote
+        routed = routing.routing_features
         queries = [routed(features) for features in per_task_features(extract, exemplars, pool.tasks)]
         # the query features are stored beside the switches, and the router reads them back from there
         artifacts[QUERY_SET] = encode_query_set(torch.cat(queries), task_indices(queries), pool.tasks)
         queries, owners = decode_query_set(artifacts[QUERY_SET], pool.tasks)
         router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
-                           int(self.hparams["neighbours"]))
+                           int(self.hparams["neighbours"]), by_parts=routing.routes_by_parts)
         return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts=artifacts)

@@ -16,8 +16,8 @@ in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
   (full-batch Adam, lr 5e-4, ``router_steps`` steps, seeded with the run seed).
   ``router_features``: "shared" (default, as the authors' router.py: features of the
   shared expert) or "pretrained" (features of the pretrained encoder).
-  The features are ``Backbone.routing_features`` of the encoder output; a backbone that
-  gives several vectors per input (a detector's object queries) is read as their mean.
+  The features are ``Task.routing_features`` of the encoder output; tasks that route by
+  several vectors per input (a detector's object queries) are read as their mean.
   At inference w(x) = softmax(router(features(x))).
 * theta(x) = theta_s + sum_k w_k(x) U_k S_k V_k^T on the Linear weights.
 
@@ -54,6 +54,7 @@ from mergebench.hyperparameters import Choice, Float, Hyperparameter, Int
 from mergebench.method import Method, load_encoder
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS, register_method
+from mergebench.task import routing_view
 
 SHARED = "shared.mbc"
 ROUTER = "router.mbc"
@@ -165,8 +166,9 @@ def routing_input(backbone, features: torch.Tensor) -> torch.Tensor:
     """What the router reads from encoder features: one vector per input. Several vectors per
     input (DETR's 100 object queries) are averaged; flattened, they would make a 25600-wide
     input and a router of billions of parameters."""
-    features = backbone.routing_features(features)
-    return features.mean(1) if features.dim() == 3 else features
+    routing = routing_view(backbone.tasks)
+    features = routing.routing_features(features)
+    return features.mean(1) if routing.routes_by_parts else features
 
 
 class TwinMerged(RoutedMerged):

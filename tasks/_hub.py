@@ -6,7 +6,7 @@ for about half a minute before it gives up. So a lookup first asks the hub cache
 offline flag is set and a TCP probe of the hub's host answers within ``PROBE_SECONDS``
 (name lookup included; skipped behind a proxy, where a direct connection says nothing).
 Models and datasets alike are fetched with ``snapshot_download`` (a dataset as its
-parquet files). A failure is a :class:`~mergebench.backbone.MissingResourceError` that
+parquet files). A failure is a :class:`~mergebench.errors.MissingResourceError` that
 names the repository, why the hub cannot be used, and how to provide the files locally.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 from urllib.parse import urlparse
 
-from mergebench.backbone import MissingResourceError
+from mergebench.errors import MissingResourceError
 
 PROBE_SECONDS = 3.0
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

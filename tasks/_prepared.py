@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from mergebench.backbone import Backbone, MissingResourceError
+from mergebench.backbone import Backbone
+from mergebench.errors import MissingResourceError
 
 
 class PreparedBackbone(Backbone):
@@ -21,17 +22,14 @@ class PreparedBackbone(Backbone):
     rebuilds_checkpoints: ClassVar[bool] = False
 
     def pretrained_checkpoint(self) -> Path:
-        return self._require(self.root / "pretrained.safetensors")
+        return self.require(self.root / "pretrained.safetensors")
 
     def finetuned_checkpoint(self, task: str) -> Path:
-        self._check_task(task)
-        return self._require(self.root / f"{task}.safetensors")
+        self.check_task(task)
+        return self.require(self.root / f"{task}.safetensors")
 
-    def _check_task(self, task: str) -> None:
-        """KeyError naming the valid tasks; a suite whose ``tasks`` is costly checks the names alone."""
-        self.task(task)
-
-    def _require(self, path: Path) -> Path:
+    def require(self, path: Path) -> Path:
+        """``path``, which ``prepare`` writes; MissingResourceError saying how to prepare it if absent."""
         if not path.exists():
             hint = f" {self.prepare_hint}" if self.prepare_hint else ""
             raise MissingResourceError(f"{path} is missing: run `mergebench prepare --backbone {self.name}`{hint}")

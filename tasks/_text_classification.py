@@ -1,5 +1,6 @@
 """Shared machinery of the offline text suites: a transformer encoder with mean
-pooling, a fixed linear head per task, and the seeded local fine-tuning recipe.
+pooling, a fixed linear head per task, the seeded local fine-tuning recipe, and the
+TaskData that the suites' tasks read their examples and heads through.
 
 Recipe (the CLIP task-vector protocol transposed to text): the head of each task is
 a linear probe fitted on frozen *pretrained* features, then frozen; the encoder is
@@ -23,8 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import Task
 from mergebench.cache import cache_dir, write_json, write_safetensors
+from mergebench.task import Batch, TaskData
 from mergebench.tasks._prepared import PreparedBackbone
 
 Example = tuple[str, int]
@@ -65,7 +66,8 @@ class TextData:
 
 
 class TextClassificationBackbone(PreparedBackbone):
-    """Base of the offline text backbones; subclasses give the model, tokenizer and data."""
+    """Base of the offline text backbones; subclasses give the model, tokenizer and data.
+    The backbone reads the data too: it fine-tunes its encoders on it."""
 
     recipe: ClassVar[FineTuneRecipe]
 
@@ -75,9 +77,6 @@ class TextClassificationBackbone(PreparedBackbone):
         self._data: dict[str, TextData] = {}
 
     # --- what subclasses provide --------------------------------------------
-    @abc.abstractmethod
-    def task_names(self) -> tuple[str, ...]: ...
-
     @abc.abstractmethod
     def build_data(self, task: str) -> TextData:
         """Build a task's dataset from its sources (called once; the result is cached as JSON)."""
@@ -92,42 +91,18 @@ class TextClassificationBackbone(PreparedBackbone):
 
     def version_key(self) -> dict[str, Any]:
         """Everything whose change must invalidate the cache."""
-        return {"recipe": asdict(self.recipe), "tasks": self.task_names()}
+        return {"recipe": asdict(self.recipe), "tasks": self.task_names}
 
     def _fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.version_key(), sort_keys=True).encode()).hexdigest()[:12]
 
-    # --- Backbone interface ---------------------------------------------------
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(Task(name, self.data(name).classes) for name in self.task_names())
-
+    # --- the encoder -----------------------------------------------------------
     def build_encoder(self) -> nn.Module:
         return MeanPooledEncoder(self.new_model())
 
-    def head(self, task: str) -> nn.Module:
-        self._check_task(task)
-        state = load_file(str(self._require(self.root / f"{task}.head.safetensors")))
-        head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-        head.load_state_dict(state)
-        return head
-
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        examples = self._split(task, split)
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            yield self.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
-
-    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
-        examples = self._split(task, split)
-        if n > len(examples):
-            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the {split} split has {len(examples)}")
-        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(examples), size=n, replace=False)
-        return self.tokenize([examples[i][0] for i in sorted(picks)])
-
     # --- data -------------------------------------------------------------------
     def data(self, task: str) -> TextData:
-        self._check_task(task)
+        self.check_task(task)
         if task not in self._data:
             path = self.root / "data" / f"{task}.json"
             if not path.exists():
@@ -139,7 +114,7 @@ class TextClassificationBackbone(PreparedBackbone):
             )
         return self._data[task]
 
-    def _split(self, task: str, split: str) -> tuple[Example, ...]:
+    def examples(self, task: str, split: str) -> tuple[Example, ...]:
         if split not in ("train", "test"):
             raise ValueError(f"unknown split {split!r}; valid: train, test")
         return getattr(self.data(task), split)
@@ -147,13 +122,13 @@ class TextClassificationBackbone(PreparedBackbone):
     # --- preparation ------------------------------------------------------------
     def prepare(self, force: bool = False) -> None:
         """Cache the data, save the pretrained encoder, and fine-tune every missing task."""
-        for task in self.task_names():
+        for task in self.task_names:
             self.data(task)
         pretrained_path = self.root / "pretrained.safetensors"
         if force or not pretrained_path.exists():
             encoder = self.build_encoder()
             write_safetensors(pretrained_path, encoder.state_dict())
-        missing = [t for t in self.task_names() if force or not (self.root / f"{t}.safetensors").exists()]
+        missing = [t for t in self.task_names if force or not (self.root / f"{t}.safetensors").exists()]
         if missing:
             for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
                 self._fine_tune(task)
@@ -218,11 +193,36 @@ class TextClassificationBackbone(PreparedBackbone):
             optimizer.step()
         return head
 
-    # --- helpers -------------------------------------------------------------------
-    def _check_task(self, task: str) -> None:
-        # by name: ``tasks`` would build every task's data
-        if task not in self.task_names():
-            raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(self.task_names())}")
+
+class TextTaskData(TaskData):
+    """The tasks of an offline text suite read through one of its backbones: its cached
+    examples, tokenizer and the linear probe each task's fine-tuning kept as its head."""
+
+    def __init__(self, backbone: TextClassificationBackbone):
+        self.backbone = backbone
+
+    def classes(self, task: str) -> tuple[str, ...]:
+        return self.backbone.data(task).classes
+
+    def head(self, task: str) -> nn.Module:
+        self.backbone.check_task(task)
+        state = load_file(str(self.backbone.require(self.backbone.root / f"{task}.head.safetensors")))
+        head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+        head.load_state_dict(state)
+        return head
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
+        examples = self.backbone.examples(task, split)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            yield self.backbone.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
+
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        examples = self.backbone.examples(task, split)
+        if n > len(examples):
+            raise ValueError(f"{self.backbone.name}/{task}: {n} exemplars asked, the {split} split has {len(examples)}")
+        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(examples), size=n, replace=False)
+        return self.backbone.tokenize([examples[i][0] for i in sorted(picks)])
 
 
 def _stable_hash(text: str) -> int:

@@ -6,7 +6,7 @@ github.com/lfy-123/Binary-Task-Switch ``merge_lm/``) builds on DARE's MergeLM: o
 ``RobertaForSequenceClassification`` per task; everything but the classifier is merged
 (``exclude_param_names_regex=[".*classifier.*"]``); each task keeps its own fine-tuned
 classifier as its head; inputs are tokenised as sentence pairs where the task has two,
-at most 128 tokens; scores on the full GLUE validation split (``glue_data.py``; T-Switch's
+at most 128 tokens; scores on the full GLUE validation split (``_glue_data.py``; T-Switch's
 script caps each at ``eval_subset_size=500`` examples, EMR-Merging's does not).
 Auto-FlexSwitch (arXiv 2604.28109, Sec. IV-A3) adds Mamba-130M on seven of the tasks
 (no STS-B), fine-tuned by its authors (AdamW, 4000 steps, batch 256, lr 5e-5).
@@ -72,15 +72,17 @@ from transformers import (
 )
 from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
-from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, update_json, write_atomically, write_safetensors
+from mergebench.errors import MissingResourceError
 from mergebench.pool import CheckpointError
-from mergebench.registry import register_backbone
+from mergebench.registry import register_backbone, register_suite
+from mergebench.suite import Suite
+from mergebench.task import Batch, TaskData
 from mergebench.tasks._hub import list_files
 from mergebench.tasks._prepared import PreparedBackbone
 from mergebench.tasks._text_classification import _stable_hash
-from mergebench.tasks.glue_data import (GlueData, MissingGlueResource, all_missing, collect_missing, glue_task,
-                                        hub_snapshot)
+from mergebench.tasks._glue_data import (GLUE_TASKS, GlueData, MissingGlueResource, all_missing, collect_missing,
+                                         glue_task, hub_snapshot)
 
 CONVERSION_VERSION = 1  # bump when the converted files change meaning
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
@@ -230,44 +232,14 @@ class GlueBackbone(PreparedBackbone):
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
-    # --- Backbone interface ------------------------------------------------------------------
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(glue_task(name).task for name in self.task_names)
-
+    # --- the encoder and its tokenizer ----------------------------------------------------------
     def build_encoder(self) -> nn.Module:
-        config_path = self._require(self.root / "config.json")
+        config_path = self.require(self.root / "config.json")
         return self.encoder_from_config(self.config_class.from_json_file(str(config_path)))
 
-    def head(self, task: str) -> nn.Module:
-        self.task(task)
-        return self.head_from_state(load_file(str(self._require(self.root / f"{task}.head.safetensors"))))
-
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        spec, dataset = glue_task(task), self.data.split(task, split)
-        dtype = torch.float32 if spec.regression else torch.long
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            yield self.tokenize(task, rows), torch.tensor(rows["label"], dtype=dtype)
-
-    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
-        dataset = self.data.split(task, split)
-        if n > len(dataset):
-            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the {split} split has {len(dataset)}")
-        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(dataset), size=n, replace=False)
-        return self.tokenize(task, dataset[sorted(picks.tolist())])
-
-    def tokenize(self, task: str, rows: dict[str, list]) -> dict[str, torch.Tensor]:
-        """input_ids and attention_mask of a batch of rows (sentence pairs where the task has two)."""
-        texts = [["" if t is None else t for t in rows[column]] for column in glue_task(task).text_columns]
-        encoded = self._tokenizer(
-            *texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
     @cached_property
-    def _tokenizer(self):
-        return AutoTokenizer.from_pretrained(str(self._require(self.root / "tokenizer")), local_files_only=True)
+    def tokenizer(self):
+        return AutoTokenizer.from_pretrained(str(self.require(self.root / "tokenizer")), local_files_only=True)
 
     # --- preparation ------------------------------------------------------------------------------
     def prepare(self, force: bool = False) -> None:
@@ -382,6 +354,45 @@ class GlueBackbone(PreparedBackbone):
         model_type = json.loads(config.read_text()).get("model_type")
         if model_type != self.model_type:
             raise CheckpointError(f"{config}: model_type {model_type!r}, {self.name} needs {self.model_type!r}")
+
+
+class GlueTaskData(TaskData):
+    """The GLUE tasks read through one backbone: the GLUE data of its ``--data-dir`` (or the
+    hub), tokenised by its tokenizer, and the classifier of each fine-tuned checkpoint."""
+
+    def __init__(self, backbone: GlueBackbone):
+        self.backbone = backbone
+
+    def head(self, task: str) -> nn.Module:
+        backbone = self.backbone
+        backbone.check_task(task)
+        return backbone.head_from_state(load_file(str(backbone.require(backbone.root / f"{task}.head.safetensors"))))
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
+        spec, dataset = glue_task(task), self.backbone.data.split(task, split)
+        dtype = torch.float32 if spec.regression else torch.long
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            yield self.tokenize(task, rows), torch.tensor(rows["label"], dtype=dtype)
+
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        dataset = self.backbone.data.split(task, split)
+        if n > len(dataset):
+            raise ValueError(f"{self.backbone.name}/{task}: {n} exemplars asked, the {split} split has {len(dataset)}")
+        picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(dataset), size=n, replace=False)
+        return self.tokenize(task, dataset[sorted(picks.tolist())])
+
+    def tokenize(self, task: str, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask of a batch of rows (sentence pairs where the task has two)."""
+        texts = [["" if t is None else t for t in rows[column]] for column in glue_task(task).text_columns]
+        encoded = self.backbone.tokenizer(
+            *texts, padding=True, truncation=True, max_length=self.backbone.max_length, return_tensors="pt"
+        )
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+
+
+register_suite(Suite("glue", [spec.task for spec in GLUE_TASKS.values()], GlueTaskData,
+                     description="8 GLUE tasks, scored on the validation splits (MNLI matched)"))
 
 
 @register_backbone("roberta-base")

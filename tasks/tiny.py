@@ -14,13 +14,18 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertModel
 
-from mergebench.registry import register_backbone
-from mergebench.tasks._text_classification import FineTuneRecipe, TextClassificationBackbone, TextData
+from mergebench.registry import register_backbone, register_suite
+from mergebench.suite import Suite
+from mergebench.task import Task
+from mergebench.tasks._text_classification import FineTuneRecipe, TextClassificationBackbone, TextData, TextTaskData
 
 FILLER = 40  # tokens w0..w39
 TASKS = {"markers-a": ("a0", "a1", "a2"), "markers-b": ("b0", "b1", "b2"), "markers-c": ("c0", "c1")}
 VOCAB = ["[PAD]", "[CLS]", *(f"w{i}" for i in range(FILLER)), *(m for ms in TASKS.values() for m in ms)]
 TOKEN_IDS = {token: i for i, token in enumerate(VOCAB)}
+
+register_suite(Suite("tiny", [Task(name, markers) for name, markers in TASKS.items()], TextTaskData,
+                     description="3 synthetic token-marker tasks (smoke tests; their numbers mean nothing)"))
 
 
 @register_backbone("tiny-bert")
@@ -32,9 +37,7 @@ class TinyBert(TextClassificationBackbone):
                             freeze_word_embeddings=False)
     length = 8
     rebuilds_checkpoints = True  # fine-tuned here, seeded: one task at a time
-
-    def task_names(self):
-        return tuple(TASKS)
+    task_names = tuple(TASKS)
 
     def build_data(self, task: str) -> TextData:
         markers = TASKS[task]

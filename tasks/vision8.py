@@ -57,10 +57,12 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from mergebench.backbone import MissingResourceError, Task
 from mergebench.cache import cache_dir, update_json, write_atomically, write_json, write_safetensors
+from mergebench.errors import MissingResourceError
 from mergebench.pool import CheckpointError
-from mergebench.registry import register_backbone
+from mergebench.registry import register_backbone, register_suite
+from mergebench.suite import Suite
+from mergebench.task import Batch, Task, TaskData
 from mergebench.tasks import _clip, _hub, _image_data
 from mergebench.tasks._image_data import DatasetSpec
 from mergebench.tasks._prepared import PreparedBackbone
@@ -135,7 +137,7 @@ class Vision8Backbone(PreparedBackbone):
         digest = hashlib.sha256(location.encode()).hexdigest()[:10]
         return cache_dir() / self.name / f"{self.checkpoint_family}-{digest}"
 
-    def _head_path(self, task: str) -> Path:
+    def head_path(self, task: str) -> Path:
         return self.root / "heads" / f"{task}.safetensors"
 
     def _outputs(self) -> dict[str, Path]:
@@ -146,40 +148,22 @@ class Vision8Backbone(PreparedBackbone):
         }
         for task in self.task_names:
             outputs[task] = self.root / f"{task}.safetensors"
-            outputs[f"head:{task}"] = self._head_path(task)
+            outputs[f"head:{task}"] = self.head_path(task)
         return outputs
 
-    # --- Backbone interface ------------------------------------------------------------
-    @property
-    def tasks(self) -> tuple[Task, ...]:
-        return tuple(Task(name, CLASS_NAMES[name]) for name in self.task_names)
-
+    # --- the encoder and its image processor ----------------------------------------------
     def build_encoder(self) -> nn.Module:
-        config = json.loads(self._require(self.root / "encoder_config.json").read_text())
+        config = json.loads(self.require(self.root / "encoder_config.json").read_text())
         return self._encoder_from_config(config)
-
-    def head(self, task: str) -> nn.Module:
-        self.task(task)
-        return self._head_from_state(load_file(str(self._require(self._head_path(task)))))
 
     @cached_property
     def processor(self):
-        return load_image_processor(self._require(self.root / "processor" / "preprocessor_config.json").parent)
-
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
-        return _image_data.iterate_batches(self.dataset(task, split), self.processor, batch_size)
-
-    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
-        rng = np.random.default_rng([seed, _stable_hash(task)])
-        try:
-            return _image_data.sample_inputs(self.dataset(task, split), self.processor, n, rng)
-        except ValueError as error:
-            raise ValueError(f"{self.name}/{task} ({split}): {error}") from error
+        return load_image_processor(self.require(self.root / "processor" / "preprocessor_config.json").parent)
 
     # --- data ---------------------------------------------------------------------------
     def dataset(self, task: str, split: str):
         """A split as a ``datasets.Dataset`` (image, label), from local copies or the hub cache."""
-        self.task(task)
+        self.check_task(task)
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
         if (task, split) not in self._datasets:
@@ -306,12 +290,40 @@ class Vision8Backbone(PreparedBackbone):
     def _encoder_from_config(self, config: dict[str, Any]) -> nn.Module: ...
 
     @abc.abstractmethod
-    def _head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module: ...
+    def head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A task's head from its saved tensors (CLIP's zero-shot head, ConvNeXt's classifier)."""
 
     def _save_common(self, model_dir: Path, config) -> None:
         write_json(self.root / "encoder_config.json", config.to_dict())
         processor = load_image_processor(model_dir)
         write_atomically(self.root / "processor" / "preprocessor_config.json", lambda tmp: tmp.write_text(processor.to_json_string()))
+
+
+class Vision8TaskData(TaskData):
+    """The vision-8 tasks read through one backbone: the datasets it prepared, its image
+    processor, and the heads it keeps."""
+
+    def __init__(self, backbone: Vision8Backbone):
+        self.backbone = backbone
+
+    def head(self, task: str) -> nn.Module:
+        backbone = self.backbone
+        backbone.check_task(task)
+        return backbone.head_from_state(load_file(str(backbone.require(backbone.head_path(task)))))
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
+        return _image_data.iterate_batches(self.backbone.dataset(task, split), self.backbone.processor, batch_size)
+
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        rng = np.random.default_rng([seed, _stable_hash(task)])
+        try:
+            return _image_data.sample_inputs(self.backbone.dataset(task, split), self.backbone.processor, n, rng)
+        except ValueError as error:
+            raise ValueError(f"{self.backbone.name}/{task} ({split}): {error}") from error
+
+
+register_suite(Suite("vision-8", [Task(name, CLASS_NAMES[name]) for name in TASKS], Vision8TaskData,
+                     description="8 image classification tasks of the task-arithmetic line of work (test splits)"))
 
 
 def _from_pretrained(cls, path: Path):
@@ -397,7 +409,7 @@ class CLIPBackbone(Vision8Backbone):
             scale = clip.logit_scale.detach().exp().float()
             for task in tqdm([t for t in self.task_names if f"head:{t}" in todo], desc=f"{self.name}: zero-shot heads", unit="task"):
                 weight = _clip.zero_shot_weights(clip, tokenizer, CLASS_NAMES[task], TEMPLATES[task])
-                write_safetensors(self._head_path(task), {"weight": weight, "logit_scale": scale}, float32=True)
+                write_safetensors(self.head_path(task), {"weight": weight, "logit_scale": scale}, float32=True)
             del clip
         pretrained = load_file(str(self.root / "pretrained.safetensors"))
         encoder = self.build_encoder()  # every tensor is overwritten for each task (strict load)
@@ -436,7 +448,7 @@ class CLIPBackbone(Vision8Backbone):
 
         return _clip.CLIPImageEncoder(CLIPVisionConfig.from_dict(config))
 
-    def _head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
         return _clip.ZeroShotHead(state["weight"], state["logit_scale"])
 
 
@@ -500,14 +512,14 @@ class ConvNextBackbone(Vision8Backbone):
                 raise CheckpointError(f"{source}: classifier has {model.classifier.out_features} outputs, {task} has {classes} classes")
             _clip.load_encoder_state(encoder, {f"convnext.{k}": v for k, v in model.convnext.state_dict().items()}, str(source))
             write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict(), float32=True)
-            write_safetensors(self._head_path(task), model.classifier.state_dict(), float32=True)
+            write_safetensors(self.head_path(task), model.classifier.state_dict(), float32=True)
 
     def _encoder_from_config(self, config: dict[str, Any]) -> nn.Module:
         from transformers import ConvNextConfig
 
         return ConvNextEncoder(ConvNextConfig.from_dict(config))
 
-    def _head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
+    def head_from_state(self, state: dict[str, torch.Tensor]) -> nn.Module:
         head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
         head.load_state_dict(state)
         return head

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergebench.backbone import Backbone, Task
+from mergebench.backbone import Backbone
 from mergebench.pool import ModelPool
+from mergebench.task import Task, TaskData
 
 
 class VectorEncoder(nn.Module):
@@ -23,30 +24,8 @@ class VectorEncoder(nn.Module):
         return torch.cat([p.flatten() for p in self.parameters()]).sum() * x
 
 
-class StubBackbone(Backbone):
-    name = "stub"
-    suite = "stub"
-
-    def __init__(self, root: Path, pretrained: dict, finetuned: dict[str, dict]):
-        self.root = root
-        self.shapes = {k: tuple(v.shape) for k, v in pretrained.items()}
-        save_file({**pretrained, "count": torch.tensor([7])}, str(root / "pre.safetensors"))
-        for task, state in finetuned.items():
-            save_file({**state, "count": torch.tensor([7])}, str(root / f"{task}.safetensors"))
-        self._tasks = tuple(Task(t, ("no", "yes")) for t in finetuned)
-
-    @property
-    def tasks(self):
-        return self._tasks
-
-    def pretrained_checkpoint(self):
-        return self.root / "pre.safetensors"
-
-    def finetuned_checkpoint(self, task):
-        return self.root / f"{task}.safetensors"
-
-    def build_encoder(self):
-        return VectorEncoder(self.shapes)
+class StubData(TaskData):
+    """Identity heads, one all-ones test batch, all-ones exemplars."""
 
     def head(self, task):
         return nn.Identity()
@@ -56,6 +35,31 @@ class StubBackbone(Backbone):
 
     def exemplars(self, task, n, seed, split="train"):
         return {"x": torch.ones(n)}
+
+
+class StubBackbone(Backbone):
+    """Its tasks are the keys of ``finetuned``, two-class tasks reading ``data`` (StubData by default)."""
+
+    name = "stub"
+    suite = "stub"  # not registered: the stub's tasks are its own
+
+    def __init__(self, root: Path, pretrained: dict, finetuned: dict[str, dict], data: TaskData | None = None):
+        self.root = root
+        self.shapes = {k: tuple(v.shape) for k, v in pretrained.items()}
+        save_file({**pretrained, "count": torch.tensor([7])}, str(root / "pre.safetensors"))
+        for task, state in finetuned.items():
+            save_file({**state, "count": torch.tensor([7])}, str(root / f"{task}.safetensors"))
+        self.task_names = tuple(finetuned)
+        self.tasks = tuple(Task(t, ("no", "yes"), data=data or StubData()) for t in finetuned)
+
+    def pretrained_checkpoint(self):
+        return self.root / "pre.safetensors"
+
+    def finetuned_checkpoint(self, task):
+        return self.root / f"{task}.safetensors"
+
+    def build_encoder(self):
+        return VectorEncoder(self.shapes)
 
 
 def tensors(**values) -> dict[str, torch.Tensor]:

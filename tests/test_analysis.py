@@ -123,7 +123,7 @@ def test_groups_of_lists_types_then_layers():
 def test_full_and_pretrained_edits_reproduce_the_individual_and_pretrained_models(tiny_bert):
     with ModelPool(tiny_bert) as pool:
         task = pool.tasks[1]
-        inputs, _ = next(tiny_bert.batches(task, "test", 16))
+        inputs, _ = next(tiny_bert.task(task).batches("test", 16))
         individual = StaticMerged(tiny_bert, pool.finetuned_state(task)).predict(task, inputs)
         pretrained = StaticMerged(tiny_bert, pool.pretrained_state()).predict(task, inputs)
         assert torch.allclose(EditedTaskVectors(pool, Edit("full")).predict(task, inputs), individual, atol=1e-5)
@@ -133,14 +133,15 @@ def test_full_and_pretrained_edits_reproduce_the_individual_and_pretrained_model
 
 
 def test_first_test_examples_cuts_every_task_at_n(tiny_bert):
-    view = FirstTestExamples(tiny_bert, 20)
+    tasks = {task.name: task for task in FirstTestExamples.of(tiny_bert.tasks, 20)}
     for task in ("markers-a", "markers-c"):
-        batches = list(view.batches(task, "test", 8))
+        batches = list(tasks[task].batches("test", 8))
         assert sum(len(labels) for _, labels in batches) == 20
         assert all(len(labels) == inputs["input_ids"].shape[0] for inputs, labels in batches)
-    assert view.task("markers-a").metric == "accuracy"  # everything else is the backbone's
+    assert tasks["markers-a"].metric == "accuracy"  # everything else is the task's own
+    assert tasks["markers-a"].classes == tiny_bert.task("markers-a").classes
     with pytest.raises(ValueError, match="--examples"):
-        FirstTestExamples(tiny_bert, 0)
+        FirstTestExamples(tiny_bert.task("markers-a").data, 0)
 
 
 def test_prober_caches_points(tiny_bert, tmp_path):
@@ -180,7 +181,7 @@ def test_sensitivity_report_covers_groups_and_etas(tiny_bert, tmp_path):
     # eta = 1 is B-Approx at alpha = 0 on every tensor: the same point as binarising every group at once
     with ModelPool(tiny_bert) as pool:
         task = pool.tasks[0]
-        inputs, _ = next(tiny_bert.batches(task, "test", 8))
+        inputs, _ = next(tiny_bert.task(task).batches("test", 8))
         scaled = EditedTaskVectors(pool, Edit("binary", 0.0, eta=1.0)).predict(task, inputs)
         plain = EditedTaskVectors(pool, Edit("binary", 0.0)).predict(task, inputs)
     assert torch.equal(scaled, plain)

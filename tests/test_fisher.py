@@ -10,7 +10,7 @@ from torch import nn
 from mergebench.methods.fisher import diagonal_fisher
 from mergebench.pool import ModelPool
 from mergebench.runner import make_method
-from tests._stub import StubBackbone, merged_state
+from tests._stub import StubBackbone, StubData, merged_state
 
 W, B = "linear.weight", "linear.bias"
 
@@ -36,20 +36,26 @@ class LinearEncoder(nn.Module):
 HEAD3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]])  # the fixed 3-class head
 
 
+class FixedHeadData(StubData):
+    """Every task's head is the bias-free Linear with ``weight`` (None: the identity)."""
+
+    def __init__(self, weight=None):
+        self.weight = weight
+
+    def head(self, task):
+        if self.weight is None:
+            return nn.Identity()
+        head = nn.Linear(2, self.weight.shape[0], bias=False)
+        head.weight.data.copy_(self.weight)
+        return head
+
+
 class LinearBackbone(StubBackbone):
     def __init__(self, root, pretrained, finetuned, head=None):
-        super().__init__(root, pretrained, finetuned)
-        self.head_weight = head
+        super().__init__(root, pretrained, finetuned, FixedHeadData(head))
 
     def build_encoder(self):
         return LinearEncoder()
-
-    def head(self, task):
-        if self.head_weight is None:
-            return nn.Identity()
-        head = nn.Linear(2, self.head_weight.shape[0], bias=False)
-        head.weight.data.copy_(self.head_weight)
-        return head
 
 
 def linear_state(weight, bias) -> dict[str, torch.Tensor]:

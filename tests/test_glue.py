@@ -26,15 +26,15 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
-from mergebench.backbone import MissingResourceError  # noqa: E402
+from mergebench.errors import MissingResourceError  # noqa: E402
 from mergebench.cli import main  # noqa: E402
-from mergebench.evaluate import METRICS, matthews_correlation, pearson_spearman  # noqa: E402
+from mergebench.metrics import METRICS, matthews_correlation, pearson_spearman  # noqa: E402
 from mergebench.pool import CheckpointError  # noqa: E402
 from mergebench.registry import BACKBONES  # noqa: E402
 from mergebench.runner import run  # noqa: E402
 from mergebench.tasks import _hub  # noqa: E402
 from mergebench.tasks.glue import Mamba130M, RobertaBase, find_model  # noqa: E402
-from mergebench.tasks.glue_data import GLUE_TASKS, GlueData, GlueDataError  # noqa: E402
+from mergebench.tasks._glue_data import GLUE_TASKS, GlueData, GlueDataError  # noqa: E402
 
 WORDS = "the a cat dog bird runs sleeps sings big small red blue green old new quickly slowly and not very".split()
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: <s>=0, <pad>=1, </s>=2
@@ -204,10 +204,10 @@ def test_pearson_spearman_agrees_with_scipy():
 def test_tasks_and_metrics_of_the_backbones():
     assert [t.name for t in RobertaBase().tasks] == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"]
     assert [t.name for t in Mamba130M().tasks] == ["cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte"]
-    metrics = {t.name: (t.metric, t.regression) for t in RobertaBase().tasks}
-    assert metrics["cola"] == ("matthews", False)
-    assert metrics["stsb"] == ("pearson_spearman", True)
-    assert {metrics[t] for t in ("sst2", "mrpc", "qqp", "mnli", "qnli", "rte")} == {("accuracy", False)}
+    metrics = {t.name: (t.metric, t.outputs) for t in RobertaBase().tasks}
+    assert metrics["cola"] == ("matthews", "class-logits")
+    assert metrics["stsb"] == ("pearson_spearman", "regression")
+    assert {metrics[t] for t in ("sst2", "mrpc", "qqp", "mnli", "qnli", "rte")} == {("accuracy", "class-logits")}
     assert GLUE_TASKS["mnli"].classes == ("entailment", "neutral", "contradiction")
 
 
@@ -269,16 +269,16 @@ def test_converted_model_reproduces_transformers_logits(roberta, roberta_dir, gl
         reference = RobertaForSequenceClassification.from_pretrained(folder).eval()
         encoder = roberta.build_encoder().eval()
         encoder.load_state_dict(load_file(str(roberta.finetuned_checkpoint(task))))
-        inputs, _ = next(roberta.batches(task, "test", batch_size=8))
+        inputs, _ = next(roberta.task(task).batches("test", batch_size=8))
         with torch.no_grad():
-            ours = roberta.head(task).eval()(encoder(**inputs))
+            ours = roberta.task(task).head().eval()(encoder(**inputs))
             theirs = reference(**inputs).logits
         assert ours.shape == theirs.shape == (8, 1 if task == "stsb" else 2)
         assert torch.allclose(ours, theirs, atol=1e-5), task
 
 
 def test_pairs_are_tokenised_as_roberta_pairs(roberta, glue_dir):
-    inputs = roberta.exemplars("mrpc", 3, seed=0)
+    inputs = roberta.task("mrpc").exemplars(3, seed=0)
     rows = GlueData(glue_dir).split("mrpc", "train")
     ids = inputs["input_ids"][0][inputs["attention_mask"][0].bool()].tolist()
     assert ids[0] == VOCAB["<s>"] and ids[-1] == VOCAB["</s>"]
@@ -287,11 +287,11 @@ def test_pairs_are_tokenised_as_roberta_pairs(roberta, glue_dir):
 
 
 def test_exemplars_are_seeded_train_samples(roberta):
-    a, b, c = (roberta.exemplars("qnli", 5, seed=s) for s in (0, 0, 1))
+    a, b, c = (roberta.task("qnli").exemplars(5, seed=s) for s in (0, 0, 1))
     assert torch.equal(a["input_ids"], b["input_ids"])
     assert not torch.equal(a["input_ids"], c["input_ids"])
     with pytest.raises(ValueError, match="25 exemplars asked, the train split has 24"):
-        roberta.exemplars("qnli", N_TRAIN + 1, seed=0)
+        roberta.task("qnli").exemplars(N_TRAIN + 1, seed=0)
 
 
 def test_only_the_encoder_is_merged_and_heads_come_from_each_checkpoint(roberta, roberta_dir):
@@ -301,7 +301,7 @@ def test_only_the_encoder_is_merged_and_heads_come_from_each_checkpoint(roberta,
     assert "model.embeddings.word_embeddings.weight" in keys and "model.encoder.layer.1.output.dense.weight" in keys
     assert not any("classifier" in k or "pooler" in k for k in keys)
     mnli = RobertaForSequenceClassification.from_pretrained(roberta_dir / "mnli")
-    head = roberta.head("mnli")
+    head = roberta.task("mnli").head()
     assert torch.equal(head.out_proj.weight, mnli.classifier.out_proj.weight)
     assert head.out_proj.weight.shape == (3, 32)
 
@@ -319,7 +319,7 @@ def test_individual_run_scores_the_fine_tuned_models(roberta, roberta_dir, glue_
         model = RobertaForSequenceClassification.from_pretrained(folder).eval()
         rows = data.split(task, "test")[:]
         with torch.no_grad():
-            logits = model(**roberta.tokenize(task, rows)).logits
+            logits = model(**roberta.task(task).data.tokenize(task, rows)).logits
         predictions = logits[:, 0].numpy() if spec.regression else logits.argmax(-1).numpy()
         expected = METRICS[spec.metric](predictions, np.asarray(rows["label"]))
         assert result.metrics[task] == pytest.approx(expected, abs=1e-6), task
@@ -379,7 +379,7 @@ def test_mamba_individual_run_uses_last_token_and_each_head(mamba_dir, glue_dir,
     result = run("individual", "mamba-130m", checkpoint_dir=mamba_dir, data_dir=glue_dir, results_dir=None)
     assert list(result.metrics) == list(Mamba130M.task_names)
     backbone = Mamba130M(checkpoint_dir=mamba_dir, data_dir=glue_dir)
-    assert backbone._tokenizer.pad_token == "</s>"  # set from eos: the pretrained tokenizer had none
+    assert backbone.tokenizer.pad_token == "</s>"  # set from eos: the pretrained tokenizer had none
     # by hand for QQP (the unprefixed .bin with score.* and a bias): MambaModel, last real token, linear head
     state = torch.load(mamba_dir / "qqp" / "pytorch_model.bin", weights_only=True)
     from transformers import MambaModel
@@ -389,7 +389,7 @@ def test_mamba_individual_run_uses_last_token_and_each_head(mamba_dir, glue_dir,
     rows = backbone.data.split("qqp", "test")[:]
     predictions = []
     for a, b in zip(rows["question1"], rows["question2"]):  # one at a time: no padding at all
-        ids = backbone._tokenizer(a, b, return_tensors="pt")["input_ids"]
+        ids = backbone.tokenizer(a, b, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             last = model(input_ids=ids).last_hidden_state[0, -1]
         predictions.append(int((last @ state["score.weight"].T + state["score.bias"]).argmax()))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergebench import filehash
-from mergebench.backbone import MissingResourceError
+from mergebench.errors import MissingResourceError
 from mergebench.cli import main
 from mergebench.manifest import MANIFEST_NAME, manifest_path, prepare_checkpoints, read_manifest
 from mergebench.pool import CheckpointError, ModelPool
@@ -235,7 +235,7 @@ def test_a_changed_modification_time_means_hashing_again(prepared, monkeypatch):
 # --- everything missing, named at once -------------------------------------------------------------
 def test_glue_names_every_missing_dataset_and_checkpoint_at_once(tmp_path, monkeypatch):
     from mergebench.tasks.glue import RobertaBase
-    from mergebench.tasks.glue_data import GLUE_TASKS
+    from mergebench.tasks._glue_data import GLUE_TASKS
 
     monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -1,4 +1,4 @@
-"""mAP@50 (mergebench.detection) on hand-made COCO cases with known answers, and the
+"""mAP@50 (mergebench.tasks._detr) on hand-made COCO cases with known answers, and the
 conversion of DETR outputs to COCO result entries."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("pycocotools")
 
-from mergebench.detection import detections_from_detr, map50  # noqa: E402
+from mergebench.tasks._detr import detections_from_detr, map50  # noqa: E402
 
 # 3 images; category 0 is a Roboflow super-category without annotations (left out of the mean)
 GROUND_TRUTH = {

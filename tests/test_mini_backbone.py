@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mergebench.registry import BACKBONES
-from mergebench.tasks import text_data
+from mergebench.tasks import _text_data as text_data
 
 
 @pytest.fixture(scope="module")

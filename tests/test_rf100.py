@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("pycocotools")
 PIL_Image = pytest.importorskip("PIL.Image")
 
-from mergebench.backbone import MissingResourceError  # noqa: E402
+from mergebench.errors import MissingResourceError  # noqa: E402
 from mergebench.cli import main  # noqa: E402
 from mergebench.dynamic import KNNRouter  # noqa: E402
 from mergebench.method import NotApplicableError  # noqa: E402
@@ -171,15 +171,16 @@ def test_encoder_and_head_reproduce_detr(prepared, rf100_files):
     model = DetrForObjectDetection.from_pretrained(str(rf100_files[0] / "underwater")).eval()
     encoder = prepared.build_encoder().eval()
     encoder.load_state_dict(load_file(str(prepared.finetuned_checkpoint("underwater"))))
-    inputs, ids = next(prepared.batches("underwater", "test", 2))
+    underwater = prepared.task("underwater")
+    inputs, ids = next(underwater.batches("test", 2))
     assert inputs["pixel_values"].shape == (2, 3, HEIGHT, WIDTH) and ids.tolist() == [0, 1]
     with torch.no_grad():
         expected = model(**inputs)
-        output = prepared.head("underwater")(encoder(**inputs))
+        output = underwater.head()(encoder(**inputs))
     assert output.shape == (2, 1, 5 + 4)  # 4 categories + "no object", then the box
     torch.testing.assert_close(output[..., :-4], expected.logits)
     torch.testing.assert_close(output[..., -4:], expected.pred_boxes)
-    assert prepared.routing_features(encoder(**inputs)).shape == (2, 1, 32)
+    assert underwater.routing_features(encoder(**inputs)).shape == (2, 1, 32)
 
 
 def test_prepare_again_reuses_the_conversion_and_run_needs_no_options(prepared, rf100_files):
@@ -236,8 +237,7 @@ def test_auto_switch_routes_each_image_to_its_domain(results):
 def test_every_method_runs_or_is_not_applicable(results):
     recorded = {r.method: r for r in load_results(results["folder"])}
     for name in METHODS.names():
-        task_types = METHODS.get(name).task_types
-        if task_types is not None and "detection" not in task_types:
+        if not all(METHODS.get(name).requires <= task.capabilities for task in RF100Detr().tasks):
             assert isinstance(results[name], NotApplicableError), name
             assert "not applicable to backbone 'detr-r50'" in str(results[name])
             assert name not in recorded  # nothing recorded
@@ -251,13 +251,13 @@ def test_flexswitch_uses_the_mse_loss_on_a_detector(results, prepared):
     assert results["flexswitch"].hyperparameters["loss"] == "mse"  # the paper's choice for DETR
     assert results["auto-flexswitch"].hyperparameters["loss"] == "mse"
     assert results["auto-flexswitch"].diagnostics["routing_accuracy_mean"] == 1.0  # centres of query vectors, voted
-    with pytest.raises(ValueError, match="loss 'kl' does not apply to detection outputs"):
+    with pytest.raises(ValueError, match="loss 'kl' reads one output vector per input, which the tasks of detr-r50"):
         run("flexswitch", "detr-r50", hyperparameters={"loss": "kl", "exemplars": 3, "steps": 1}, results_dir=None)
 
 
 def test_adamerging_and_fisher_are_not_applicable_to_detection():
-    assert {name for name in METHODS.names() if METHODS.get(name).task_types == frozenset({"classification"})} \
-        == {"adamerging", "adamerging++", "fisher"}
+    assert {name for name in METHODS.names() if METHODS.get(name).requires} == {"adamerging", "adamerging++", "fisher"}
+    assert not any(task.capabilities for task in RF100Detr().tasks)  # per-query classes and boxes
 
 
 def test_cli_reports_not_applicable_and_runs_the_rest(prepared, tmp_path, capsys):
@@ -281,7 +281,7 @@ def test_list_shows_the_backbone_and_suite(capsys):
 # --- routing: majority vote over object queries ----------------------------------------------
 def test_knn_router_votes_per_image():
     queries = torch.tensor([[[0.0, 0.0], [0.1, 0.0]], [[10.0, 0.0], [10.1, 0.0]]])  # 2 exemplars x 2 vectors
-    router = KNNRouter(lambda x: x, queries, torch.tensor([0, 1]), num_tasks=2, neighbours=1)
+    router = KNNRouter(lambda x: x, queries, torch.tensor([0, 1]), num_tasks=2, neighbours=1, by_parts=True)
     features = torch.tensor([
         [[0.0, 0.1], [10.0, 0.1], [10.0, 0.2]],  # 2 of 3 vectors near task 1
         [[0.0, 0.1], [0.1, 0.1], [10.0, 0.0]],  # 2 of 3 near task 0
@@ -290,13 +290,14 @@ def test_knn_router_votes_per_image():
     ])
     weights = router(features)
     assert weights.tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]
-    flat = router(torch.tensor([[0.0, 0.1], [10.0, 0.1]]))  # 2D features: one vector per input, as before
+    per_input = KNNRouter(lambda x: x, queries.flatten(0, 1), torch.tensor([0, 0, 1, 1]), num_tasks=2, neighbours=1)
+    flat = per_input(torch.tensor([[0.0, 0.1], [10.0, 0.1]]))  # one vector per input: no vote
     assert flat.tolist() == [[1.0, 0.0], [0.0, 1.0]]
 
 
 def test_knn_router_tie_goes_to_the_lower_task():
     queries = torch.tensor([[[0.0], [1.0]], [[10.0], [11.0]]])
-    router = KNNRouter(lambda x: x, queries, torch.tensor([0, 1]), num_tasks=2, neighbours=1)
+    router = KNNRouter(lambda x: x, queries, torch.tensor([0, 1]), num_tasks=2, neighbours=1, by_parts=True)
     assert router(torch.tensor([[[10.0], [0.0]]])).tolist() == [[1.0, 0.0]]
 
 

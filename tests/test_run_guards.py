@@ -116,11 +116,12 @@ def test_all_finite_reads_nested_outputs():
 
 
 def test_a_nan_metric_is_refused(tiny_bert, monkeypatch):
-    monkeypatch.setattr(type(tiny_bert), "score", lambda self, task, outputs, targets: float("nan"))
+    task = tiny_bert.task("markers-a")
+    monkeypatch.setattr(task, "score", lambda outputs, targets: float("nan"))
     merged = _NaNOutputs().merge(type("Pool", (), {"backbone": tiny_bert})())
     merged.predict = lambda task, inputs: torch.zeros(len(next(iter(inputs.values()))), 2)
     with pytest.raises(NonFiniteError, match="task 'markers-a': its accuracy is nan"):
-        evaluate_task(merged, tiny_bert, "markers-a")
+        evaluate_task(merged, task)
 
 
 # --- errors: the project's own are one line, the rest keep their traceback -------------------

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from mergebench.tasks import text_data as td
+from mergebench.tasks import _text_data as td
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -15,7 +15,7 @@ from mergebench.methods.twin_merging import (TwinMerged, TwinMerging, decode_exp
 from mergebench.pool import ModelPool
 from mergebench.registry import METHODS
 from mergebench.runner import make_method
-from tests._stub import StubBackbone
+from tests._stub import StubBackbone, StubData
 
 LINEAR = ["net.0.weight", "net.2.weight"]
 
@@ -30,17 +30,22 @@ class LinearEncoder(nn.Module):
         return self.net(x)
 
 
-class LinearBackbone(StubBackbone):
-    """The stub backbone with a two-Linear encoder taking 4-feature inputs."""
-
-    def build_encoder(self):
-        return LinearEncoder()
-
+class FourFeatureData(StubData):
     def batches(self, task, split, batch_size):
         yield {"x": torch.ones(2, 4)}, torch.zeros(2, dtype=torch.long)
 
     def exemplars(self, task, n, seed, split="train"):
         return {"x": torch.ones(n, 4)}
+
+
+class LinearBackbone(StubBackbone):
+    """The stub backbone with a two-Linear encoder taking 4-feature inputs."""
+
+    def __init__(self, root, pretrained, finetuned):
+        super().__init__(root, pretrained, finetuned, FourFeatureData())
+
+    def build_encoder(self):
+        return LinearEncoder()
 
 
 def states(bias_changes: bool = True):

@@ -31,7 +31,7 @@ from transformers import (  # noqa: E402
     ConvNextImageProcessor,
 )
 
-from mergebench.backbone import MissingResourceError  # noqa: E402
+from mergebench.errors import MissingResourceError  # noqa: E402
 from mergebench.cli import main  # noqa: E402
 from mergebench.pool import CheckpointError, ModelPool  # noqa: E402
 from mergebench.registry import BACKBONES  # noqa: E402
@@ -238,10 +238,10 @@ def reference_encoder(pretrained: CLIPModel, tower: dict[str, torch.Tensor] | No
 
 
 def accuracy_with(backbone, task: str, encode) -> float:
-    head = backbone.head(task)
+    head = backbone.task(task).head()
     correct = total = 0
     with torch.no_grad():
-        for inputs, labels in backbone.batches(task, "test", 3):
+        for inputs, labels in backbone.task(task).batches("test", 3):
             correct += int((head(encode(inputs["pixel_values"])).argmax(-1) == labels).sum())
             total += len(labels)
     return correct / total
@@ -297,7 +297,7 @@ def test_huggingface_family_converts_to_encoder_state_dicts(files, hf_backbone):
         # FusionBench's fine-tuned models are vision towers: the projection is the pretrained one
         assert torch.count_nonzero(pool.task_vector("mnist", "visual_projection.weight")) == 0
         assert "visual_projection.weight" in pool.merged_keys
-    pixels = next(hf_backbone.batches("eurosat", "test", 4))[0]["pixel_values"]
+    pixels = next(hf_backbone.task("eurosat").batches("test", 4))[0]["pixel_values"]
     assert pixels.shape == (4, 3, 32, 32)
     encoder = hf_backbone.build_encoder().eval()
     encoder.load_state_dict(load_file(str(hf_backbone.finetuned_checkpoint("eurosat"))))
@@ -310,7 +310,7 @@ def test_huggingface_family_converts_to_encoder_state_dicts(files, hf_backbone):
 def test_zero_shot_head_averages_normalised_template_embeddings(files, hf_backbone):
     pretrained = files["pretrained"]
     tokenizer = AutoTokenizer.from_pretrained(str(files["hf"] / "openai" / "clip-vit-base-patch32"))
-    head = hf_backbone.head("eurosat")
+    head = hf_backbone.task("eurosat").head()
     assert head.weight.shape == (10, 16)
     class_name = CLASS_NAMES["eurosat"][3]
     with torch.no_grad():
@@ -354,12 +354,13 @@ def test_pickled_modules_and_foreign_keys_are_refused_with_instructions(tmp_path
 
 
 def test_exemplars_are_seeded_label_free_train_samples(hf_backbone):
-    first = hf_backbone.exemplars("mnist", 5, seed=0)
+    mnist = hf_backbone.task("mnist")
+    first = mnist.exemplars(5, seed=0)
     assert set(first) == {"pixel_values"} and first["pixel_values"].shape == (5, 3, 32, 32)
-    assert torch.equal(first["pixel_values"], hf_backbone.exemplars("mnist", 5, seed=0)["pixel_values"])
-    assert not torch.equal(first["pixel_values"], hf_backbone.exemplars("mnist", 5, seed=1)["pixel_values"])
+    assert torch.equal(first["pixel_values"], mnist.exemplars(5, seed=0)["pixel_values"])
+    assert not torch.equal(first["pixel_values"], mnist.exemplars(5, seed=1)["pixel_values"])
     with pytest.raises(ValueError, match="13 exemplars asked, the split has 12"):
-        hf_backbone.exemplars("mnist", 13, seed=0)
+        mnist.exemplars(13, seed=0)
 
 
 def test_svhn_reads_only_its_configuration_from_the_parquet_layout(hf_backbone):
@@ -421,7 +422,7 @@ def test_convnext_backbone_merges_the_trunk_and_keeps_each_fine_tuned_classifier
     result = run("individual", TinyConvNext.name, checkpoint_dir=checkpoints, data_dir=files["data"], results_dir=None, batch_size=4)
     backbone = TinyConvNext(checkpoint_dir=checkpoints, data_dir=files["data"])
     for task, model in finetuned.items():
-        assert torch.equal(backbone.head(task).weight, model.classifier.weight)
+        assert torch.equal(backbone.task(task).head().weight, model.classifier.weight)
         expected = accuracy_with(backbone, task, lambda pixels, model=model: model.convnext(pixel_values=pixels).pooler_output)
         assert result.metrics[task] == pytest.approx(expected)
     with ModelPool(backbone) as pool:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from mergebench.analysis.edits import Edit
@@ -24,6 +25,7 @@ from mergebench.cache import cache_dir, write_json
 from mergebench.evaluate import evaluate
 from mergebench.method import Merged
 from mergebench.pool import ModelPool
+from mergebench.task import Batch, Task, TaskData
 
 CACHE_VERSION = 2  # 2: C2 (keep-low) prunes alpha from the top
 
@@ -57,21 +59,32 @@ class EditedTaskVectors(Merged):
         return self.head(task)(self.encoder(**inputs))
 
 
-class FirstTestExamples:
-    """A backbone seen through the first ``n`` test examples of each task (None: all)."""
+class FirstTestExamples(TaskData):
+    """Tasks' data seen through the first ``n`` examples of a split (None: all)."""
 
-    def __init__(self, backbone: Backbone, n: int | None):
+    def __init__(self, data: TaskData, n: int | None):
         if n is not None and n < 1:
             raise ValueError(f"--examples must be at least 1, got {n}")
-        self.backbone = backbone
+        self.data = data
         self.n = n
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.backbone, name)
+    @classmethod
+    def of(cls, tasks: Iterable[Task], n: int | None) -> list[Task]:
+        """The tasks, each cut at its first ``n`` examples."""
+        return [task.bind(cls(task.data, n)) for task in tasks]
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    def classes(self, task: str) -> tuple[str, ...]:
+        return self.data.classes(task)
+
+    def head(self, task: str) -> nn.Module:
+        return self.data.head(task)
+
+    def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
+        return self.data.exemplars(task, n, seed, split)
+
+    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
         left = self.n
-        for inputs, labels in self.backbone.batches(task, split, batch_size):
+        for inputs, labels in self.data.batches(task, split, batch_size):
             if left is not None:
                 if left <= 0:
                     return
@@ -117,8 +130,8 @@ class Prober:
         cached = self._load()
         if key in cached:
             return cached[key]
-        metrics = evaluate(EditedTaskVectors(pool, edit), FirstTestExamples(self.backbone, self.examples),
-                           self.tasks, self.batch_size)
+        metrics = evaluate(EditedTaskVectors(pool, edit), FirstTestExamples.of(self.backbone.tasks, self.examples),
+                           self.batch_size)
         self.evaluated += 1
         if self.use_cache:
             cached = self._load()  # re-read: another analysis may have added points meanwhile

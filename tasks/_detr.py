@@ -1,4 +1,4 @@
-"""Detection scoring: DETR outputs -> COCO result entries -> mAP@50 with pycocotools.
+"""The rf100 suite's scoring: DETR outputs -> COCO result entries -> mAP@50 with pycocotools.
 
 mAP@50 is COCO's average precision at IoU 0.5, the metric of the RF100 benchmark
 (Ciaglia et al. 2022) and of Auto-FlexSwitch Table VII: per category, precision

@@ -37,8 +37,8 @@ from typing import Any, Callable, TypeVar
 
 import numpy as np
 
-from mergebench.backbone import MissingResourceError, Task
-from mergebench.errors import MergebenchError
+from mergebench.errors import MergebenchError, MissingResourceError
+from mergebench.task import Task
 from mergebench.cache import cache_dir
 from mergebench.tasks._hub import snapshot
 
@@ -117,7 +117,8 @@ class GlueTask:
 
     @property
     def task(self) -> Task:
-        return Task(self.name, self.classes, self.metric, self.regression)
+        """The task as the glue suite declares it."""
+        return Task(self.name, self.classes, self.metric, outputs="regression" if self.regression else "class-logits")
 
     def split_name(self, split: str) -> str:
         if split not in SPLITS:
