@@ -6,9 +6,9 @@ task vectors, written once as safetensors and read by the real ``ModelPool``. Ea
 method runs in its own subprocess, so peaks do not mix. Per method:
 
 * merge seconds, CPU (process time, robust to other jobs on a shared machine) and
-  wall: ``method.merge(pool, exemplars)`` alone; the pool has already
-  validated every checkpoint (reading each once, as ``mergebench run`` does inside
-  its merge time; that time is reported apart as *validate s*);
+  wall: the ``timed_merge`` stage of ``mergebench.runner`` alone; before it, ``load_pool``
+  has checked the checkpoints against the prepare manifest and the pool has opened and
+  verified each one, as in ``mergebench run`` (reported apart as *validate s*);
 * memory: the process's anonymous resident memory (heap: tensors the method
   allocates), sampled every 5 ms during the merge, minus its value just before;
   and ``ru_maxrss`` (all resident pages, including the pages of the memory-mapped
@@ -85,27 +85,25 @@ def worker(method_name: str, root: Path, num_tasks: int, exemplars_per_task: int
     """Runs in the subprocess: merge once, measure, print one JSON line."""
     import torch
 
-    from mergebench.pool import ModelPool
     from mergebench.registry import METHODS as REGISTRY
-    from mergebench.runner import draw_exemplars, make_method, seed_everything
+    from mergebench.runner import exemplars_for, load_pool, make_method, seed_everything, timed_merge
 
     backbone = SyntheticViTB32(root, num_tasks=num_tasks)
-    cls = REGISTRY.get(method_name)
-    overrides = {"exemplars": exemplars_per_task} if cls.needs_exemplars else {}
+    overrides = {"exemplars": exemplars_per_task} if REGISTRY.get(method_name).needs_exemplars else {}
     method = make_method(method_name, overrides)
-    seed_everything(0)
-    with ModelPool(backbone) as pool:
-        model_bytes = sum(pool.pretrained(k).numel() * 4 for k in pool.merged_keys)
-        start = time.perf_counter()
-        for task in pool.tasks:  # validation reads every checkpoint once (mergebench run does it inside merge)
+    start = time.perf_counter()
+    with load_pool(backbone) as pool:  # the run's stages from here on, as `mergebench run` calls them
+        for task in pool.tasks:  # the pool verifies each checkpoint when it first opens it
             pool.finetuned(task, pool.merged_keys[0])
         validate_seconds = time.perf_counter() - start
-        exemplars = draw_exemplars(backbone, pool.tasks, method.exemplars_per_task, 0) if cls.needs_exemplars else None
+        model_bytes = sum(pool.pretrained(k).numel() * 4 for k in pool.merged_keys)
+        seed_everything(0)
+        exemplars = exemplars_for(method, backbone, pool.tasks, 0)
         before = _status()
         with PeakSampler() as sampler:
-            start, cpu = time.perf_counter(), time.process_time()
-            merged = method.merge(pool, exemplars)
-            merge_seconds, merge_cpu = time.perf_counter() - start, time.process_time() - cpu
+            cpu = time.process_time()
+            merged, merge_seconds = timed_merge(method, pool, exemplars)
+            merge_cpu = time.process_time() - cpu
         storage = merged.storage_bytes()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         task = pool.tasks[0]

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mergebench.cache import write_atomically
-from mergebench.errors import (HyperparameterError, MergebenchError, NotApplicableError, ResultsWriteError,
-                               UnknownNameError)
-from mergebench.registry import BACKBONES, METHODS, SUITES
+# Imports at module level are the standard library's only: ``--help`` and ``run --help`` load
+# neither torch nor any plugin; each command imports what it needs.
+
+# the choices of ``analyze`` without importing the analyses (a test checks it equals mergebench.analysis.ANALYSES)
+ANALYSIS_NAMES = ("pulse", "b-approx", "sensitivity", "sass", "pareto")
 
 # environment errors a user can fix (disk full, read-only, permission): one line naming the path
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
@@ -22,6 +23,8 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errn
 
 def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
     """``key=value`` pairs; values are JSON when they parse as JSON (numbers, booleans, lists, null)."""
+    from mergebench.errors import HyperparameterError
+
     parsed = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -37,6 +40,8 @@ def parse_hyperparameters(pairs: list[str]) -> dict[str, Any]:
 def hyperparameters_for(method: str, overrides: dict[str, Any], several: bool) -> dict[str, Any]:
     """With several methods, each takes the overrides it has; with one, all of them
     (so an unknown name is reported by the method itself)."""
+    from mergebench.registry import METHODS
+
     if not several:
         return overrides
     known = METHODS.get(method).hyperparameters
@@ -45,6 +50,9 @@ def hyperparameters_for(method: str, overrides: dict[str, Any], several: bool) -
 
 def method_names(text: str) -> list[str]:
     """The comma-separated ``--method`` value: at least one registered name, each once."""
+    from mergebench.errors import UnknownNameError
+    from mergebench.registry import METHODS
+
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if not names:
         raise UnknownNameError(f"--method {text!r} names no method; valid methods: {', '.join(METHODS.names())}")
@@ -54,40 +62,41 @@ def method_names(text: str) -> list[str]:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from mergebench.errors import HyperparameterError, NotApplicableError, ResultsWriteError
+    from mergebench.registry import BACKBONES
     from mergebench.results import append_result, check_writable
-    from mergebench.runner import check_batch_size, check_seed, make_method, run
+    from mergebench.runner import check_batch_size, check_seed, execute, resolve
     from mergebench.table import results_table
 
-    # every name and value is checked before any work starts
+    # every name and value of every method is checked before any work starts
     methods = method_names(args.method)
     check_seed(args.seed)
     check_batch_size(args.batch_size)
-    backbone_class = BACKBONES.get(args.backbone)
+    BACKBONES.get(args.backbone)  # an unknown backbone is named before any hyperparameter
     overrides = parse_hyperparameters(args.hp)
     per_method = {name: hyperparameters_for(name, overrides, several=len(methods) > 1) for name in methods}
     unused = set(overrides) - {key for chosen in per_method.values() for key in chosen}
     if unused:
         raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
-    applicable = []
+    plans = []
     for name in methods:
         try:
-            make_method(name, per_method[name], args.seed).check_applicable(backbone_class)
-            applicable.append(name)
+            plans.append(resolve(name, args.backbone, seed=args.seed, hyperparameters=per_method[name],
+                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir))
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
-    if not applicable:
+    if not plans:
         return 0
-    if not args.no_save:
+    if not args.no_save:  # once for every method: this command, not the runner, appends the records
         check_writable(Path(args.results_dir))
 
     results, unsaved = [], []
     try:
-        for name in applicable:
-            result = run(name, args.backbone, seed=args.seed, hyperparameters=per_method[name], results_dir=None,
-                         batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+        for plan in plans:
+            result = execute(plan)
             results.append(result)
             family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
-            print(f"{name}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, "
+            print(f"{result.method}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, "
                   f"eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
             if not args.no_save:
                 try:  # each record as soon as it exists, so a later failure loses nothing
@@ -106,18 +115,31 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def hyperparameter_table(methods: list[tuple[str, Any]]) -> str:
+    """What ``--hp KEY=VALUE`` accepts for each (name, method class): one row per hyperparameter."""
+    from tabulate import tabulate
+
+    rows = [[name, key, json.dumps(spec.default), spec.allowed(), spec.help]
+            for name, cls in methods for key, spec in cls.hyperparameters.items()]
+    return "Hyperparameters (--hp KEY=VALUE; JSON values)\n" + tabulate(
+        rows, headers=["method", "name", "default", "allowed", "meaning"], disable_numparse=True)
+
+
 def command_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from mergebench.registry import BACKBONES, METHODS, SUITES
+
+    if args.method:
+        cls = METHODS.get(args.method)
+        print(hyperparameter_table([(args.method, cls)]) if cls.hyperparameters else f"{args.method}: no hyperparameters")
+        return 0
     rows = []
     for name, cls in METHODS.items():
         kind = "reference" if cls.reference else ("dynamic" if cls.dynamic else "static")
         rows.append([name, kind, "yes" if cls.needs_exemplars else "no", len(cls.hyperparameters) or "-"])
     print("Methods\n" + tabulate(rows, headers=["method", "kind", "exemplars", "hyperparameters"]))
-    rows = [[name, key, json.dumps(spec.default), spec.allowed(), spec.help]
-            for name, cls in METHODS.items() for key, spec in cls.hyperparameters.items()]
-    print("\nHyperparameters (--hp KEY=VALUE)\n"
-          + tabulate(rows, headers=["method", "name", "default", "allowed", "meaning"], disable_numparse=True))
+    print("\n" + hyperparameter_table(METHODS.items()))
     rows = [[name, cls.suite, cls.description] for name, cls in BACKBONES.items()]
     print("\nBackbones\n" + tabulate(rows, headers=["backbone", "suite", "description"]))
     rows = [[name, ", ".join(task.name for task in suite.tasks), ", ".join(suite_backbones(suite)), suite.description]
@@ -128,6 +150,8 @@ def command_list(args: argparse.Namespace) -> int:
 
 def suite_backbones(suite) -> list[str]:
     """The suite's backbones, each with the tasks it has no checkpoints for (e.g. "mamba-130m (no stsb)")."""
+    from mergebench.registry import BACKBONES
+
     names = []
     for name in suite.backbones:
         missing = suite.missing(BACKBONES.get(name))
@@ -135,19 +159,9 @@ def suite_backbones(suite) -> list[str]:
     return names
 
 
-def hyperparameter_help() -> str:
-    """Every method's hyperparameters for ``run --help`` (one line each; ``list`` has a table)."""
-    lines = ["hyperparameters (--hp KEY=VALUE; JSON values):"]
-    for name, cls in METHODS.items():
-        if cls.hyperparameters:
-            lines.append(f"  {name}:")
-            lines += [f"    {key}={json.dumps(spec.default)}  {spec.allowed()}: {spec.help}"
-                      for key, spec in cls.hyperparameters.items()]
-    return "\n".join(lines)
-
-
 def command_prepare(args: argparse.Namespace) -> int:
     from mergebench.manifest import prepare_checkpoints
+    from mergebench.registry import BACKBONES, SUITES
 
     backbone_cls = BACKBONES.get(args.backbone)
     if args.install_data:
@@ -162,6 +176,7 @@ def command_prepare(args: argparse.Namespace) -> int:
 
 
 def command_leaderboard(args: argparse.Namespace) -> int:
+    from mergebench.cache import write_atomically
     from mergebench.table import leaderboard_markdown
 
     output = write_atomically(Path(args.output), lambda tmp: tmp.write_text(leaderboard_markdown(Path(args.results_dir))))
@@ -187,6 +202,7 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def command_analyze(args: argparse.Namespace) -> int:
     from mergebench.analysis import AnalysisOptions, run_analysis
+    from mergebench.registry import BACKBONES
 
     backbone = BACKBONES.get(args.backbone)(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
     options = AnalysisOptions(
@@ -218,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser = lambda *a, **k: add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="merge a backbone's fine-tuned models with a method and evaluate every task",
-                         epilog=hyperparameter_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                         epilog="hyperparameters (--hp KEY=VALUE; JSON values): `mergebench list` shows every "
+                                "method's, `mergebench list --method NAME` one method's (type, default, bounds, "
+                                "meaning); names and backbones: `mergebench list`")
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
     run.add_argument("--backbone", required=True)
     run.add_argument("--seed", type=int, default=0)
@@ -229,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_location_options(run)
     run.set_defaults(func=command_run)
 
-    lst = sub.add_parser("list", help="registered methods, backbones and suites")
+    lst = sub.add_parser("list", help="registered methods with their hyperparameters, backbones and suites")
+    lst.add_argument("--method", help="only this method's hyperparameters")
     lst.set_defaults(func=command_list)
 
     prepare = sub.add_parser("prepare", help="build data caches and fine-tuned checkpoints of a backbone")
@@ -244,10 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--output", default="leaderboard.md")
     board.set_defaults(func=command_leaderboard)
 
-    from mergebench.analysis import ANALYSES
-
     analyze = sub.add_parser("analyze", help="the papers' task-vector analyses: tables and figures")
-    analyze.add_argument("analysis", choices=list(ANALYSES))
+    analyze.add_argument("analysis", choices=ANALYSIS_NAMES)
     analyze.add_argument("--backbone", default="minilm-l6")
     analyze.add_argument("--output-dir", default="analyses")
     analyze.add_argument("--examples", type=int, help="evaluate on the first N test examples of each task (default: all)")
@@ -270,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     """The project's own errors (and a full disk, read-only or forbidden path) are one line
     naming what is at fault; anything else is a bug and keeps its traceback, as does every
     error with ``--debug``."""
+    from mergebench.errors import MergebenchError
+
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as recorded by `analyze`
     try:

@@ -1,10 +1,14 @@
-"""One benchmark run: resolve plugins, merge, evaluate, record."""
+"""One benchmark run as stages that the CLI, benchmarks and sweeps call directly:
+resolve (every value checked, nothing done) -> load_pool -> exemplars_for -> timed_merge
+-> timed_evaluate -> make_result -> append_result. ``execute`` runs the work stages of a
+resolved plan; ``run`` composes all of them."""
 from __future__ import annotations
 
 import platform
 import random
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,7 +23,7 @@ from mergebench.exemplars import draw_exemplars
 from mergebench.manifest import prepare_checkpoints
 from mergebench.errors import HyperparameterError, NonFiniteError
 from mergebench.memory import PeakMemory
-from mergebench.method import Method
+from mergebench.method import Merged, Method
 from mergebench.pool import ModelPool
 from mergebench.registry import BACKBONES, METHODS
 from mergebench.results import Result, append_result, check_writable
@@ -86,6 +90,132 @@ def check_batch_size(batch_size: Any) -> int:
     return batch_size
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """One run resolved before any work: the method made once with its checked values, the
+    backbone class it applies to, and where the record goes (None: nowhere)."""
+
+    method: Method
+    backbone_class: type[Backbone]
+    seed: int = 0
+    batch_size: int = 64
+    results_dir: Path | None = None
+    checkpoint_dir: Path | None = None
+    data_dir: Path | None = None
+    commit: str | None = None  # the code that runs: the checkout as it was when the run was resolved
+
+    def make_backbone(self) -> Backbone:
+        return self.backbone_class(checkpoint_dir=self.checkpoint_dir, data_dir=self.data_dir)
+
+
+def resolve(
+    method_name: str,
+    backbone_name: str,
+    *,
+    seed: int = 0,
+    hyperparameters: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    results_dir: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    data_dir: Path | None = None,
+) -> RunPlan:
+    """Check every name and value before any work: unknown names and bad values raise
+    UnknownNameError / HyperparameterError, a method that cannot merge the backbone's tasks
+    NotApplicableError, an unwritable ``results_dir`` ResultsWriteError."""
+    commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
+    method = make_method(method_name, hyperparameters, seed)
+    batch_size = check_batch_size(batch_size)
+    backbone_class = BACKBONES.get(backbone_name)
+    method.check_applicable(backbone_class)
+    if results_dir is not None:
+        results_dir = check_writable(Path(results_dir))
+    return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit)
+
+
+def load_pool(backbone: Backbone, tasks: list[str] | None = None) -> ModelPool:
+    """The backbone's checkpoints as a pool, each verified against the prepare manifest. A
+    corrupt checkpoint stops the run (``repair=False``) rather than being rebuilt under it."""
+    prepare_checkpoints(backbone, repair=False)
+    return ModelPool(backbone, tasks)
+
+
+def exemplars_for(method: Method, backbone: Backbone, tasks: list[str], seed: int) -> dict[str, Any] | None:
+    """The exemplars ``method`` asks for (None if it asks for none). AdaMerging's protocol
+    adapts on unlabelled *test* inputs; the record says so (``uses_test_inputs``)."""
+    if not method.needs_exemplars:
+        return None
+    split = "test" if method.uses_test_inputs else "train"
+    return draw_exemplars(backbone, tasks, method.exemplars_per_task, seed, split)
+
+
+def timed_merge(method: Method, pool: ModelPool, exemplars: dict[str, Any] | None = None) -> tuple[Merged, float]:
+    """``method.merge`` and its wall seconds."""
+    start = time.perf_counter()
+    merged = method.merge(pool, exemplars)
+    return merged, time.perf_counter() - start
+
+
+def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int) -> tuple[dict[str, float], float]:
+    """The metric of every task on its test split, and the wall seconds it took."""
+    start = time.perf_counter()
+    metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size)
+    return metrics, time.perf_counter() - start
+
+
+def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict[str, float], *, storage_bytes: int,
+                merge_seconds: float, eval_seconds: float, peak_bytes: int, manifest: str | None) -> Result:
+    """The record of one run, with what the run cost and which code, packages and checkpoints made it."""
+    method = plan.method
+    reused = getattr(merged, "reused_training_seconds", None)
+    return Result(
+        method=method.name,
+        backbone=backbone.name,
+        suite=backbone.suite,
+        seed=plan.seed,
+        hyperparameters=method.resolved_hyperparameters(backbone),  # every value as used, defaults included
+        metrics=metrics,
+        average=float(np.mean(list(metrics.values()))),
+        extra_storage_bytes=storage_bytes,
+        merge_seconds=merge_seconds,
+        training_seconds=merge_seconds + (reused or 0.0),
+        reused=reused is not None,
+        eval_seconds=eval_seconds,
+        peak_rss_bytes=peak_bytes,
+        exemplars_per_task=method.exemplars_per_task,
+        automatic=method.automatic,
+        dynamic=method.dynamic,
+        uses_test_inputs=method.uses_test_inputs,
+        reference=method.reference,
+        checkpoint_family=backbone.checkpoint_family,
+        checkpoint_manifest=manifest,
+        diagnostics=merged.diagnostics(),
+        versions=package_versions(),
+        git_commit=plan.commit,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def execute(plan: RunPlan) -> Result:
+    """The work of a resolved run: load the pool, draw exemplars, merge, evaluate; the Result,
+    not yet recorded. Peak memory is this run's alone. A non-finite merged tensor, output or
+    metric stops the run with a NonFiniteError naming the method, task and tensor."""
+    method = plan.method
+    backbone = plan.make_backbone()
+    tasks = [task.name for task in backbone.tasks]
+    with load_pool(backbone, tasks) as pool, PeakMemory() as peak:
+        seed_everything(plan.seed)
+        exemplars = exemplars_for(method, backbone, tasks, plan.seed)
+        try:
+            merged, merge_seconds = timed_merge(method, pool, exemplars)
+            storage = merged.storage_bytes()
+            metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size)
+        except NonFiniteError as error:
+            raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
+        manifest = pool.manifest_sha256
+    return make_result(plan, backbone, merged, metrics, storage_bytes=storage, merge_seconds=merge_seconds,
+                       eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest)
+
+
 def run(
     method_name: str,
     backbone_name: str,
@@ -97,65 +227,11 @@ def run(
     checkpoint_dir: Path | None = None,
     data_dir: Path | None = None,
 ) -> Result:
-    """Merge, evaluate and (with ``results_dir``) append one record. Every value is checked
-    before any work; a non-finite merged tensor, output or metric stops the run with a
-    NonFiniteError naming the method, task and tensor, and nothing is recorded."""
-    commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
-    method = make_method(method_name, hyperparameters, seed)
-    batch_size = check_batch_size(batch_size)
-    backbone_class = BACKBONES.get(backbone_name)
-    method.check_applicable(backbone_class)  # before any work: NotApplicableError, nothing recorded
-    if results_dir is not None:
-        check_writable(Path(results_dir))
-    backbone: Backbone = backbone_class(checkpoint_dir=checkpoint_dir, data_dir=data_dir)
-    prepare_checkpoints(backbone, repair=False)  # a corrupt checkpoint stops the run: nothing recorded
-    tasks = [task.name for task in backbone.tasks]
-    seed_everything(seed)
-
-    with PeakMemory() as peak, ModelPool(backbone, tasks) as pool:
-        # AdaMerging's protocol adapts on unlabelled *test* inputs; the record says so (uses_test_inputs)
-        split = "test" if method.uses_test_inputs else "train"
-        exemplars = draw_exemplars(backbone, tasks, method.exemplars_per_task, seed, split) if method.needs_exemplars else None
-        try:
-            start = time.perf_counter()
-            merged = method.merge(pool, exemplars)
-            merge_seconds = time.perf_counter() - start
-            storage = merged.storage_bytes()
-
-            start = time.perf_counter()
-            metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size)
-            eval_seconds = time.perf_counter() - start
-        except NonFiniteError as error:
-            raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
-        manifest = pool.manifest_sha256
-
-    reused = getattr(merged, "reused_training_seconds", None)
-    result = Result(
-        method=method.name,
-        backbone=backbone.name,
-        suite=backbone.suite,
-        seed=seed,
-        hyperparameters=method.resolved_hyperparameters(backbone),  # every value as used, defaults included
-        metrics=metrics,
-        average=float(np.mean(list(metrics.values()))),
-        extra_storage_bytes=storage,
-        merge_seconds=merge_seconds,
-        training_seconds=merge_seconds + (reused or 0.0),
-        reused=reused is not None,
-        eval_seconds=eval_seconds,
-        peak_rss_bytes=peak.bytes,
-        exemplars_per_task=method.exemplars_per_task,
-        automatic=method.automatic,
-        dynamic=method.dynamic,
-        uses_test_inputs=method.uses_test_inputs,
-        reference=method.reference,
-        checkpoint_family=backbone.checkpoint_family,
-        checkpoint_manifest=manifest,
-        diagnostics=merged.diagnostics(),
-        versions=package_versions(),
-        git_commit=commit,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
-    if results_dir is not None:
-        append_result(Path(results_dir), result)
+    """resolve, execute and (with ``results_dir``) append the record. Every value is checked
+    before any work; a run that fails records nothing."""
+    plan = resolve(method_name, backbone_name, seed=seed, hyperparameters=hyperparameters, batch_size=batch_size,
+                   results_dir=results_dir, checkpoint_dir=checkpoint_dir, data_dir=data_dir)
+    result = execute(plan)
+    if plan.results_dir is not None:
+        append_result(plan.results_dir, result)
     return result

@@ -55,22 +55,13 @@ import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import (
-    AutoTokenizer,
-    MambaConfig,
-    MambaModel,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    RobertaModel,
-)
-from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
 from mergebench.cache import cache_dir, update_json, write_atomically, write_safetensors
 from mergebench.errors import MissingResourceError
@@ -83,6 +74,9 @@ from mergebench.tasks._prepared import PreparedBackbone
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks._glue_data import (GLUE_TASKS, GlueData, MissingGlueResource, all_missing, collect_missing,
                                          glue_task, hub_snapshot)
+
+if TYPE_CHECKING:  # transformers is imported where a model is built: listing the plugins stays fast
+    from transformers import MambaConfig, RobertaConfig
 
 CONVERSION_VERSION = 1  # bump when the converted files change meaning
 WEIGHT_FILES = ("model.safetensors", "model-*.safetensors", "model.safetensors.index.json",
@@ -141,6 +135,8 @@ class RobertaEncoder(nn.Module):
     """RoBERTa without pooler; an input's feature is the last hidden state of its <s> token."""
 
     def __init__(self, config: RobertaConfig):
+        from transformers import RobertaModel
+
         super().__init__()
         self.model = RobertaModel(config, add_pooling_layer=False)
 
@@ -148,20 +144,26 @@ class RobertaEncoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
 
 
-class PooledRobertaClassificationHead(RobertaClassificationHead):
+def _as_sequence(head: nn.Module, args: tuple) -> tuple:
+    return (args[0].unsqueeze(1),)  # (batch, hidden) -> (batch, 1, hidden): the <s> feature is the first token
+
+
+def pooled_roberta_head(hidden_size: int, num_labels: int) -> nn.Module:
     """transformers' RobertaClassificationHead (dense, tanh, out_proj) on the <s> feature."""
+    from transformers import RobertaConfig
+    from transformers.models.roberta.modeling_roberta import RobertaClassificationHead
 
-    def __init__(self, hidden_size: int, num_labels: int):
-        super().__init__(RobertaConfig(hidden_size=hidden_size, num_labels=num_labels, num_attention_heads=1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (batch, hidden): the <s> feature
-        return super().forward(features.unsqueeze(1))
+    head = RobertaClassificationHead(RobertaConfig(hidden_size=hidden_size, num_labels=num_labels, num_attention_heads=1))
+    head.register_forward_pre_hook(_as_sequence)
+    return head
 
 
 class MambaEncoder(nn.Module):
     """Mamba; an input's feature is the hidden state of its last non-padding token."""
 
     def __init__(self, config: MambaConfig):
+        from transformers import MambaModel
+
         super().__init__()
         self.model = MambaModel(config)
 
@@ -181,7 +183,7 @@ class GlueBackbone(PreparedBackbone):
     prepare_hint = "(with the same --checkpoint-dir / --data-dir)"
     task_names: ClassVar[tuple[str, ...]]
     model_type: ClassVar[str]  # config.json "model_type" of every checkpoint
-    config_class: ClassVar[type]
+    config_class: ClassVar[str]  # the name of transformers' config class of the model family
     pretrained_repo: ClassVar[str]
     finetuned_repo: ClassVar[str | None] = None
     finetuned_format: ClassVar[str]  # what a task's folder holds, for error messages
@@ -234,11 +236,15 @@ class GlueBackbone(PreparedBackbone):
 
     # --- the encoder and its tokenizer ----------------------------------------------------------
     def build_encoder(self) -> nn.Module:
+        import transformers
+
         config_path = self.require(self.root / "config.json")
-        return self.encoder_from_config(self.config_class.from_json_file(str(config_path)))
+        return self.encoder_from_config(getattr(transformers, self.config_class).from_json_file(str(config_path)))
 
     @cached_property
     def tokenizer(self):
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(self.require(self.root / "tokenizer")), local_files_only=True)
 
     # --- preparation ------------------------------------------------------------------------------
@@ -269,6 +275,8 @@ class GlueBackbone(PreparedBackbone):
         update_json(self.root / "sources.json", sources)
 
     def _convert_pretrained(self, folder: Path) -> None:
+        from transformers import AutoTokenizer
+
         config, state = self.read_pretrained(folder)
         tokenizer = self.adjust_tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
         self.root.mkdir(parents=True, exist_ok=True)
@@ -401,7 +409,7 @@ class RobertaBase(GlueBackbone):
     description = "RoBERTa-base fine-tuned per GLUE task (EMR-Merging / T-Switch checkpoints; 8 tasks)"
     task_names = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte")
     model_type = "roberta"
-    config_class = RobertaConfig
+    config_class = "RobertaConfig"
     pretrained_repo = "FacebookAI/roberta-base"
     finetuned_repo = "vanillaOVO/roberta_base_glue_ckpts"
     finetuned_format = "config.json and model.safetensors (or pytorch_model.bin) of a RobertaForSequenceClassification"
@@ -411,11 +419,13 @@ class RobertaBase(GlueBackbone):
 
     def head_from_state(self, state):
         num_labels, hidden = state["out_proj.weight"].shape
-        head = PooledRobertaClassificationHead(hidden, num_labels)
+        head = pooled_roberta_head(hidden, num_labels)
         head.load_state_dict(state, strict=True)
         return head
 
     def read_pretrained(self, folder):
+        from transformers import RobertaModel
+
         self._check_model_type(folder)
         model, info = RobertaModel.from_pretrained(
             str(folder), add_pooling_layer=False, output_loading_info=True, local_files_only=True
@@ -425,6 +435,8 @@ class RobertaBase(GlueBackbone):
         return model.config, {f"model.{k}": v for k, v in model.state_dict().items()}
 
     def read_finetuned(self, folder):
+        from transformers import RobertaForSequenceClassification
+
         self._check_model_type(folder)
         model, info = RobertaForSequenceClassification.from_pretrained(
             str(folder), output_loading_info=True, local_files_only=True
@@ -443,7 +455,7 @@ class Mamba130M(GlueBackbone):
     description = "Mamba-130M fine-tuned per GLUE task (Auto-FlexSwitch; 7 tasks, checkpoints from --checkpoint-dir)"
     task_names = ("cola", "sst2", "mrpc", "qqp", "mnli", "qnli", "rte")
     model_type = "mamba"
-    config_class = MambaConfig
+    config_class = "MambaConfig"
     pretrained_repo = "state-spaces/mamba-130m-hf"
     finetuned_format = ("config.json (MambaConfig) and model.safetensors (or pytorch_model.bin) with the MambaModel "
                         "under 'backbone.' and a linear head 'classifier.weight' (or 'score.weight')")
@@ -464,6 +476,8 @@ class Mamba130M(GlueBackbone):
         return tokenizer
 
     def read_pretrained(self, folder):
+        from transformers import MambaModel
+
         self._check_model_type(folder)
         model, info = MambaModel.from_pretrained(str(folder), output_loading_info=True, local_files_only=True)
         if info["missing_keys"]:

@@ -12,7 +12,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertModel
 
 from mergebench.registry import register_backbone, register_suite
 from mergebench.suite import Suite
@@ -55,6 +54,8 @@ class TinyBert(TextClassificationBackbone):
         return TextData(markers, examples(256), examples(96))
 
     def new_model(self):
+        from transformers import BertConfig, BertModel
+
         torch.manual_seed(1234)  # the same random "pretrained" weights every time
         config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=16)

@@ -44,7 +44,7 @@ def test_bad_values_exit_2_before_any_work_and_record_nothing(tmp_path, capsys, 
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the values were checked")
 
-    monkeypatch.setattr("mergebench.runner.run", no_work)
+    monkeypatch.setattr("mergebench.runner.execute", no_work)
     code, out, err = cli(["run", "--backbone", "tiny-bert", "--results-dir", str(tmp_path / "r"), *extra], capsys)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("mergebench: error: ")
@@ -53,7 +53,7 @@ def test_bad_values_exit_2_before_any_work_and_record_nothing(tmp_path, capsys, 
 
 
 def test_an_unwritable_results_dir_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("mergebench.runner.run", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("mergebench.runner.execute", lambda *a, **k: pytest.fail("work started"))
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     code, _, err = cli(["run", "--method", "task-arithmetic", "--backbone", "tiny-bert",
@@ -131,7 +131,7 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch, tmp_path):
     def bug(*args, **kwargs):
         raise ValueError("an internal bug")
 
-    monkeypatch.setattr("mergebench.runner.run", bug)
+    monkeypatch.setattr("mergebench.runner.execute", bug)
     with pytest.raises(ValueError, match="an internal bug"):
         main(["run", "--method", "task-arithmetic", "--backbone", "tiny-bert", "--results-dir", str(tmp_path)])
 
@@ -140,7 +140,7 @@ def test_debug_shows_the_traceback_of_the_projects_own_errors(monkeypatch, tmp_p
     def corrupt(*args, **kwargs):
         raise CheckpointError("x.safetensors: checksum mismatch")
 
-    monkeypatch.setattr("mergebench.runner.run", corrupt)
+    monkeypatch.setattr("mergebench.runner.execute", corrupt)
     argv = ["run", "--method", "task-arithmetic", "--backbone", "tiny-bert", "--results-dir", str(tmp_path)]
     with pytest.raises(CheckpointError):
         main(["--debug", *argv])
@@ -154,14 +154,14 @@ def test_environment_errors_are_one_line_naming_the_path(monkeypatch, tmp_path, 
     def full(*args, **kwargs):
         raise OSError(code, __import__("os").strerror(code), "/data/cache/x.safetensors")
 
-    monkeypatch.setattr("mergebench.runner.run", full)
+    monkeypatch.setattr("mergebench.runner.execute", full)
     exit_code, _, err = cli(["run", "--method", "task-arithmetic", "--backbone", "tiny-bert",
                              "--results-dir", str(tmp_path)], capsys)
     assert exit_code == 2 and err.strip().endswith(": /data/cache/x.safetensors") and err.count("\n") == 1
 
 
 def test_other_os_errors_keep_their_traceback(monkeypatch, tmp_path):
-    monkeypatch.setattr("mergebench.runner.run", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EBADF, "bad fd")))
+    monkeypatch.setattr("mergebench.runner.execute", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EBADF, "bad fd")))
     with pytest.raises(OSError, match="bad fd"):
         main(["run", "--method", "task-arithmetic", "--backbone", "tiny-bert", "--results-dir", str(tmp_path)])
 
