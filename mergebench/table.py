@@ -85,13 +85,20 @@ def _current_defaults(method: str) -> dict[str, Any]:
     return {k: getattr(v, "default", v) for k, v in METHODS.get(method).hyperparameters.items()}
 
 
+def _same_storage(a: int, b: int, tolerance: float = 0.01) -> bool:
+    """Storage sizes of one configuration: equal up to container headers (a new container
+    version moves a file by a few bytes per tensor; another storage format or sparsity
+    moves it by far more than ``tolerance``)."""
+    return abs(a - b) <= tolerance * max(a, b)
+
+
 def latest_per_configuration(results: list[Result]) -> list[Result]:
     """The newest record for each (method, hyperparameters, seed) of a backbone.
 
     A record older than one of its method's hyperparameters ran with what is now that
     hyperparameter's default, so it counts (and is shown) with the default filled in;
-    that inference is only trusted when the storage bytes agree with the record it
-    would merge with, otherwise both are kept, each as recorded."""
+    that inference is only trusted when the storage agrees with the record it would
+    merge with (see ``_same_storage``), otherwise both are kept, each as recorded."""
     defaults: dict[str, dict[str, Any]] = {}
 
     def completed(result: Result) -> dict[str, Any]:
@@ -108,7 +115,7 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
         slot = key(result, full, True)
         earlier = latest.get(slot)
         if (earlier is not None and earlier.hyperparameters != result.hyperparameters
-                and earlier.extra_storage_bytes != result.extra_storage_bytes):
+                and not _same_storage(earlier.extra_storage_bytes, result.extra_storage_bytes)):
             # matched only through defaults, and the storage says otherwise: what lacks a
             # hyperparameter stands as recorded
             if full != result.hyperparameters:
