@@ -34,7 +34,7 @@ def run(backbone, options: AnalysisOptions) -> list:
                 for a in alphas]
     above = [(t, a) for a in alphas for t in tasks if results[binary[a].spec()][t] > individual[t]]
     worst = max(((t, a) for a in alphas for t in tasks), key=lambda ta: gaps[ta[1]][ta[0]])
-    examples = f"the first {options.examples} test examples" if options.examples else "the whole test split"
+    examples = options.evaluated_on
 
     report = Report("b-approx", f"B-Approx on {backbone.name} ({backbone.suite} suite)", options.command)
     report.intro = (

@@ -21,3 +21,8 @@ class AnalysisOptions:
     plot: bool = True
     command: str = "mergebench analyze"
     results_dir: Path = Path("results")  # pareto: where the result records are
+
+    @property
+    def evaluated_on(self) -> str:
+        """What each task is evaluated on, as the reports say it."""
+        return f"the first {self.examples} test examples" if self.examples else "the whole test split"

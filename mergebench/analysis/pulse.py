@@ -66,7 +66,7 @@ def run(backbone, options: AnalysisOptions) -> list:
             rows.append([control, f"{a:g}", *(points(mean(control, a, t)) for t in tasks), points(average(control, a))])
     counts = ordering(summary, alphas, tasks)
     averages = {c: [average(c, a) for a in alphas] for c in CONTROLS}
-    examples = f"the first {options.examples} test examples" if options.examples else "the whole test split"
+    examples = options.evaluated_on
 
     report = Report("pulse", f"Pulse activation on {backbone.name} ({backbone.suite} suite)", options.command)
     report.intro = (

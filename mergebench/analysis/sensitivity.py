@@ -58,7 +58,7 @@ def run(backbone, options: AnalysisOptions) -> list:
     best = {t: min(etas, key=lambda eta: eta_drops[eta][i]) for i, t in enumerate(tasks)}
     eta_rows = [[f"{eta:g}", *(f"{d:+.4f}{' *' if best[t] == eta else ''}" for t, d in zip(tasks, eta_drops[eta])),
                  f"{_mean(eta_drops[eta]):+.4f}"] for eta in etas]
-    examples = f"the first {options.examples} test examples" if options.examples else "the whole test split"
+    examples = options.evaluated_on
 
     def ranking(edits, kind):
         chosen = [(g.partition(":")[2], _mean(drops(e))) for g, e in edits.items() if g.startswith(kind)]
