@@ -82,7 +82,8 @@ def command_run(args: argparse.Namespace) -> int:
     for name in methods:
         try:
             plans.append(resolve(name, args.backbone, seed=args.seed, hyperparameters=per_method[name],
-                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir))
+                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir,
+                                 device=args.device, precision=args.precision))
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
     if not plans:
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", default="results")
     run.add_argument("--no-save", action="store_true", help="print the table but write no record")
     run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                     help="where evaluation runs (merging stays on the CPU); auto: CUDA, else MPS, else CPU")
+    run.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                     help="evaluation under autocast at this precision (fp16: not on the CPU)")
     add_location_options(run)
     run.set_defaults(func=command_run)
 

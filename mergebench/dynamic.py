@@ -123,12 +123,21 @@ class ComposedMerged(RoutedMerged):
         """Forget every merged weight set (the next batch builds its weights again)."""
         self._cache.clear()
 
+    def to(self, device: torch.device | str) -> "ComposedMerged":
+        """The encoder on ``device``; weights are still composed in float32 on the CPU and
+        each composed set moves there once (the cache holds them on the device)."""
+        super().to(device)
+        self.clear_cache()
+        return self
+
     def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        weights = weights.cpu()
         key = tuple(weights.tolist())
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        params = {name: self.pretrained[name] + self.store.combine(name, weights) for name in self.pretrained}
+        params = {name: (self.pretrained[name] + self.store.combine(name, weights)).to(self.device)
+                  for name in self.pretrained}
         self.materialisations += 1
         self._cache[key] = params
         if len(self._cache) > self.cache_size:
@@ -143,7 +152,7 @@ class ComposedMerged(RoutedMerged):
             return functional_call(self.encoder, self.merged_parameters(unique[0]), args=(), kwargs=dict(inputs))
         output = None
         for group, row in enumerate(unique):
-            index = (inverse == group).nonzero().squeeze(1)
+            index = (inverse == group).nonzero().squeeze(1).to(self.device)
             subset = {name: value[index] for name, value in inputs.items()}
             features = functional_call(self.encoder, self.merged_parameters(row), args=(), kwargs=subset)
             if output is None:
@@ -192,7 +201,7 @@ class KNNRouter:
 
     def knn_weights(self, features: torch.Tensor) -> torch.Tensor:
         """(n, D) vectors -> (n, K) shares of their C nearest queries per task."""
-        distances = torch.cdist(features.float(), self.queries)
+        distances = torch.cdist(features.float().to(self.queries.device), self.queries)
         nearest = distances.topk(self.neighbours, largest=False).indices
         counts = torch.nn.functional.one_hot(self.owners[nearest], self.num_tasks).sum(1)
         return counts.float() / self.neighbours

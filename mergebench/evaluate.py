@@ -7,20 +7,23 @@ from typing import Any, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mergebench.device import autocast, to_cpu_float, to_device
 from mergebench.errors import NonFiniteError
 from mergebench.method import Merged
 from mergebench.task import Task
 
 
-def evaluate_task(merged: Merged, task: Task, batch_size: int = 64) -> float:
+def evaluate_task(merged: Merged, task: Task, batch_size: int = 64, precision: str = "fp32") -> float:
     """The task's metric on its test split. ``Task.score`` reads the raw outputs of the
-    whole split (logits or scores; logits and boxes for detection's mAP)."""
+    whole split (logits or scores; logits and boxes for detection's mAP). Batches go to the
+    device ``merged`` is on and run under ``precision``; outputs come back to the CPU as float32."""
     outputs, targets = [], []
-    with torch.no_grad():
+    device = getattr(merged, "device", torch.device("cpu"))  # a Merged that never moved is on the CPU
+    with torch.no_grad(), autocast(device, precision):
         for number, (inputs, batch_targets) in enumerate(tqdm(
             task.batches("test", batch_size), desc=f"eval {task.name}", unit="batch", leave=False
         )):
-            output = merged.predict(task.name, inputs)
+            output = to_cpu_float(merged.predict(task.name, to_device(inputs, device)))
             if not all_finite(output):
                 raise NonFiniteError(f"task {task.name!r}: the outputs of test batch {number} have NaN or infinite values")
             outputs.append(output)
@@ -43,6 +46,6 @@ def all_finite(output: Any) -> bool:
     return True
 
 
-def evaluate(merged: Merged, tasks: Sequence[Task], batch_size: int = 64) -> dict[str, float]:
+def evaluate(merged: Merged, tasks: Sequence[Task], batch_size: int = 64, precision: str = "fp32") -> dict[str, float]:
     """Task name -> its metric on the test split, in the order of ``tasks``."""
-    return {task.name: evaluate_task(merged, task, batch_size) for task in tasks}
+    return {task.name: evaluate_task(merged, task, batch_size, precision) for task in tasks}

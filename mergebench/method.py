@@ -34,11 +34,22 @@ class Merged(abc.ABC):
         self._heads: dict[str, nn.Module] = {}
         self._learned = dict(diagnostics or {})
         self.reused_training_seconds = reused_training_seconds  # original cost of training read from a cache
+        self.device = torch.device("cpu")
 
     def head(self, task: str) -> nn.Module:
         if task not in self._heads:
-            self._heads[task] = self.backbone.task(task).head().eval()
+            self._heads[task] = self.backbone.task(task).head().eval().to(self.device)
         return self._heads[task]
+
+    def to(self, device: torch.device | str) -> "Merged":
+        """Evaluate on ``device``: every module this model holds (encoders, heads, a router
+        module) moves there once; inputs must then be on it too. A subclass holding plain
+        tensors used at inference moves them in an override."""
+        self.device = torch.device(device)
+        for value in [*vars(self).values(), *self._heads.values()]:
+            if isinstance(value, nn.Module):
+                value.to(self.device)
+        return self
 
     @abc.abstractmethod
     def predict(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:

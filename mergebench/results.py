@@ -23,7 +23,11 @@ from typing import Any, Iterator, Mapping
 from mergebench.cache import cache_dir
 from mergebench.errors import RecordError, ResultsWriteError
 
-SCHEMA_VERSION = 2  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
+PRECISIONS = ("fp32", "bf16", "fp16")  # as mergebench.device names them (not imported: records load without torch)
+
+SCHEMA_VERSION = 3  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
+# fields a record of each older version lacks (a version-2 record ran on the CPU in float32)
+_ADDED_IN = {3: ("device", "precision")}
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Result:
     training_seconds: float | None = None
     reused: bool = False
     checkpoint_manifest: str | None = None  # SHA-256 of the checkpoint manifest the run verified
+    device: str = "cpu"  # where evaluation ran, e.g. "cuda:0 (NVIDIA H200)"
+    precision: str = "fp32"  # evaluation's autocast precision
 
     def __post_init__(self) -> None:
         if self.training_seconds is None:
@@ -145,7 +151,8 @@ def check_record(data: Mapping[str, Any]) -> None:
     if not _is_int(version) or not 1 <= version <= SCHEMA_VERSION:
         _fail("schema_version", f"{version!r} is not a schema version this mergebench reads (1 to {SCHEMA_VERSION}); "
                                 "a newer one needs a newer mergebench")
-    required = [f.name for f in fields(Result)] if version >= 2 else _REQUIRED
+    newer = {name for added, names in _ADDED_IN.items() if added > version for name in names}
+    required = [f.name for f in fields(Result) if f.name not in newer] if version >= 2 else _REQUIRED
     for name in required:
         if name not in data:
             _fail(name, "missing")
@@ -197,6 +204,10 @@ def check_record(data: Mapping[str, Any]) -> None:
                                           "yet it includes them with the reused training")
         elif not math.isclose(training, merge, rel_tol=_RELATIVE_TOLERANCE, abs_tol=1e-12):
             _fail("training_seconds", f"{training} differs from merge_seconds ({merge}) though nothing was reused")
+    if not isinstance(data.get("device", "cpu"), str) or not data.get("device", "cpu"):
+        _fail("device", f"{data['device']!r} is not a non-empty string")
+    if data.get("precision", "fp32") not in PRECISIONS:
+        _fail("precision", f"{data['precision']!r} is not one of {', '.join(PRECISIONS)}")
     manifest = data.get("checkpoint_manifest")
     if manifest is not None and not (isinstance(manifest, str) and re.fullmatch(r"[0-9a-f]{64}", manifest)):
         _fail("checkpoint_manifest", f"{manifest!r} is not a SHA-256 hex digest")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mergebench.backbone import Backbone
+from mergebench.device import check_precision, describe_device, resolve_device
 from mergebench.evaluate import evaluate
 from mergebench.exemplars import draw_exemplars
 from mergebench.manifest import prepare_checkpoints
@@ -103,6 +104,8 @@ class RunPlan:
     checkpoint_dir: Path | None = None
     data_dir: Path | None = None
     commit: str | None = None  # the code that runs: the checkout as it was when the run was resolved
+    device: torch.device = torch.device("cpu")  # where evaluation runs (merging stays on the CPU)
+    precision: str = "fp32"  # evaluation's autocast precision: fp32, bf16 or fp16
 
     def make_backbone(self) -> Backbone:
         return self.backbone_class(checkpoint_dir=self.checkpoint_dir, data_dir=self.data_dir)
@@ -118,18 +121,24 @@ def resolve(
     results_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
     data_dir: Path | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> RunPlan:
     """Check every name and value before any work: unknown names and bad values raise
     UnknownNameError / HyperparameterError, a method that cannot merge the backbone's tasks
-    NotApplicableError, an unwritable ``results_dir`` ResultsWriteError."""
+    NotApplicableError, an unwritable ``results_dir`` ResultsWriteError, a device this machine
+    lacks (or a precision it cannot run there) HyperparameterError."""
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     method = make_method(method_name, hyperparameters, seed)
     batch_size = check_batch_size(batch_size)
+    resolved_device = resolve_device(device)
+    precision = check_precision(precision, resolved_device)
     backbone_class = BACKBONES.get(backbone_name)
     method.check_applicable(backbone_class)
     if results_dir is not None:
         results_dir = check_writable(Path(results_dir))
-    return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit)
+    return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit,
+                   resolved_device, precision)
 
 
 def load_pool(backbone: Backbone, tasks: list[str] | None = None) -> ModelPool:
@@ -155,10 +164,13 @@ def timed_merge(method: Method, pool: ModelPool, exemplars: dict[str, Any] | Non
     return merged, time.perf_counter() - start
 
 
-def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int) -> tuple[dict[str, float], float]:
-    """The metric of every task on its test split, and the wall seconds it took."""
+def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int,
+                   device: torch.device | str = "cpu", precision: str = "fp32") -> tuple[dict[str, float], float]:
+    """The metric of every task on its test split, evaluated on ``device`` under ``precision``,
+    and the wall seconds it took (moving the model to the device included)."""
     start = time.perf_counter()
-    metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size)
+    merged.to(device)
+    metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size, precision)
     return metrics, time.perf_counter() - start
 
 
@@ -191,6 +203,8 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
         diagnostics=merged.diagnostics(),
         versions=package_versions(),
         git_commit=plan.commit,
+        device=describe_device(plan.device),
+        precision=plan.precision,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -208,7 +222,7 @@ def execute(plan: RunPlan) -> Result:
         try:
             merged, merge_seconds = timed_merge(method, pool, exemplars)
             storage = merged.storage_bytes()
-            metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size)
+            metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision)
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
         manifest = pool.manifest_sha256
@@ -226,11 +240,14 @@ def run(
     batch_size: int = 64,
     checkpoint_dir: Path | None = None,
     data_dir: Path | None = None,
+    device: str = "cpu",
+    precision: str = "fp32",
 ) -> Result:
     """resolve, execute and (with ``results_dir``) append the record. Every value is checked
     before any work; a run that fails records nothing."""
     plan = resolve(method_name, backbone_name, seed=seed, hyperparameters=hyperparameters, batch_size=batch_size,
-                   results_dir=results_dir, checkpoint_dir=checkpoint_dir, data_dir=data_dir)
+                   results_dir=results_dir, checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
+                   precision=precision)
     result = execute(plan)
     if plan.results_dir is not None:
         append_result(plan.results_dir, result)

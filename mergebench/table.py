@@ -63,7 +63,7 @@ def results_table(results: list[Result], tablefmt: str = "github", known_methods
                "Peak memory (MB)", "Hyperparameters"]
     rows = [
         [
-            f"{r.method} (unknown method)" if unknown(r) else r.method,
+            (f"{r.method} (unknown method)" if unknown(r) else r.method) + (f" ({r.precision})" if r.precision != "fp32" else ""),
             _automatic(r),
             _exemplars(r),
             _storage(r),
@@ -107,7 +107,8 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
         return {**defaults[result.method], **result.hyperparameters}
 
     def key(result: Result, hyperparameters: dict[str, Any], with_defaults: bool) -> tuple:
-        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults)
+        # precision changes the numbers, so a bf16 run is a row of its own beside the fp32 one
+        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults, result.precision)
 
     latest: dict[tuple, Result] = {}
     for result in results:  # records are in append order, so later ones win
@@ -140,6 +141,13 @@ def versions_line(results: list[Result]) -> str:
         if seen:
             parts.append(f"{package} {' / '.join(seen)}")
     return f"_Package versions of these rows: {'; '.join(parts)}._" if parts else "_Package versions not recorded._"
+
+
+def devices_line(results: list[Result]) -> str:
+    """Where the rows were evaluated and at which precision (a row not in fp32 also says so
+    after its method)."""
+    seen = sorted({f"{r.device} {r.precision}" for r in results})
+    return f"_Evaluated on: {'; '.join(seen)}._"
 
 
 def leaderboard_markdown(results_dir: Path) -> str:
@@ -175,7 +183,8 @@ def leaderboard_markdown(results_dir: Path) -> str:
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
         lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})", "",
-                  results_table(latest, known_methods=known_methods), "", versions_line(latest)]
+                  results_table(latest, known_methods=known_methods), "", versions_line(latest), "",
+                  devices_line(latest)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
     return "\n".join(lines) + "\n"

@@ -594,7 +594,7 @@ class AutoFlexSwitch(FlexSwitch):
         # router reads them back from the stored bytes
         stored = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
         projection, projected, owners, neighbours = decode_router(stored, pool.tasks)
-        router = KNNRouter(lambda inputs: routed(encoder(**inputs)) @ projection.T, projected, owners,
+        router = KNNRouter(lambda inputs: routed(encoder(**inputs)).to(projection.device) @ projection.T, projected, owners,
                            len(pool.tasks), neighbours, by_parts=routing.routes_by_parts)
         record = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0], "loss_end": history[-1]}
         return router, {ROUTER: stored}, {"metric": record}

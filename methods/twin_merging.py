@@ -222,19 +222,24 @@ class TwinMerged(RoutedMerged):
             stacked[key] = tuple(torch.stack([d[key][i] for d in decoded]) for i in range(3))
         return stacked
 
-    def _hook(self, key: str):
-        U, S, V = self.factors[key]  # (K, out, r), (K, r), (K, in, r)
+    def to(self, device: torch.device | str) -> "TwinMerged":
+        """The encoders, router and the experts' factors on ``device``."""
+        super().to(device)
+        self.factors = {key: tuple(part.to(self.device) for part in parts) for key, parts in self.factors.items()}
+        return self
 
+    def _hook(self, key: str):
         def hook(module, args, output):
             weights = self._weights
             if weights is None:
                 return None
+            U, S, V = self.factors[key]  # (K, out, r), (K, r), (K, in, r), read here: ``to`` may move them
             h = args[0]
             if h.shape[0] != weights.shape[0]:
                 raise RuntimeError(f"twin-merging: {key} input batch {h.shape[0]} != routing batch {weights.shape[0]}")
             flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(V.dtype)  # (B, N, in)
             z = torch.einsum("bni,kir->bknr", flat, V) * S[None, :, None, :]
-            z = z * weights.to(z.dtype)[:, :, None, None]
+            z = z * weights.to(z.device, z.dtype)[:, :, None, None]
             delta = torch.einsum("bknr,kor->bno", z, U)
             return output + delta.reshape(output.shape).to(output.dtype)
 
