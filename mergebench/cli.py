@@ -1,4 +1,4 @@
-"""The ``mergebench`` command line: run, list, prepare, leaderboard, analyze."""
+"""The ``mergebench`` command line: run, sweep, list, prepare, leaderboard, analyze."""
 from __future__ import annotations
 
 import argparse
@@ -114,6 +114,58 @@ def command_run(args: argparse.Namespace) -> int:
     if not args.no_save:
         print(f"\nappended {len(results)} record(s) to {Path(args.results_dir) / (args.backbone + '.jsonl')}")
     return 0
+
+
+def grid_option(text: str) -> tuple[str, list[Any]]:
+    """``--grid KEY=V1,V2``: the values of one hyperparameter, each JSON where it parses
+    (``KEY=[[1,2],[3]]``: a JSON list of values, for list-valued hyperparameters)."""
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise argparse.ArgumentTypeError(f"--grid {text!r} is not of the form KEY=V1,V2,...")
+
+    def value(item: str) -> Any:
+        try:
+            return json.loads(item)
+        except json.JSONDecodeError:
+            return item
+
+    if values.lstrip().startswith("["):
+        parsed = value(values)
+        if isinstance(parsed, list):
+            return key, parsed
+    return key, [value(item.strip()) for item in values.split(",") if item.strip()]
+
+
+def name_list(text: str) -> list[str]:
+    return list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from mergebench.errors import HyperparameterError
+    from mergebench.sweep import plan_sweep, run_sweep
+
+    grid: dict[str, list[Any]] = {}
+    for key, values in args.grid:
+        if key in grid:
+            raise HyperparameterError(f"--grid {key} is given twice")
+        grid[key] = values
+    skipped: list[str] = []
+    configurations = plan_sweep(method_names(args.method), name_list(args.backbone), list(args.seed), grid,
+                                batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
+                                data_dir=args.data_dir, skipped=skipped)
+    for message in skipped:
+        print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
+    try:
+        report = run_sweep(configurations, Path(args.results_dir), cpus_per_run=args.cpus_per_run,
+                           gpus_per_run=args.gpus_per_run, address=args.address)
+    except KeyboardInterrupt:
+        print("mergebench: sweep interrupted; the records of finished runs are kept, rerun to resume", file=sys.stderr)
+        return 130
+    print(f"{len(configurations)} configuration(s): {len(report.recorded)} recorded, {report.skipped} already "
+          f"recorded, {len(report.failed)} failed", file=sys.stderr)
+    for configuration, error in report.failed:
+        print(f"mergebench: failed: {configuration.label}: {error}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def hyperparameter_table(methods: list[tuple[str, Any]]) -> str:
@@ -251,6 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="evaluation under autocast at this precision (fp16: not on the CPU)")
     add_location_options(run)
     run.set_defaults(func=command_run)
+
+    sweep = sub.add_parser("sweep", help="run every method x backbone x seed x grid point as Ray tasks; resumable",
+                           epilog="each configuration is resolved before any work; those already recorded in "
+                                  "--results-dir are skipped, so a rerun resumes a crashed or interrupted sweep")
+    sweep.add_argument("--method", required=True, help="method names, separated by commas")
+    sweep.add_argument("--backbone", required=True, help="backbone names, separated by commas")
+    sweep.add_argument("--seed", type=int_list, default=(0,), help="seeds, separated by commas (default 0)")
+    sweep.add_argument("--grid", type=grid_option, action="append", default=[], metavar="KEY=V1,V2",
+                       help="values of one hyperparameter (repeatable); each method takes the keys it declares")
+    sweep.add_argument("--cpus-per-run", type=float, default=1, help="CPUs Ray reserves for each run (default 1)")
+    sweep.add_argument("--gpus-per-run", type=float, default=0, help="GPUs Ray reserves for each run (default 0)")
+    sweep.add_argument("--address", help="a running Ray cluster (default: start Ray on this machine's cores)")
+    sweep.add_argument("--results-dir", default="results")
+    sweep.add_argument("--batch-size", type=int, default=64)
+    add_location_options(sweep)
+    sweep.set_defaults(func=command_sweep)
 
     lst = sub.add_parser("list", help="registered methods with their hyperparameters, backbones and suites")
     lst.add_argument("--method", help="only this method's hyperparameters")

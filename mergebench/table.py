@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Collection
@@ -49,6 +50,52 @@ def _peak_memory(result: Result) -> str:
     return f"{result.peak_rss_bytes / MB:.0f}" if result.peak_rss_bytes else "-"
 
 
+@dataclasses.dataclass
+class SeedMean(Result):
+    """Several seeds of one configuration as one row: metrics, average and times are the
+    means; the sample standard deviations and the seeds ride along for the table."""
+
+    metrics_std: dict[str, float] = dataclasses.field(default_factory=dict)
+    average_std: float = 0.0
+    seeds: tuple[int, ...] = ()
+
+
+def _with_spread(value: float, result: Result, std: float | None) -> str:
+    return f"{_percent(value)} ± {_percent(std)}" if isinstance(result, SeedMean) and std is not None else _percent(value)
+
+
+def _average(result: Result) -> str:
+    """The average; over several seeds, mean ± standard deviation and how many seeds."""
+    if isinstance(result, SeedMean):
+        return f"{_with_spread(result.average, result, result.average_std)} ({len(result.seeds)} seeds)"
+    return _percent(result.average)
+
+
+def mean_over_seeds(results: list[Result]) -> list[Result]:
+    """One row per configuration: a configuration recorded with several seeds becomes a
+    SeedMean (mean ± sample standard deviation); one recorded with one seed stays as it is.
+    Expects one record per seed (``latest_per_configuration``)."""
+    groups: dict[tuple, list[Result]] = {}
+    for result in results:
+        key = (result.method, json.dumps(result.hyperparameters, sort_keys=True), result.checkpoint_family,
+               getattr(result, "precision", None))
+        groups.setdefault(key, []).append(result)
+    rows: list[Result] = []
+    for group in groups.values():
+        if len(group) == 1:
+            rows.append(group[0])
+            continue
+        tasks = [task for task in group[0].metrics if all(task in r.metrics for r in group)]
+        values = {f.name: getattr(group[-1], f.name) for f in dataclasses.fields(Result)}
+        values.update({name: statistics.fmean(getattr(r, name) for r in group)
+                       for name in ("average", "merge_seconds", "training_seconds", "eval_seconds")})
+        values["metrics"] = {task: statistics.fmean(r.metrics[task] for r in group) for task in tasks}
+        rows.append(SeedMean(**values, average_std=statistics.stdev(r.average for r in group),
+                             metrics_std={task: statistics.stdev(r.metrics[task] for r in group) for task in tasks},
+                             seeds=tuple(sorted(r.seed for r in group))))
+    return rows
+
+
 def results_table(results: list[Result], tablefmt: str = "github", known_methods: Collection[str] | None = None) -> str:
     """One row per result: tasks, average, storage, merge and evaluation time, peak memory.
     With ``known_methods``, a record of any other method is marked and listed last, so it
@@ -67,8 +114,9 @@ def results_table(results: list[Result], tablefmt: str = "github", known_methods
             _automatic(r),
             _exemplars(r),
             _storage(r),
-            *(_percent(r.metrics[t]) if t in r.metrics else "" for t in tasks),
-            _percent(r.average),
+            *(_with_spread(r.metrics[t], r, getattr(r, "metrics_std", {}).get(t)) if t in r.metrics else ""
+              for t in tasks),
+            _average(r),
             _merge_time(r),
             f"{r.eval_seconds:.1f}",
             _peak_memory(r),
@@ -179,7 +227,7 @@ def leaderboard_markdown(results_dir: Path) -> str:
     known_backbones, known_methods = set(BACKBONES.names()), set(METHODS.names())
     registered_first = sorted(by_backbone.items(), key=lambda item: (item[0][0] not in known_backbones, item[0]))
     for (backbone, family), records in registered_first:
-        latest = latest_per_configuration(records)
+        latest = mean_over_seeds(latest_per_configuration(records))
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
         lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})", "",

@@ -22,7 +22,7 @@ def fresh_python(code: str) -> str:
 def test_building_the_parser_imports_neither_torch_nor_a_plugin():
     heavy = fresh_python(
         "import mergebench.cli, sys; mergebench.cli.build_parser(); print(sorted(m for m in sys.modules "
-        "if m.split('.')[0] in ('torch','transformers','datasets','matplotlib','pycocotools')))")
+        "if m.split('.')[0] in ('torch','transformers','datasets','matplotlib','pycocotools','ray')))")
     assert heavy == "[]"
     ours = fresh_python(
         "import json, mergebench.cli, sys; mergebench.cli.build_parser(); print(json.dumps(sorted(m for m in sys.modules "

@@ -202,7 +202,7 @@ def test_leaderboard_groups_by_backbone_and_keeps_latest(tmp_path):
     append_result(tmp_path, make_result(method="individual", average=0.9, storage=2_500_000, hyperparameters={},
                                         dynamic=True, reference=True, automatic=False))
     append_result(tmp_path, make_result(method="task-arithmetic", average=0.333))  # rerun: replaces 0.111
-    append_result(tmp_path, make_result(method="task-arithmetic", average=0.444, seed=1))  # another seed: kept
+    append_result(tmp_path, make_result(method="task-arithmetic", average=0.444, seed=1))  # another seed: averaged
     append_result(tmp_path, make_result(method="ties", backbone="other-bert", average=0.555))
 
     text = leaderboard_markdown(tmp_path)
@@ -221,7 +221,7 @@ def test_leaderboard_groups_by_backbone_and_keeps_latest(tmp_path):
     for row in rows:
         by_method.setdefault(row[0], []).append(dict(zip(header, row)))
     assert sorted(by_method) == ["individual", "pretrained", "task-arithmetic"]
-    assert sorted(r["Avg"] for r in by_method["task-arithmetic"]) == ["33.30", "44.40"]
+    assert [r["Avg"] for r in by_method["task-arithmetic"]] == ["38.85 ± 7.85 (2 seeds)"]  # 33.30 and 44.40
     assert "11.10" not in tiny
     # storage: '-' when nothing extra is kept, MB otherwise
     assert by_method["pretrained"][0]["Extra storage (MB)"] == "-"

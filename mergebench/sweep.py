@@ -1,0 +1,180 @@
+"""Sweeps: every (method, backbone, seed, grid point) as one Ray task.
+
+The driver resolves every configuration before any work (a bad name or value fails at
+once, naming it), prepares each backbone once (its manifest is part of the key), runs the
+configurations not yet recorded as Ray tasks and is the only writer of records: each is
+appended as its task finishes, so a crashed or interrupted sweep resumes where it stopped.
+Ray is imported here only, when a sweep runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from mergebench.errors import HyperparameterError, NotApplicableError
+from mergebench.manifest import prepare_checkpoints
+from mergebench.registry import BACKBONES, METHODS
+from mergebench.results import Result, append_result, check_writable, iter_records
+from mergebench.runner import RunPlan, check_seed, execute, resolve
+
+
+def configuration_key(method: str, backbone: str, seed: int, hyperparameters: dict[str, Any],
+                      manifest: str | None) -> str:
+    """What makes two runs the same run: a record with this key makes a sweep skip it."""
+    payload = json.dumps({"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
+                          "checkpoint_manifest": manifest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def result_key(result: Result) -> str:
+    return configuration_key(result.method, result.backbone, result.seed, result.hyperparameters,
+                             result.checkpoint_manifest)
+
+
+def recorded_keys(results_dir: Path) -> set[str]:
+    """The keys of every record under ``results_dir`` (none if it does not exist yet)."""
+    if not Path(results_dir).is_dir():
+        return set()
+    return {result_key(result) for _, result in iter_records(Path(results_dir))}
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One resolved point of a sweep and its key."""
+
+    plan: RunPlan
+    key: str
+    hyperparameters: dict[str, Any]  # resolved: as the record will name them
+
+    @property
+    def label(self) -> str:
+        values = ", ".join(f"{k}={v}" for k, v in sorted(self.hyperparameters.items()))
+        return (f"{self.plan.method.name} on {self.plan.backbone_class.name}, seed {self.plan.seed}"
+                + (f" ({values})" if values else ""))
+
+
+def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid keys ``method`` declares (one empty point if none)."""
+    known = METHODS.get(method).hyperparameters
+    keys = [key for key in grid if key in known]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[key] for key in keys))]
+
+
+def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid: dict[str, list[Any]], *,
+               batch_size: int = 64, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
+               skipped: list[str] | None = None) -> list[Configuration]:
+    """Every configuration resolved, each backbone prepared once; raises for the first bad
+    name or value before any merge. A method not applicable to a backbone is left out
+    (its message goes to ``skipped``); a grid key no selected method has is an error."""
+    for name in methods:
+        METHODS.get(name)
+    for name in backbones:
+        BACKBONES.get(name)
+    for seed in seeds:
+        check_seed(seed)
+    unused = set(grid) - {key for name in methods for key in METHODS.get(name).hyperparameters}
+    if unused:
+        raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
+    plans = []
+    for backbone, method, seed in itertools.product(backbones, methods, seeds):
+        for point in grid_points(method, grid):
+            try:
+                plans.append(resolve(method, backbone, seed=seed, hyperparameters=point, batch_size=batch_size,
+                                     checkpoint_dir=checkpoint_dir, data_dir=data_dir))
+            except NotApplicableError as error:
+                if skipped is not None and str(error) not in skipped:
+                    skipped.append(str(error))
+    manifests: dict[str, str | None] = {}
+    configurations: dict[str, Configuration] = {}
+    for plan in plans:
+        backbone = plan.make_backbone()
+        if backbone.name not in manifests:  # the manifest is part of the key: prepared here, once
+            manifests[backbone.name] = prepare_checkpoints(backbone, repair=False).sha256
+        resolved = plan.method.resolved_hyperparameters(backbone)
+        key = configuration_key(plan.method.name, backbone.name, plan.seed, json.loads(json.dumps(resolved)),
+                                manifests[backbone.name])
+        configurations.setdefault(key, Configuration(plan, key, resolved))
+    return list(configurations.values())
+
+
+@dataclass
+class SweepReport:
+    recorded: list[Result] = field(default_factory=list)
+    skipped: int = 0  # already recorded before this sweep
+    failed: list[tuple[Configuration, str]] = field(default_factory=list)
+
+
+def _execute(plan: RunPlan) -> Result:
+    """The body of one Ray task (module level, so workers import it rather than unpickle it)."""
+    return execute(plan)
+
+
+def start_ray(address: str | None = None) -> bool:
+    """Connect to ``address``, or start Ray embedded on this machine's cores; False if Ray
+    was already running in this process (then the caller leaves it running)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def _error_text(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error  # a RayTaskError carries the task's own exception
+    return f"{type(cause).__name__}: {cause}"
+
+
+def run_sweep(configurations: Iterable[Configuration], results_dir: Path, *, cpus_per_run: float = 1,
+              gpus_per_run: float = 0, address: str | None = None, progress: bool = True) -> SweepReport:
+    """Run every configuration not yet recorded under ``results_dir`` as a Ray task and
+    append each record as it arrives. A failing configuration is reported, not raised;
+    Ctrl-C cancels what has not finished and keeps what was recorded."""
+    import ray
+    from tqdm import tqdm
+
+    results_dir = check_writable(Path(results_dir))
+    configurations = list(configurations)
+    done = recorded_keys(results_dir)
+    pending = [c for c in configurations if c.key not in done]
+    report = SweepReport(skipped=len(configurations) - len(pending))
+    if not pending:
+        return report
+    started = start_ray(address)
+    try:
+        task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_execute)
+        running = {task.remote(c.plan): c for c in pending}
+        slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_run, 1e-9)))
+        bar = tqdm(total=len(pending), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
+        try:
+            while running:
+                bar.set_postfix(running=min(slots, len(running)), failed=len(report.failed))
+                ready, _ = ray.wait(list(running), num_returns=1)
+                configuration = running.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                    append_result(results_dir, result)
+                    report.recorded.append(result)
+                except Exception as error:  # the task's error, or a record that could not be written
+                    report.failed.append((configuration, _error_text(error)))
+                bar.update(1)
+        except KeyboardInterrupt:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+        finally:
+            bar.set_postfix(running=0, failed=len(report.failed))
+            bar.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return report
