@@ -6,7 +6,9 @@ Sequential: ``mergebench.runner.run`` in a loop, in this process (torch's defaul
 Sweep: ``plan_sweep`` + ``run_sweep`` on an embedded Ray with ``--workers`` CPUs, one per
 run, Ray's start-up included. Ray's start-up alone is measured separately (``ray.init``,
 the first no-op task, which starts a worker, and ``ray.shutdown``). Both write records to
-a fresh folder; the averages must agree, or the benchmark fails.
+a fresh folder; the averages must agree, or the benchmark fails. Ray gives each worker
+one thread (OMP_NUM_THREADS=1) where the loop's torch uses every core, so on a machine
+with as many cores as workers the sweep gains only what one run leaves idle.
 
     python benchmarks/sweep_speed.py [--backbone minilm-l6] [--workers 2]
 """
@@ -37,6 +39,12 @@ def ray_startup(workers: int) -> dict[str, float]:
     start = time.perf_counter()
     ray.shutdown()
     return {"ray.init": init, "first no-op task": first_task, "ray.shutdown": time.perf_counter() - start}
+
+
+def work(results) -> float:
+    """The seconds the runs themselves report (merge and evaluation), summed: what is not
+    start-up, loading or scheduling."""
+    return sum(r.merge_seconds + r.eval_seconds for r in results)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
             ["sequential run loop (s)", f"{sequential_seconds:.1f}"],
             [f"sweep on {args.workers} Ray workers, start-up included (s)", f"{sweep_seconds:.1f}"],
             ["speed-up", f"{sequential_seconds / sweep_seconds:.2f}x"],
+            ["merge + eval inside the runs, summed: sequential (s)", f"{work(sequential):.1f}"],
+            ["merge + eval inside the runs, summed: sweep (s)", f"{work(report.recorded):.1f}"],
             *[[f"Ray start-up: {name} (s)", f"{seconds:.2f}"] for name, seconds in startup.items()]]
     print(tabulate(rows, headers=["", args.backbone], tablefmt="github", disable_numparse=True))
 

@@ -152,7 +152,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     skipped: list[str] = []
     configurations = plan_sweep(method_names(args.method), name_list(args.backbone), list(args.seed), grid,
                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
-                                data_dir=args.data_dir, skipped=skipped)
+                                data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped)
     for message in skipped:
         print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
     try:
@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="a running Ray cluster (default: start Ray on this machine's cores)")
     sweep.add_argument("--results-dir", default="results")
     sweep.add_argument("--batch-size", type=int, default=64)
+    sweep.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,mps}",
+                       help="where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
+    sweep.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                       help="evaluation under autocast at this precision (fp16: not on the CPU)")
     add_location_options(sweep)
     sweep.set_defaults(func=command_sweep)
 

@@ -25,16 +25,17 @@ from mergebench.runner import RunPlan, check_seed, execute, resolve
 
 
 def configuration_key(method: str, backbone: str, seed: int, hyperparameters: dict[str, Any],
-                      manifest: str | None) -> str:
-    """What makes two runs the same run: a record with this key makes a sweep skip it."""
+                      manifest: str | None, precision: str = "fp32") -> str:
+    """What makes two runs the same run: a record with this key makes a sweep skip it.
+    The precision is part of it (it changes the numbers); the device is not."""
     payload = json.dumps({"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
-                          "checkpoint_manifest": manifest}, sort_keys=True)
+                          "checkpoint_manifest": manifest, "precision": precision}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def result_key(result: Result) -> str:
     return configuration_key(result.method, result.backbone, result.seed, result.hyperparameters,
-                             result.checkpoint_manifest)
+                             result.checkpoint_manifest, result.precision)
 
 
 def recorded_keys(results_dir: Path) -> set[str]:
@@ -68,7 +69,7 @@ def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]
 
 def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid: dict[str, list[Any]], *,
                batch_size: int = 64, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
-               skipped: list[str] | None = None) -> list[Configuration]:
+               device: str = "cpu", precision: str = "fp32", skipped: list[str] | None = None) -> list[Configuration]:
     """Every configuration resolved, each backbone prepared once; raises for the first bad
     name or value before any merge. A method not applicable to a backbone is left out
     (its message goes to ``skipped``); a grid key no selected method has is an error."""
@@ -86,7 +87,8 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
         for point in grid_points(method, grid):
             try:
                 plans.append(resolve(method, backbone, seed=seed, hyperparameters=point, batch_size=batch_size,
-                                     checkpoint_dir=checkpoint_dir, data_dir=data_dir))
+                                     checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
+                                     precision=precision))
             except NotApplicableError as error:
                 if skipped is not None and str(error) not in skipped:
                     skipped.append(str(error))
@@ -98,7 +100,7 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
             manifests[backbone.name] = prepare_checkpoints(backbone, repair=False).sha256
         resolved = plan.method.resolved_hyperparameters(backbone)
         key = configuration_key(plan.method.name, backbone.name, plan.seed, json.loads(json.dumps(resolved)),
-                                manifests[backbone.name])
+                                manifests[backbone.name], plan.precision)
         configurations.setdefault(key, Configuration(plan, key, resolved))
     return list(configurations.values())
 
@@ -129,6 +131,16 @@ def start_ray(address: str | None = None) -> bool:
     return True
 
 
+def check_devices(configurations: list[Configuration], gpus_per_run: float) -> None:
+    """A run on a GPU gets it from Ray, which shows each task its GPUs as cuda:0, cuda:1, ...:
+    HyperparameterError unless every such run asks for a GPU Ray can give it."""
+    for configuration in configurations:
+        device = configuration.plan.device
+        if device.type == "cuda" and (gpus_per_run <= 0 or (device.index or 0) >= max(1, int(gpus_per_run))):
+            raise HyperparameterError(f"--device {device}: a sweep's runs get their GPUs from Ray; use --device cuda "
+                                      f"with --gpus-per-run 1 or more (got --gpus-per-run {gpus_per_run:g})")
+
+
 def _error_text(error: BaseException) -> str:
     cause = getattr(error, "cause", None) or error  # a RayTaskError carries the task's own exception
     return f"{type(cause).__name__}: {cause}"
@@ -142,8 +154,9 @@ def run_sweep(configurations: Iterable[Configuration], results_dir: Path, *, cpu
     import ray
     from tqdm import tqdm
 
-    results_dir = check_writable(Path(results_dir))
     configurations = list(configurations)
+    check_devices(configurations, gpus_per_run)
+    results_dir = check_writable(Path(results_dir))
     done = recorded_keys(results_dir)
     pending = [c for c in configurations if c.key not in done]
     report = SweepReport(skipped=len(configurations) - len(pending))

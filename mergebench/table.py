@@ -78,7 +78,7 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
     groups: dict[tuple, list[Result]] = {}
     for result in results:
         key = (result.method, json.dumps(result.hyperparameters, sort_keys=True), result.checkpoint_family,
-               getattr(result, "precision", None))
+               result.precision)
         groups.setdefault(key, []).append(result)
     rows: list[Result] = []
     for group in groups.values():

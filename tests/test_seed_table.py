@@ -32,3 +32,8 @@ def test_a_single_seed_row_prints_exactly_as_before(tmp_path):
     assert alone[1] in board and board[0] == alone[0]
     (averaged,) = [row for row in board if row[0] == "task-arithmetic"]
     assert "60.00 ± 14.14 (2 seeds)" in averaged
+
+
+def test_precisions_are_never_averaged_together():
+    rows = mean_over_seeds([make_result(seed=0), make_result(seed=1), make_result(seed=0, precision="bf16")])
+    assert sorted((type(r).__name__, r.precision) for r in rows) == [("Result", "bf16"), ("SeedMean", "fp32")]

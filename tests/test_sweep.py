@@ -10,7 +10,7 @@ from mergebench.cli import main
 from mergebench.errors import HyperparameterError
 from mergebench.registry import METHODS, register_method
 from mergebench.results import iter_records
-from mergebench.sweep import plan_sweep, result_key
+from mergebench.sweep import plan_sweep, result_key, run_sweep
 
 TaskArithmetic = METHODS.get("task-arithmetic")
 
@@ -88,3 +88,17 @@ def test_a_failing_configuration_loses_none_of_the_others(local_ray, raising_met
     err = capsys.readouterr().err
     assert "2 recorded, 0 already recorded, 2 failed" in err
     assert err.count("RuntimeError: merge failed on purpose") == 2 and "test-sweep-raises on tiny-bert" in err
+
+
+def test_precision_is_part_of_the_key_and_a_gpu_run_needs_a_gpu_from_ray(tiny_bert, tmp_path):
+    import dataclasses
+
+    import torch
+
+    (fp32,) = plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], {})
+    (bf16,) = plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], {}, precision="bf16")
+    assert bf16.plan.precision == "bf16" and bf16.key != fp32.key
+    on_gpu = dataclasses.replace(fp32, plan=dataclasses.replace(fp32.plan, device=torch.device("cuda", 0)))
+    with pytest.raises(HyperparameterError, match="--gpus-per-run 1 or more"):
+        run_sweep([on_gpu], tmp_path / "results", gpus_per_run=0)
+    assert not (tmp_path / "results").exists()
