@@ -10,7 +10,7 @@ a fresh folder; the averages must agree, or the benchmark fails. Ray gives each 
 one thread (OMP_NUM_THREADS=1) where the loop's torch uses every core, so on a machine
 with as many cores as workers the sweep gains only what one run leaves idle.
 
-    python benchmarks/sweep_speed.py [--backbone minilm-l6] [--workers 2]
+    python benchmarks/sweep_speed.py [--backbone minilm-l6] [--workers 2] [--cpus-per-run 1]
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", default="minilm-l6")
     parser.add_argument("--methods", default="task-arithmetic,ties,dare")
     parser.add_argument("--grid-scaling", default="0.1,0.3,0.5")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="the CPUs Ray is given")
+    parser.add_argument("--cpus-per-run", type=int, default=1, help="2 with --workers 2: one run at a time on two "
+                        "threads, as the loop; what the sweep then adds is its overhead")
     args = parser.parse_args(argv)
     methods = args.methods.split(",")
     grid = {"scaling": [float(value) for value in args.grid_scaling.split(",")]}
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
         ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
         try:
-            report = run_sweep(configurations, Path(folder) / "sweep", progress=False)
+            report = run_sweep(configurations, Path(folder) / "sweep", cpus_per_run=args.cpus_per_run, progress=False)
         finally:
             ray.shutdown()
         sweep_seconds = time.perf_counter() - start
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     assert by_key == {result_key(r): r.average for r in sequential}, "the sweep's averages differ from the loop's"
     rows = [["configurations", len(configurations)],
             ["sequential run loop (s)", f"{sequential_seconds:.1f}"],
-            [f"sweep on {args.workers} Ray workers, start-up included (s)", f"{sweep_seconds:.1f}"],
+            [f"sweep on {args.workers} CPUs, {args.cpus_per_run} per run, Ray start-up included (s)",
+             f"{sweep_seconds:.1f}"],
             ["speed-up", f"{sequential_seconds / sweep_seconds:.2f}x"],
             ["merge + eval inside the runs, summed: sequential (s)", f"{work(sequential):.1f}"],
             ["merge + eval inside the runs, summed: sweep (s)", f"{work(report.recorded):.1f}"],

@@ -102,3 +102,25 @@ def test_precision_is_part_of_the_key_and_a_gpu_run_needs_a_gpu_from_ray(tiny_be
     with pytest.raises(HyperparameterError, match="--gpus-per-run 1 or more"):
         run_sweep([on_gpu], tmp_path / "results", gpus_per_run=0)
     assert not (tmp_path / "results").exists()
+
+
+def test_an_interrupted_sweep_keeps_what_finished_and_a_rerun_resumes(local_ray, tmp_path, monkeypatch):
+    import mergebench.sweep
+
+    results = tmp_path / "results"
+    configurations = plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], {"scaling": [0.1, 0.2, 0.3, 0.4]})
+    real_append = mergebench.sweep.append_result
+
+    def append_then_interrupt(results_dir, result):  # Ctrl-C right after the first record
+        real_append(results_dir, result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mergebench.sweep, "append_result", append_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(configurations, results, progress=False)
+    (first,) = records(results)
+    monkeypatch.setattr(mergebench.sweep, "append_result", real_append)
+    report = run_sweep(configurations, results, progress=False)
+    assert report.skipped == 1 and len(report.recorded) == 3 and not report.failed
+    assert sorted(result_key(r) for r in records(results)) == sorted(c.key for c in configurations)
+    assert result_key(first) not in {result_key(r) for r in report.recorded}
