@@ -142,8 +142,9 @@ def name_list(text: str) -> list[str]:
 
 def command_sweep(args: argparse.Namespace) -> int:
     from mergebench.errors import HyperparameterError
-    from mergebench.sweep import plan_sweep, run_sweep
+    from mergebench.sweep import plan_sweep, require_ray, run_sweep
 
+    require_ray()
     grid: dict[str, list[Any]] = {}
     for key, values in args.grid:
         if key in grid:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from mergebench.errors import HyperparameterError, NotApplicableError
+from mergebench.errors import HyperparameterError, MissingResourceError, NotApplicableError
 from mergebench.manifest import prepare_checkpoints
 from mergebench.registry import BACKBONES, METHODS
 from mergebench.results import Result, append_result, check_writable, iter_records
@@ -115,6 +115,15 @@ class SweepReport:
 def _execute(plan: RunPlan) -> Result:
     """The body of one Ray task (module level, so workers import it rather than unpickle it)."""
     return execute(plan)
+
+
+def require_ray() -> None:
+    """MissingResourceError saying how to install Ray, before any work, if it is missing."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise MissingResourceError("mergebench sweep runs on Ray, which is not installed: "
+                                   "pip install 'mergebench[ray]' (or pip install 'ray>=2.40')") from None
 
 
 def start_ray(address: str | None = None) -> bool:

@@ -4,6 +4,8 @@ failing configuration that loses none of the others. Ray runs locally on 2 CPUs,
 once for the module."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from mergebench.cli import main
@@ -62,6 +64,12 @@ def test_every_bad_value_fails_before_any_work(tiny_bert, tmp_path, capsys):
     assert main(["sweep", "--method", "ties", "--backbone", "tiny-bert,no-such-backbone",
                  "--results-dir", str(results)]) == 2
     assert "no-such-backbone" in capsys.readouterr().err and not results.exists()
+
+
+def test_a_sweep_without_ray_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray: ImportError
+    assert main(["sweep", "--method", "ties", "--backbone", "tiny-bert", "--results-dir", str(tmp_path)]) == 2
+    assert "pip install 'mergebench[ray]'" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
 
 
 def test_a_sweep_records_every_configuration_and_a_rerun_adds_none(local_ray, tmp_path, capsys):
