@@ -61,6 +61,9 @@ class Result:
     checkpoint_manifest: str | None = None  # SHA-256 of the checkpoint manifest the run verified
     device: str = "cpu"  # where evaluation ran, e.g. "cuda:0 (NVIDIA H200)"
     precision: str = "fp32"  # evaluation's autocast precision
+    # how the hyperparameters were chosen, if tuned: {"on": "validation", "size", "seed", "grid",
+    # "validation_average", "points"} (mergebench.selection); null when untuned, and records written before it may lack it
+    selection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.training_seconds is None:
@@ -112,7 +115,22 @@ _NON_NEGATIVE_INTS = ("extra_storage_bytes", "peak_rss_bytes", "exemplars_per_ta
 _NON_NEGATIVE_FLOATS = ("merge_seconds", "eval_seconds", "training_seconds")
 _BOOLS = ("automatic", "dynamic", "uses_test_inputs", "reference", "reused")
 _OPTIONAL_STRINGS = ("checkpoint_family", "git_commit")
+_OPTIONAL = ("selection",)  # fields a record of any version may leave out
 _RELATIVE_TOLERANCE = 1e-9
+
+
+def _check_selection(selection: Any) -> None:
+    if not isinstance(selection, dict):
+        _fail("selection", f"a JSON {type(selection).__name__}, not an object or null")
+    if selection.get("on") != "validation":
+        _fail("selection.on", f"{selection.get('on')!r} is not 'validation'")
+    for name in ("size", "seed"):
+        if not _is_int(selection.get(name)) or selection[name] < 0:
+            _fail(f"selection.{name}", f"{selection.get(name)!r} is not a non-negative integer")
+    if not isinstance(selection.get("grid"), dict):
+        _fail("selection.grid", f"{selection.get('grid')!r} is not an object of key: values")
+    if not _is_number(selection.get("validation_average")):
+        _fail("selection.validation_average", f"{selection.get('validation_average')!r} is not a number")
 
 
 def _is_number(value: Any) -> bool:
@@ -152,7 +170,8 @@ def check_record(data: Mapping[str, Any]) -> None:
         _fail("schema_version", f"{version!r} is not a schema version this mergebench reads (1 to {SCHEMA_VERSION}); "
                                 "a newer one needs a newer mergebench")
     newer = {name for added, names in _ADDED_IN.items() if added > version for name in names}
-    required = [f.name for f in fields(Result) if f.name not in newer] if version >= 2 else _REQUIRED
+    required = [f.name for f in fields(Result) if f.name not in newer and f.name not in _OPTIONAL] \
+        if version >= 2 else _REQUIRED
     for name in required:
         if name not in data:
             _fail(name, "missing")
@@ -204,6 +223,8 @@ def check_record(data: Mapping[str, Any]) -> None:
                                           "yet it includes them with the reused training")
         elif not math.isclose(training, merge, rel_tol=_RELATIVE_TOLERANCE, abs_tol=1e-12):
             _fail("training_seconds", f"{training} differs from merge_seconds ({merge}) though nothing was reused")
+    if data.get("selection") is not None:
+        _check_selection(data["selection"])
     if not isinstance(data.get("device", "cpu"), str) or not data.get("device", "cpu"):
         _fail("device", f"{data['device']!r} is not a non-empty string")
     if data.get("precision", "fp32") not in PRECISIONS:

@@ -25,15 +25,23 @@ from mergebench.runner import RunPlan, check_seed, execute, resolve
 
 
 def configuration_key(method: str, backbone: str, seed: int, hyperparameters: dict[str, Any],
-                      manifest: str | None, precision: str = "fp32") -> str:
+                      manifest: str | None, precision: str = "fp32", selection: dict[str, Any] | None = None) -> str:
     """What makes two runs the same run: a record with this key makes a sweep skip it.
-    The precision is part of it (it changes the numbers); the device is not."""
-    payload = json.dumps({"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
-                          "checkpoint_manifest": manifest, "precision": precision}, sort_keys=True)
+    The precision is part of it (it changes the numbers); the device is not. A tuned run
+    (``selection``: on, size, seed, grid) is keyed by its grid and its fixed hyperparameters."""
+    content = {"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
+               "checkpoint_manifest": manifest, "precision": precision}
+    if selection is not None:
+        content["selection"] = {k: selection[k] for k in ("on", "size", "seed", "grid")}
+    payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def result_key(result: Result) -> str:
+    if result.selection:
+        fixed = {k: v for k, v in result.hyperparameters.items() if k not in result.selection["grid"]}
+        return configuration_key(result.method, result.backbone, result.seed, fixed, result.checkpoint_manifest,
+                                 result.precision, result.selection)
     return configuration_key(result.method, result.backbone, result.seed, result.hyperparameters,
                              result.checkpoint_manifest, result.precision)
 
@@ -199,4 +207,77 @@ def run_sweep(configurations: Iterable[Configuration], results_dir: Path, *, cpu
     finally:
         if started:
             ray.shutdown()
+    return report
+
+
+# --- selection on a validation split (--select-on validation) ------------------------------
+
+@dataclass(frozen=True)
+class SelectionGroup:
+    """The grid points of one (method, backbone, seed), tuned together: one record."""
+
+    configurations: list[Configuration]
+    key: str
+    selection: dict[str, Any]  # on, size, seed, grid
+
+    @property
+    def label(self) -> str:
+        plan = self.configurations[0].plan
+        grid = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(self.selection["grid"].items()))
+        return (f"{plan.method.name} on {plan.backbone_class.name}, seed {plan.seed}, tuned on validation"
+                + (f" ({grid})" if grid else ""))
+
+
+def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any]], size: int,
+                   seed: int) -> list[SelectionGroup]:
+    """The configurations of ``plan_sweep`` grouped by (method, backbone, seed), each group
+    keyed by its grid, its fixed hyperparameters and the validation split's size and seed."""
+    from mergebench.selection import check_selection
+
+    size, seed = check_selection(size, seed)
+    groups: dict[tuple, list[Configuration]] = {}
+    for configuration in configurations:
+        plan = configuration.plan
+        groups.setdefault((plan.method.name, plan.backbone_class.name, plan.seed), []).append(configuration)
+    planned = []
+    for members in groups.values():
+        keys = [k for k in grid if k in members[0].hyperparameters]
+        values = {k: list(dict.fromkeys(json.dumps(c.hyperparameters[k]) for c in members)) for k in keys}
+        selection = {"on": "validation", "size": size, "seed": seed,
+                     "grid": {k: [json.loads(v) for v in vs] for k, vs in values.items()}}
+        first = members[0]
+        fixed = {k: v for k, v in json.loads(json.dumps(first.hyperparameters)).items() if k not in keys}
+        # the manifest is in every member's key; recompute it from the first member's plan
+        backbone = first.plan.make_backbone()
+        manifest = prepare_checkpoints(backbone, repair=False).sha256
+        key = configuration_key(first.plan.method.name, backbone.name, first.plan.seed, fixed, manifest,
+                                first.plan.precision, selection)
+        planned.append(SelectionGroup(members, key, selection))
+    return planned
+
+
+def run_selection(groups: Iterable[SelectionGroup], results_dir: Path, *, progress: bool = True) -> SweepReport:
+    """For each group not yet recorded: every grid point merged and scored on the validation
+    split (never the test split), the best run as usual on the test split and recorded with
+    its ``selection``. Runs in this process, one after another; a failing group is reported."""
+    from tqdm import tqdm
+
+    from mergebench.selection import select
+
+    groups = list(groups)
+    results_dir = check_writable(Path(results_dir))
+    done = recorded_keys(results_dir)
+    pending = [g for g in groups if g.key not in done]
+    report = SweepReport(skipped=len(groups) - len(pending))
+    for group in tqdm(pending, desc="select", unit="group", disable=not progress, file=sys.stderr):
+        try:
+            chosen = select(group.configurations, group.selection["size"], group.selection["seed"])
+            result = execute(chosen.chosen.plan)  # the only read of the test split
+            result.selection = {**group.selection, "validation_average": chosen.validation_average,
+                                "points": [{"hyperparameters": json.loads(json.dumps(point)), "validation_average": a}
+                                           for point, a in chosen.averages]}
+            append_result(results_dir, result)
+            report.recorded.append(result)
+        except Exception as error:
+            report.failed.append((group, _error_text(error)))
     return report

@@ -36,7 +36,12 @@ def _exemplars(result: Result) -> str:
 
 
 def _hyperparameters(result: Result) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(result.hyperparameters.items())) or "-"
+    values = ", ".join(f"{k}={v}" for k, v in sorted(result.hyperparameters.items())) or "-"
+    if result.selection:  # tuned: say so, and which values were chosen from the grid
+        grid = result.selection.get("grid", {})
+        chosen = ", ".join(f"{k}={result.hyperparameters.get(k)}" for k in sorted(grid)) or "-"
+        return f"tuned on validation ({result.selection.get('size')} per task): {chosen}; {values}"
+    return values
 
 
 def _merge_time(result: Result) -> str:
@@ -71,6 +76,12 @@ def _average(result: Result) -> str:
     return _percent(result.average)
 
 
+def _tuning(result: Result) -> str | None:
+    """A tuned record is a row of its own beside an untuned one with the same values."""
+    selection = result.selection
+    return json.dumps({k: selection.get(k) for k in ("on", "size", "seed", "grid")}, sort_keys=True) if selection else None
+
+
 def mean_over_seeds(results: list[Result]) -> list[Result]:
     """One row per configuration: a configuration recorded with several seeds becomes a
     SeedMean (mean ± sample standard deviation); one recorded with one seed stays as it is.
@@ -78,7 +89,7 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
     groups: dict[tuple, list[Result]] = {}
     for result in results:
         key = (result.method, json.dumps(result.hyperparameters, sort_keys=True), result.checkpoint_family,
-               result.precision)
+               result.precision, _tuning(result))
         groups.setdefault(key, []).append(result)
     rows: list[Result] = []
     for group in groups.values():
@@ -156,7 +167,8 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
 
     def key(result: Result, hyperparameters: dict[str, Any], with_defaults: bool) -> tuple:
         # precision changes the numbers, so a bf16 run is a row of its own beside the fp32 one
-        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults, result.precision)
+        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults, result.precision,
+                _tuning(result))
 
     latest: dict[tuple, Result] = {}
     for result in results:  # records are in append order, so later ones win

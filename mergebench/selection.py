@@ -1,0 +1,110 @@
+"""Hyperparameter selection on a validation split (``mergebench sweep --select-on validation``).
+
+The validation split of a task is a seeded subset of ``size`` examples of its *training*
+split, taken generically from ``Task.batches("train", ...)``: the rows of each batch whose
+index was drawn, so any suite whose batches are (a mapping of tensors with one row per
+example, a tensor or list of targets) has one. Each grid point of a (method, backbone,
+seed) is merged and scored on it; the best validation average (the first on a tie) is then
+run as usual, on the test split, and its record carries ``selection``. Selection never
+reads a test split: the test labels are read only by the final run of the chosen point.
+The validation rows may overlap the exemplars a method draws from the same training split
+(those are label-free); the record keeps the validation seed and size, so it is repeatable.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from mergebench.device import autocast, to_cpu_float, to_device
+from mergebench.errors import HyperparameterError, NonFiniteError, NotApplicableError
+from mergebench.task import Batch, Task
+
+SELECT_ON = ("validation",)
+
+
+def check_selection(size: Any, seed: Any) -> tuple[int, int]:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise HyperparameterError(f"--validation-size {size!r} is not allowed; expected an integer >= 1")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise HyperparameterError(f"--validation-seed {seed!r} is not allowed; expected an integer in [0, {2**32 - 1}]")
+    return size, seed
+
+
+def _rows(value: Any, keep: list[int], count: int, task: Task) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and len(value) == count:
+        return value[keep]
+    if isinstance(value, (list, tuple)) and len(value) == count:
+        return type(value)(value[i] for i in keep) if isinstance(value, list) else tuple(value[i] for i in keep)
+    raise NotApplicableError(f"task {task.name!r}: its batches cannot be split into examples, so it has no "
+                             "validation split; --select-on validation is not supported for its suite")
+
+
+def validation_batches(task: Task, size: int, seed: int, batch_size: int = 64) -> Iterator[Batch]:
+    """The (inputs, targets) batches of ``size`` seeded examples of the task's training split."""
+    count = sum(len(targets) for _, targets in task.batches("train", batch_size))
+    if size > count:
+        raise HyperparameterError(f"--validation-size {size}: task {task.name!r} has {count} training examples")
+    picks = np.sort(np.random.default_rng([seed, 0x5E1EC7]).choice(count, size=size, replace=False))
+    start = 0
+    for inputs, targets in task.batches("train", batch_size):
+        n = len(targets)
+        keep = [int(i) - start for i in picks[(picks >= start) & (picks < start + n)]]
+        start += n
+        if not keep:
+            continue
+        if not isinstance(inputs, Mapping):
+            raise NotApplicableError(f"task {task.name!r}: its inputs are not a mapping of tensors, so it has no "
+                                     "validation split; --select-on validation is not supported for its suite")
+        yield {k: _rows(v, keep, n, task) for k, v in inputs.items()}, _rows(targets, keep, n, task)
+
+
+def validation_metrics(merged: Any, tasks: Sequence[Task], size: int, seed: int, batch_size: int = 64,
+                       precision: str = "fp32") -> dict[str, float]:
+    """Task name -> its metric on its validation split (never its test split)."""
+    device = getattr(merged, "device", torch.device("cpu"))
+    metrics = {}
+    for task in tasks:
+        outputs, targets = [], []
+        with torch.no_grad(), autocast(device, precision):
+            for inputs, batch_targets in validation_batches(task, size, seed, batch_size):
+                outputs.append(to_cpu_float(merged.predict(task.name, to_device(inputs, device))))
+                targets.append(batch_targets)
+        score = task.score(outputs, targets)
+        if not math.isfinite(score):
+            raise NonFiniteError(f"task {task.name!r}: its validation {task.metric} is {score}")
+        metrics[task.name] = float(score)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen point of one (method, backbone, seed) and every point's validation average."""
+
+    chosen: Any  # the sweep's Configuration
+    validation_average: float
+    averages: list[tuple[dict[str, Any], float]]
+
+
+def select(configurations: Sequence[Any], size: int, seed: int) -> Selection:
+    """Merge each configuration (of one method, backbone and seed) and score it on the
+    validation split; the best validation average, the first on a tie."""
+    from mergebench.runner import exemplars_for, load_pool, seed_everything, timed_merge
+
+    averages = []
+    for configuration in configurations:
+        plan = configuration.plan
+        backbone = plan.make_backbone()
+        tasks = [task.name for task in backbone.tasks]
+        with load_pool(backbone, tasks) as pool:
+            seed_everything(plan.seed)
+            exemplars = exemplars_for(plan.method, backbone, tasks, plan.seed)
+            merged, _ = timed_merge(plan.method, pool, exemplars)
+        merged.to(plan.device)
+        metrics = validation_metrics(merged, backbone.tasks, size, seed, plan.batch_size, plan.precision)
+        averages.append((configuration, float(np.mean(list(metrics.values())))))
+    best = max(range(len(averages)), key=lambda i: (averages[i][1], -i))
+    return Selection(averages[best][0], averages[best][1], [(c.hyperparameters, a) for c, a in averages])
