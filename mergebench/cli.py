@@ -142,9 +142,10 @@ def name_list(text: str) -> list[str]:
 
 def command_sweep(args: argparse.Namespace) -> int:
     from mergebench.errors import HyperparameterError
-    from mergebench.sweep import plan_sweep, require_ray, run_sweep
+    from mergebench.sweep import plan_selection, plan_sweep, require_ray, run_selection, run_sweep
 
-    require_ray()
+    if args.select_on is None:
+        require_ray()
     grid: dict[str, list[Any]] = {}
     for key, values in args.grid:
         if key in grid:
@@ -156,9 +157,14 @@ def command_sweep(args: argparse.Namespace) -> int:
                                 data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped)
     for message in skipped:
         print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
+    if args.select_on is not None:  # one record per (method, backbone, seed): the point best on validation
+        configurations = plan_selection(configurations, grid, args.validation_size, args.validation_seed)
     try:
-        report = run_sweep(configurations, Path(args.results_dir), cpus_per_run=args.cpus_per_run,
-                           gpus_per_run=args.gpus_per_run, address=args.address)
+        if args.select_on is not None:
+            report = run_selection(configurations, Path(args.results_dir))
+        else:
+            report = run_sweep(configurations, Path(args.results_dir), cpus_per_run=args.cpus_per_run,
+                               gpus_per_run=args.gpus_per_run, address=args.address)
     except KeyboardInterrupt:
         print("mergebench: sweep interrupted; the records of finished runs are kept, rerun to resume", file=sys.stderr)
         return 130
@@ -317,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--gpus-per-run", type=float, default=0, help="GPUs Ray reserves for each run (default 0)")
     sweep.add_argument("--address", help="a running Ray cluster (default: start Ray on this machine's cores)")
     sweep.add_argument("--results-dir", default="results")
+    sweep.add_argument("--select-on", choices=("validation",), default=None,
+                       help="tune: score every grid point on a validation split carved from each task's training "
+                            "data, record only the best per method x backbone x seed, evaluated on the test split")
+    sweep.add_argument("--validation-size", type=int, default=200,
+                       help="examples per task in the validation split (default 200)")
+    sweep.add_argument("--validation-seed", type=int, default=0,
+                       help="seed of the validation split (default 0)")
     sweep.add_argument("--batch-size", type=int, default=64)
     sweep.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,mps}",
                        help="where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
