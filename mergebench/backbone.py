@@ -25,6 +25,9 @@ class Backbone(abc.ABC):
     suite: ClassVar[str]  # the name of its Suite (``mergebench.registry.SUITES``)
     task_names: ClassVar[tuple[str, ...]]  # the suite's tasks it has fine-tuned checkpoints for, in table order
     description: ClassVar[str] = ""
+    # where ``prepare`` fine-tunes locally (``mergebench prepare --device``); checkpoints are
+    # always written from CPU float32 tensors, and a backbone that only converts ignores it
+    prepare_device: torch.device = torch.device("cpu")
 
     def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None):
         """``checkpoint_dir`` / ``data_dir``: local copies of the checkpoints and datasets a

@@ -220,17 +220,21 @@ def suite_backbones(suite) -> list[str]:
 
 
 def command_prepare(args: argparse.Namespace) -> int:
+    from mergebench.device import resolve_device
     from mergebench.manifest import prepare_checkpoints
     from mergebench.registry import BACKBONES, SUITES
 
     backbone_cls = BACKBONES.get(args.backbone)
+    device = resolve_device(args.device)  # an absent device is refused before any work
     if args.install_data:
         for command in SUITES.get(backbone_cls.suite).system_commands:
             if os.geteuid() != 0:
                 command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)
             subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    prepare_checkpoints(backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir), force=args.force)
+    backbone = backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+    backbone.prepare_device = device
+    prepare_checkpoints(backbone, force=args.force)
     print(f"{args.backbone}: ready")
     return 0
 
@@ -262,14 +266,16 @@ def int_list(text: str) -> tuple[int, ...]:
 
 def command_analyze(args: argparse.Namespace) -> int:
     from mergebench.analysis import AnalysisOptions, run_analysis
+    from mergebench.device import resolve_device
     from mergebench.registry import BACKBONES
 
+    device = resolve_device(args.device)  # an absent device is refused before any work
     backbone = BACKBONES.get(args.backbone)(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
     options = AnalysisOptions(
         output_dir=Path(args.output_dir), examples=args.examples, alphas=args.alphas, seeds=args.seeds, etas=args.etas,
         bits=args.bits, rescale_random=args.rescale_random, batch_size=args.batch_size,
         use_cache=not args.no_cache, plot=not args.no_plot,
-        command="mergebench " + shlex.join(args.argv), results_dir=Path(args.results_dir),
+        command="mergebench " + shlex.join(args.argv), results_dir=Path(args.results_dir), device=str(device),
     )
     for path in run_analysis(args.analysis, backbone, options):
         print(f"wrote {path}")
@@ -346,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--backbone", required=True)
     prepare.add_argument("--install-data", action="store_true", help="apt-get install the system data packages first")
     prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
+    prepare.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                         help="where local fine-tuning runs (checkpoints are written as CPU float32)")
     add_location_options(prepare)
     prepare.set_defaults(func=command_prepare)
 
@@ -369,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--no-cache", action="store_true", help="evaluate every point again (no analysis cache)")
     analyze.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     analyze.add_argument("--results-dir", default="results", help="pareto: the result records to read")
+    analyze.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
+                         help="where the analyses evaluate, as run's --device")
     add_location_options(analyze)
     analyze.set_defaults(func=command_analyze)
     return parser

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergebench.cache import cache_dir, write_json, write_safetensors
+from mergebench.device import to_device
 from mergebench.task import Batch, TaskData
 from mergebench.tasks._prepared import PreparedBackbone
 
@@ -139,6 +140,8 @@ class TextClassificationBackbone(PreparedBackbone):
         rng = np.random.default_rng([recipe.seed, _stable_hash(task)])
         encoder = self.build_encoder()
         encoder.load_state_dict(load_file(str(self.root / "pretrained.safetensors")))
+        device = self.prepare_device
+        encoder.to(device)
         start = time.perf_counter()
 
         head = self._fit_probe(encoder, data, rng)
@@ -158,16 +161,18 @@ class TextClassificationBackbone(PreparedBackbone):
         losses = []
         for _ in tqdm(range(recipe.steps), desc=f"fine-tune {task}", unit="step", leave=False):
             batch = [data.train[next(order)] for _ in range(recipe.batch_size)]
-            inputs = self.tokenize([text for text, _ in batch])
-            loss = nn.functional.cross_entropy(head(encoder(**inputs)), torch.tensor([y for _, y in batch]))
+            inputs = to_device(self.tokenize([text for text, _ in batch]), device)
+            labels = torch.tensor([y for _, y in batch]).to(device)
+            loss = nn.functional.cross_entropy(head(encoder(**inputs)), labels)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())  # read once at the end: no device sync per step
         encoder.eval()
-        write_safetensors(self.root / f"{task}.head.safetensors", head.state_dict())
-        write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict())
+        losses = [float(loss) for loss in losses]
+        write_safetensors(self.root / f"{task}.head.safetensors", _on_cpu(head.state_dict()), float32=True)
+        write_safetensors(self.root / f"{task}.safetensors", _on_cpu(encoder.state_dict()), float32=True)
         write_json(
             self.root / f"{task}.log.json",
             {"seconds": time.perf_counter() - start, "first_loss": losses[0], "last_losses": losses[-10:]},
@@ -176,15 +181,17 @@ class TextClassificationBackbone(PreparedBackbone):
     @torch.no_grad()
     def _features(self, encoder: nn.Module, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
         encoder.eval()
-        return torch.cat([encoder(**self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)])
+        device = next(encoder.parameters()).device
+        return torch.cat([encoder(**to_device(self.tokenize(texts[i : i + batch_size]), device))
+                          for i in range(0, len(texts), batch_size)])
 
     def _fit_probe(self, encoder: nn.Module, data: TextData, rng: np.random.Generator) -> nn.Linear:
         """Linear probe on frozen pretrained features (full-batch Adam, seeded)."""
         recipe = self.recipe
         picks = rng.choice(len(data.train), size=min(recipe.probe_examples, len(data.train)), replace=False)
         features = self._features(encoder, [data.train[i][0] for i in picks])
-        labels = torch.tensor([data.train[i][1] for i in picks])
-        head = nn.Linear(features.shape[1], len(data.classes))
+        labels = torch.tensor([data.train[i][1] for i in picks]).to(features.device)
+        head = nn.Linear(features.shape[1], len(data.classes)).to(features.device)  # initialised on the CPU, as before
         optimizer = torch.optim.Adam(head.parameters(), lr=recipe.probe_learning_rate, weight_decay=1e-4)
         for _ in range(recipe.probe_steps):
             loss = nn.functional.cross_entropy(head(features), labels)
@@ -223,6 +230,11 @@ class TextTaskData(TaskData):
             raise ValueError(f"{self.backbone.name}/{task}: {n} exemplars asked, the {split} split has {len(examples)}")
         picks = np.random.default_rng([seed, _stable_hash(task)]).choice(len(examples), size=n, replace=False)
         return self.backbone.tokenize([examples[i][0] for i in sorted(picks)])
+
+
+def _on_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict's tensors on the CPU (the same tensors when they already are)."""
+    return {key: value.detach().cpu() for key, value in state.items()}
 
 
 def _stable_hash(text: str) -> int:

@@ -14,7 +14,8 @@ from mergebench.analysis.report import Report, finish_panels, markdown_table, po
 
 def run(backbone, options: AnalysisOptions) -> list:
     alphas = tuple(options.alphas or PAPER_ALPHAS)
-    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache)
+    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache,
+                    device=options.device)
     tasks = prober.tasks
     spar = {a: Edit("keep-high", a) for a in alphas}
     binary = {a: Edit("binary", a) for a in alphas}

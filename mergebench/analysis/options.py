@@ -21,6 +21,7 @@ class AnalysisOptions:
     plot: bool = True
     command: str = "mergebench analyze"
     results_dir: Path = Path("results")  # pareto: where the result records are
+    device: str = "cpu"  # where evaluations run (``--device``, resolved: "cpu", "cuda:0", "mps")
 
     @property
     def evaluated_on(self) -> str:

@@ -106,8 +106,9 @@ class Prober:
     """Evaluates edits on a backbone's tasks, with the point cache."""
 
     def __init__(self, backbone: Backbone, examples: int | None = None, batch_size: int = 64,
-                 cache: Path | None = None, use_cache: bool = True):
+                 cache: Path | None = None, use_cache: bool = True, device: torch.device | str = "cpu"):
         self.backbone = backbone
+        self.device = torch.device(device)  # where evaluation runs, as in ``mergebench run``
         self.examples = examples
         self.batch_size = batch_size
         self.tasks = [task.name for task in backbone.tasks]
@@ -117,7 +118,9 @@ class Prober:
         self.evaluated = 0  # points evaluated (not read from the cache) by this prober
 
     def _key(self, edit: Edit) -> str:
-        return json.dumps([CACHE_VERSION, self.fingerprint, self.examples, edit.spec()])
+        # a point evaluated off the CPU is kept apart (its float rounding differs); CPU keys are as before
+        where = [] if self.device.type == "cpu" else [self.device.type]
+        return json.dumps([CACHE_VERSION, self.fingerprint, self.examples, edit.spec(), *where])
 
     def _load(self) -> dict[str, dict[str, float]]:
         if self.use_cache and self.cache_path.exists():
@@ -130,8 +133,8 @@ class Prober:
         cached = self._load()
         if key in cached:
             return cached[key]
-        metrics = evaluate(EditedTaskVectors(pool, edit), FirstTestExamples.of(self.backbone.tasks, self.examples),
-                           self.batch_size)
+        metrics = evaluate(EditedTaskVectors(pool, edit).to(self.device),
+                           FirstTestExamples.of(self.backbone.tasks, self.examples), self.batch_size)
         self.evaluated += 1
         if self.use_cache:
             cached = self._load()  # re-read: another analysis may have added points meanwhile

@@ -44,7 +44,8 @@ def ordering(summary, alphas, tasks) -> dict[str, int]:
 
 def run(backbone, options: AnalysisOptions) -> list:
     alphas = tuple(options.alphas or PAPER_ALPHAS)
-    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache)
+    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache,
+                    device=options.device)
     tasks = prober.tasks
     grid = edits_for(alphas, options.seeds, options.rescale_random)
     references = [Edit("full"), Edit("pretrained")]

@@ -35,7 +35,8 @@ def edited_keys(backbone, tasks: list[str]) -> list[str]:
 
 
 def run(backbone, options: AnalysisOptions) -> list:
-    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache)
+    prober = Prober(backbone, options.examples, options.batch_size, use_cache=options.use_cache,
+                    device=options.device)
     tasks = prober.tasks
     etas = tuple(options.etas or PAPER_ETAS)
     alpha = options.alphas[0] if options.alphas else SPARSIFY_ALPHA
