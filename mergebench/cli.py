@@ -290,6 +290,14 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
                         help="local datasets (default $MERGEBENCH_DATA_DIR); see the suite's docs for the layout")
 
 
+def add_evaluation_options(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """Batch size, device and precision of evaluation, as `run` and `sweep` take them."""
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}", help=device_help)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="evaluation under autocast at this precision (fp16: not on the CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergebench", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
@@ -309,11 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     run.add_argument("--results-dir", default="results")
     run.add_argument("--no-save", action="store_true", help="print the table but write no record")
-    run.add_argument("--batch-size", type=int, default=64)
-    run.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
-                     help="where evaluation runs (merging stays on the CPU); auto: CUDA, else MPS, else CPU")
-    run.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                     help="evaluation under autocast at this precision (fp16: not on the CPU)")
+    add_evaluation_options(run, "where evaluation runs (merging stays on the CPU); auto: CUDA, else MPS, else CPU")
     add_location_options(run)
     run.set_defaults(func=command_run)
 
@@ -336,11 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="examples per task in the validation split (default 200)")
     sweep.add_argument("--validation-seed", type=int, default=0,
                        help="seed of the validation split (default 0)")
-    sweep.add_argument("--batch-size", type=int, default=64)
-    sweep.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,mps}",
-                       help="where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
-    sweep.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                       help="evaluation under autocast at this precision (fp16: not on the CPU)")
+    add_evaluation_options(sweep, "where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
     add_location_options(sweep)
     sweep.set_defaults(func=command_sweep)
 
