@@ -60,6 +60,7 @@ class Configuration:
     plan: RunPlan
     key: str
     hyperparameters: dict[str, Any]  # resolved: as the record will name them
+    manifest: str | None = None  # SHA-256 of the backbone's checkpoint manifest, part of the key
 
     @property
     def label(self) -> str:
@@ -109,7 +110,7 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
         resolved = plan.method.resolved_hyperparameters(backbone)
         key = configuration_key(plan.method.name, backbone.name, plan.seed, json.loads(json.dumps(resolved)),
                                 manifests[backbone.name], plan.precision)
-        configurations.setdefault(key, Configuration(plan, key, resolved))
+        configurations.setdefault(key, Configuration(plan, key, resolved, manifests[backbone.name]))
     return list(configurations.values())
 
 
@@ -247,11 +248,8 @@ def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any
                      "grid": {k: [json.loads(v) for v in vs] for k, vs in values.items()}}
         first = members[0]
         fixed = {k: v for k, v in json.loads(json.dumps(first.hyperparameters)).items() if k not in keys}
-        # the manifest is in every member's key; recompute it from the first member's plan
-        backbone = first.plan.make_backbone()
-        manifest = prepare_checkpoints(backbone, repair=False).sha256
-        key = configuration_key(first.plan.method.name, backbone.name, first.plan.seed, fixed, manifest,
-                                first.plan.precision, selection)
+        key = configuration_key(first.plan.method.name, first.plan.backbone_class.name, first.plan.seed, fixed,
+                                first.manifest, first.plan.precision, selection)
         planned.append(SelectionGroup(members, key, selection))
     return planned
 
