@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -15,22 +15,31 @@ from mergebench.task import Task
 
 def evaluate_task(merged: Merged, task: Task, batch_size: int = 64, precision: str = "fp32") -> float:
     """The task's metric on its test split. ``Task.score`` reads the raw outputs of the
-    whole split (logits or scores; logits and boxes for detection's mAP). Batches go to the
-    device ``merged`` is on and run under ``precision``; outputs come back to the CPU as float32."""
+    whole split (logits or scores; logits and boxes for detection's mAP)."""
+    return score_split(merged, task, task.batches("test", batch_size), "test", precision)
+
+
+def score_split(merged: Merged, task: Task, batches: Iterable[tuple[Any, Any]], split: str,
+                precision: str = "fp32") -> float:
+    """The task's metric over ``batches`` of one split. Batches go to the device ``merged``
+    is on and run under ``precision``; outputs come back to the CPU as float32; a
+    non-finite output or metric raises NonFiniteError naming the task and split."""
     outputs, targets = [], []
     device = getattr(merged, "device", torch.device("cpu"))  # a Merged that never moved is on the CPU
     with torch.no_grad(), autocast(device, precision):
         for number, (inputs, batch_targets) in enumerate(tqdm(
-            task.batches("test", batch_size), desc=f"eval {task.name}", unit="batch", leave=False
+            batches, desc=f"{'eval' if split == 'test' else split} {task.name}", unit="batch", leave=False
         )):
             output = to_cpu_float(merged.predict(task.name, to_device(inputs, device)))
             if not all_finite(output):
-                raise NonFiniteError(f"task {task.name!r}: the outputs of test batch {number} have NaN or infinite values")
+                raise NonFiniteError(f"task {task.name!r}: the outputs of {split} batch {number} have NaN or "
+                                     f"infinite values")
             outputs.append(output)
             targets.append(batch_targets)
     score = task.score(outputs, targets)
     if not math.isfinite(score):
-        raise NonFiniteError(f"task {task.name!r}: its {task.metric} is {score} (an empty test split?)")
+        what = task.metric if split == "test" else f"{split} {task.metric}"
+        raise NonFiniteError(f"task {task.name!r}: its {what} is {score} (an empty {split} split?)")
     return float(score)
 
 

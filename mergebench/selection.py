@@ -12,15 +12,14 @@ The validation rows may overlap the exemplars a method draws from the same train
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from mergebench.device import autocast, to_cpu_float, to_device
-from mergebench.errors import HyperparameterError, NonFiniteError, NotApplicableError
+from mergebench.errors import HyperparameterError, NotApplicableError
+from mergebench.evaluate import score_split
 from mergebench.task import Batch, Task
 
 SELECT_ON = ("validation",)
@@ -65,19 +64,8 @@ def validation_batches(task: Task, size: int, seed: int, batch_size: int = 64) -
 def validation_metrics(merged: Any, tasks: Sequence[Task], size: int, seed: int, batch_size: int = 64,
                        precision: str = "fp32") -> dict[str, float]:
     """Task name -> its metric on its validation split (never its test split)."""
-    device = getattr(merged, "device", torch.device("cpu"))
-    metrics = {}
-    for task in tasks:
-        outputs, targets = [], []
-        with torch.no_grad(), autocast(device, precision):
-            for inputs, batch_targets in validation_batches(task, size, seed, batch_size):
-                outputs.append(to_cpu_float(merged.predict(task.name, to_device(inputs, device))))
-                targets.append(batch_targets)
-        score = task.score(outputs, targets)
-        if not math.isfinite(score):
-            raise NonFiniteError(f"task {task.name!r}: its validation {task.metric} is {score}")
-        metrics[task.name] = float(score)
-    return metrics
+    return {task.name: score_split(merged, task, validation_batches(task, size, seed, batch_size), "validation",
+                                   precision) for task in tasks}
 
 
 @dataclass(frozen=True)
