@@ -6,7 +6,7 @@ analyses share, each written once.
   (TIES: ties at the threshold kept).
 * TIES trim, elect and disjoint merge (Yadav et al., NeurIPS 2023; authors' ``topk_values_mask``,
   ``resolve_sign``, ``disjoint_merge``): :func:`trim_thresholds`, :func:`trim`,
-  :func:`elect_and_merge`, and the per-task entries that agree with the elected sign
+  :func:`elect_and_merge` (disjoint mean or sum), and the per-task entries that agree with the elected sign
   (:func:`selected_entries`, the rows of the authors' ``disjoint_merge_split``).
 * DARE drop-and-rescale (Yu et al., ICML 2024): :func:`drop_and_rescale`.
 """
@@ -81,13 +81,26 @@ def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return stacked * (stacked.abs() >= limit)
 
 
-def elect_and_merge(trimmed: torch.Tensor) -> torch.Tensor:
-    """Sign election and disjoint mean over the stacked (K, ...) trimmed task vectors."""
+MERGE_FUNCS = ("mean", "sum")
+
+
+def elect_and_merge(trimmed: torch.Tensor, merge_func: str = "mean") -> torch.Tensor:
+    """Sign election and disjoint merge over the stacked (K, ...) trimmed task vectors.
+
+    The elected sign is the sign of the sum of the trimmed values for both forms (the
+    authors' ``resolve_sign``, "mass"); ``merge_func`` "mean" averages the values that agree
+    with it (the TIES paper's "dis-mean"), "sum" adds them ("dis-sum": ``disjoint_merge``
+    with ``merge_func="dis-sum"`` in the TIES authors' ``merge_utils.py``, the AdaMerging
+    authors' ``ties_merging_utils.py`` and FusionBench's ``ties_merging``)."""
+    if merge_func not in MERGE_FUNCS:
+        raise ValueError(f"merge_func must be one of {', '.join(MERGE_FUNCS)}, got {merge_func!r}")
     sign = torch.sign(trimmed.sum(0))
     majority = torch.sign(sign.sum())
     sign[sign == 0] = majority if majority != 0 else 1.0
     agrees = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     selected = trimmed * agrees
+    if merge_func == "sum":
+        return selected.sum(0)
     counts = agrees.sum(0).clamp(min=1)
     return selected.sum(0) / counts
 

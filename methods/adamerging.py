@@ -36,6 +36,10 @@ on the resulting per-task vectors (the ``selected_entries``, not TIES' merged ve
   over the whole model in the authors' code (this only decides exact ties, as in ``ties``);
 * selected_k = trimmed tau_k where its sign agrees with the elected one, else 0 (the authors'
   ``disjoint_merge_split`` rows; no division by the count of agreeing tasks, no rescaling).
+  This is ``merge_func`` "sum" (default: the authors' ``main_layer_wise_adamergingpp.py`` sets
+  ``merge_func = "dis-sum"``; equal coefficients lambda give lambda times TIES' dis-sum).
+  "mean" divides each selected entry by the number of tasks agreeing there, so equal
+  coefficients give lambda times TIES' dis-mean (the TIES paper's form).
 
 Defaults and sources
 * ``init`` 0.3, ``lr`` 1e-3 (Adam, betas (0.9, 0.999), no weight decay), ``clamp`` on,
@@ -48,7 +52,9 @@ Defaults and sources
 
 Memory: the K task vectors of every merged tensor are held at once (K x encoder size, in
 float32), plus one merged copy of the encoder with its autograd graph per step; acceptable
-for the suites here (at most a few hundred MB for 6 x 22M parameters).
+for the suites here (at most a few hundred MB for 6 x 22M parameters). All of it lives on the
+run's device, where the steps run (the forward passes under the run's precision, the merged
+weights built in float32); the final merged state comes back to the CPU.
 """
 from __future__ import annotations
 
@@ -58,12 +64,13 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from mergebench.device import autocast, to_device
 from mergebench.exemplars import example_count, task_exemplars
-from mergebench.hyperparameters import Bool, Float, Int
+from mergebench.hyperparameters import Bool, Choice, Float, Int
 from mergebench.method import Method, StaticMerged
 from mergebench.pool import ModelPool
 from mergebench.registry import register_method
-from mergebench.sparsify import selected_entries, trim, trim_thresholds
+from mergebench.sparsify import MERGE_FUNCS, selected_entries, trim, trim_thresholds
 from mergebench.task import OUTPUT_PER_INPUT
 
 
@@ -82,31 +89,43 @@ def stacked_task_vectors(pool: ModelPool) -> list[torch.Tensor]:
     return out
 
 
-def ties_selected_vectors(pool: ModelPool, keep: float) -> list[torch.Tensor]:
+def ties_selected_vectors(pool: ModelPool, keep: float, merge_func: str = "sum") -> list[torch.Tensor]:
     """Per merged tensor, the (K, *shape) TIES-trimmed task vectors restricted to the entries
-    that agree with the elected sign (the authors' ``ties_merging_split`` selected entries)."""
+    that agree with the elected sign (the authors' ``ties_merging_split`` selected entries);
+    with ``merge_func`` "mean" each entry is divided by the number of tasks that agree there."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"adamerging++: keep must be in (0, 1], got {keep}")
     thresholds = torch.tensor(trim_thresholds(pool, keep))
-    return [selected_entries(trim(stacked, thresholds)) for stacked in stacked_task_vectors(pool)]
+    out = []
+    for stacked in stacked_task_vectors(pool):
+        selected = selected_entries(trim(stacked, thresholds))
+        if merge_func == "mean":
+            selected = selected / (selected != 0).sum(0).clamp(min=1)
+        out.append(selected)
+    return out
 
 
 class AdaMergingModel:
     """theta(lambda) = theta_pre + sum_k c(lambda_k) tau_k per merged tensor, run functionally."""
 
-    def __init__(self, pool: ModelPool, vectors: list[torch.Tensor], init: float, clamp: bool):
+    def __init__(self, pool: ModelPool, vectors: list[torch.Tensor], init: float, clamp: bool,
+                 device: torch.device = torch.device("cpu"), precision: str = "fp32"):
         self.backbone = pool.backbone
         self.keys = list(pool.merged_keys)
-        self.pretrained = {key: pool.pretrained(key) for key in pool.keys()}
-        self.vectors = vectors
+        # everything the steps read lives on ``device``; the merged weights are built there in
+        # float32 and only the forward passes run under ``precision``
+        self.device, self.precision = device, precision
+        self.pretrained = {key: pool.pretrained(key).to(device) for key in pool.keys()}
+        self.vectors = [vector.to(device) for vector in vectors]
         self.clamp = clamp
-        self.coefficients = torch.full((len(pool.tasks), len(self.keys)), float(init), requires_grad=True)
-        self.encoder = self.backbone.build_encoder()
+        self.coefficients = torch.full((len(pool.tasks), len(self.keys)), float(init), device=device,
+                                       requires_grad=True)
+        self.encoder = self.backbone.build_encoder().to(device)
         self.encoder.load_state_dict(self.pretrained, strict=True)
         self.encoder.eval()
         for parameter in self.encoder.parameters():
             parameter.requires_grad_(False)
-        self.heads = {task: self.backbone.task(task).head().eval() for task in pool.tasks}
+        self.heads = {task: self.backbone.task(task).head().eval().to(device) for task in pool.tasks}
         for head in self.heads.values():
             for parameter in head.parameters():
                 parameter.requires_grad_(False)
@@ -124,18 +143,21 @@ class AdaMergingModel:
         return params
 
     def entropy(self, batches: Mapping[str, Mapping[str, Any]]) -> torch.Tensor:
-        """Sum over tasks of the mean prediction entropy on each task's batch."""
+        """Sum over tasks of the mean prediction entropy on each task's batch (CPU inputs, moved
+        to the model's device)."""
         params = self.merged_params()
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for task, inputs in batches.items():
-            features = functional_call(self.encoder, params, args=(), kwargs=dict(inputs), strict=False)
-            total = total + softmax_entropy(self.heads[task](features)).mean(0)
+            with autocast(self.device, self.precision):
+                features = functional_call(self.encoder, params, args=(), kwargs=to_device(dict(inputs), self.device),
+                                           strict=False)
+                total = total + softmax_entropy(self.heads[task](features).float()).mean(0)
         return total
 
     @torch.no_grad()
     def merged_state(self) -> dict[str, torch.Tensor]:
         params = self.merged_params()
-        return {key: (params[key] if key in params else value).detach().contiguous()
+        return {key: (params[key] if key in params else value).detach().cpu().contiguous()
                 for key, value in self.pretrained.items()}
 
 
@@ -200,7 +222,8 @@ class AdaMerging(Method):
         steps, batch_size = int(self.hparams["steps"]), int(self.hparams["batch_size"])
         lr, init = float(self.hparams["lr"]), float(self.hparams["init"])
         inputs = {task: task_exemplars(self.name, exemplars, task) for task in pool.tasks} if steps > 0 else {}
-        model = AdaMergingModel(pool, self.task_vectors(pool), init, bool(self.hparams["clamp"]))
+        model = AdaMergingModel(pool, self.task_vectors(pool), init, bool(self.hparams["clamp"]), self.device,
+                                self.precision)
         optimizer = torch.optim.Adam([model.coefficients], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         sampler = BatchSampler(inputs, batch_size, self.seed)
         losses: list[float] = []
@@ -212,7 +235,7 @@ class AdaMerging(Method):
             optimizer.step()
             losses.append(loss.item())
             progress.set_postfix(entropy=f"{losses[-1]:.4f}")
-        learned = learned_coefficients(pool.tasks, model.used_coefficients().detach(), losses)
+        learned = learned_coefficients(pool.tasks, model.used_coefficients().detach().cpu(), losses)
         return StaticMerged(pool.backbone, model.merged_state(), diagnostics=learned)
 
 
@@ -222,7 +245,9 @@ class AdaMergingPlusPlus(AdaMerging):
         **AdaMerging.hyperparameters,
         "keep": Float(0.2, "TIES k: the fraction of largest-magnitude entries kept per task vector", 0.0, 1.0,
                       low_open=True),
+        "merge_func": Choice("sum", MERGE_FUNCS, "TIES step: the selected entries as they are (sum, the authors') "
+                             "or divided by the count of agreeing tasks (mean)"),
     }
 
     def task_vectors(self, pool: ModelPool) -> list[torch.Tensor]:
-        return ties_selected_vectors(pool, float(self.hparams["keep"]))
+        return ties_selected_vectors(pool, float(self.hparams["keep"]), str(self.hparams["merge_func"]))

@@ -10,7 +10,14 @@ The three steps are ``mergebench.sparsify``'s (AdaMerging++ uses them too).
 * Elect: the merged sign of an entry is the sign of the sum of the trimmed values.
   An exact zero sum takes the majority sign; the authors take it over the whole
   model, we take it per tensor (it only decides exact ties, bounded memory).
-* Disjoint mean: the mean of the trimmed values that agree with the elected sign.
+* Disjoint merge (``merge_func``): "mean" (default), the mean of the trimmed values that
+  agree with the elected sign, as the TIES paper (Eq. "disjoint merge") and its
+  ``disjoint_merge(..., "dis-mean")`` define it; "sum", their sum ("dis-sum"), what the ViT
+  tables of AdaMerging, EMR-Merging and T-Switch run (the AdaMerging authors'
+  ``main_ties_merging.py``: ``merge_func = "dis-sum"``) and FusionBench's shipped
+  ``config/method/ties_merging.yaml`` (``merge_func: sum``). Both forms elect the sign the same
+  way (the sign of the sum of the trimmed values); where K' tasks agree, dis-sum is K' times
+  dis-mean.
 * theta = theta_pre + lambda * merged; defaults k = 20%, lambda = 0.3 (the ViT
   setting of the AdaMerging / EMR-Merging / T-Switch tables).
 """
@@ -18,11 +25,11 @@ from __future__ import annotations
 
 import torch
 
-from mergebench.hyperparameters import Float
+from mergebench.hyperparameters import Choice, Float
 from mergebench.merging import merge_task_vectors
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
-from mergebench.sparsify import elect_and_merge, trim, trim_thresholds
+from mergebench.sparsify import MERGE_FUNCS, elect_and_merge, trim, trim_thresholds
 
 
 @register_method("ties")
@@ -30,13 +37,16 @@ class Ties(Method):
     hyperparameters = {
         "keep": Float(0.2, "k: the fraction of largest-magnitude entries kept per task vector", 0.0, 1.0, low_open=True),
         "scaling": Float(0.3, "lambda: the factor on the merged task vector", 0.0),
+        "merge_func": Choice("mean", MERGE_FUNCS, "disjoint merge of the sign-agreeing trimmed values: "
+                             "mean (TIES paper) or sum (dis-sum of the AdaMerging/T-Switch ViT tables)"),
     }
 
     def merge(self, pool, exemplars=None):
         keep, scaling = float(self.hparams["keep"]), float(self.hparams["scaling"])
+        merge_func = str(self.hparams["merge_func"])
         thresholds = torch.tensor(trim_thresholds(pool, keep))
 
         def combine(key, taus):
-            return scaling * elect_and_merge(trim(torch.stack(taus), thresholds))
+            return scaling * elect_and_merge(trim(torch.stack(taus), thresholds), merge_func)
 
         return StaticMerged(pool.backbone, merge_task_vectors(pool, combine, desc=self.name))
