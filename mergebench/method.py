@@ -112,6 +112,10 @@ class Method(abc.ABC):
     uses_test_inputs: ClassVar[bool] = False  # adapts on unlabelled test inputs (AdaMerging)
     reference: ClassVar[bool] = False  # Pretrained / Individual: bounds, not merges
     requires: ClassVar[frozenset[str]] = frozenset()  # Task capabilities every task must have (mergebench.task)
+    # where a data-dependent method runs its forward/backward passes and under which autocast
+    # precision (the run's --device/--precision, set by the runner); merging arithmetic stays fp32 on the CPU
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
 
     def __init__(self, **overrides: Any):
         self.hparams: dict[str, Any] = resolve(self.hyperparameters, overrides, f"method {self.name!r}")

@@ -133,6 +133,7 @@ def resolve(
     batch_size = check_batch_size(batch_size)
     resolved_device = resolve_device(device)
     precision = check_precision(precision, resolved_device)
+    method.device, method.precision = resolved_device, precision  # data-dependent methods' forward passes
     backbone_class = BACKBONES.get(backbone_name)
     method.check_applicable(backbone_class)
     if results_dir is not None:
