@@ -83,6 +83,9 @@ __all__ = [
     "indep_bits",
     "tswitch_bits",
     "entropy_bound_bits",
+    "entropy_bounds",
+    "ans_encode",
+    "ans_decode",
     "tswitch_from_task_vector",
     "quantized_from_task_vector",
     "encode_payload",
@@ -91,7 +94,7 @@ __all__ = [
     "sass_decode",
 ]
 
-FORMATS = ("tswitch", "indep", "sass")
+FORMATS = ("tswitch", "indep", "sass", "ans")
 QUANTS = ("sign", "bas")
 MAX_GROUP_SIZE = 256          # SASS: "a maximum group size of 256, for which 8 bits are allocated"
 SASS_COUNT_BITS = 27          # SASS: "27 bits are reserved to store the group count"
@@ -317,6 +320,46 @@ def entropy_bound_bits(n: int, alpha: float, b: int) -> float:
     return n * (_binary_entropy(1.0 - alpha) + (1.0 - alpha) * b)
 
 
+def entropy_bounds(mask: Any, codes: Any, shape: tuple[int, ...], bits: int) -> dict[str, float]:
+    """Empirical entropies (bits, numpy) of one tensor's mask and kept value codes under the
+    models an entropy coder can use; the tensor is read as the matrix of :func:`_grid`.
+
+    * ``mask_iid``: n H(K / n), one keep rate for the whole tensor;
+    * ``mask_rows`` / ``mask_columns``: sum over rows (columns) of their length times H of their keep rate;
+    * ``mask_context``: H(m_ij | m_i,j-1, m_i-1,j), the left and upper neighbours (0 outside);
+    * ``values_iid``: K H(codes), the codes' own histogram; ``values_uniform``: K b;
+    * ``values_rows`` / ``values_columns``: the codes' histogram per row (column).
+
+    These are lower bounds for coders that learn each model's parameters for free; a real
+    file also stores them (a few bytes per tensor, or per line for the per-line models).
+    """
+    m = _as_numpy_bool(mask).reshape(_grid(tuple(shape)))
+    c = np.asarray(codes, dtype=np.int64).ravel()
+    rows, cols = m.shape
+    k = int(np.count_nonzero(m))
+    out = {"mask_iid": float(_bernoulli_bits(k, m.size)),
+           "mask_rows": float(_bernoulli_bits(np.count_nonzero(m, axis=1), cols).sum()),
+           "mask_columns": float(_bernoulli_bits(np.count_nonzero(m, axis=0), rows).sum())}
+    left = np.zeros_like(m)
+    left[:, 1:] = m[:, :-1]
+    up = np.zeros_like(m)
+    up[1:, :] = m[:-1, :]
+    context = (2 * left + up).ravel()
+    n_ctx = np.bincount(context, minlength=4)
+    k_ctx = np.bincount(context, weights=m.ravel(), minlength=4)
+    out["mask_context"] = float(_bernoulli_bits(k_ctx, n_ctx).sum())
+    symbols = 1 << int(bits)
+    counts = np.bincount(c, minlength=symbols)
+    out["values_iid"] = float(_xlog2(counts, counts / max(k, 1)).sum())
+    out["values_uniform"] = float(k * bits)
+    r_idx, c_idx = np.nonzero(m)  # row-major, the order of the codes
+    for name, line, size in (("values_rows", r_idx, rows), ("values_columns", c_idx, cols)):
+        table = np.bincount(line * symbols + c, minlength=size * symbols).reshape(size, symbols)
+        totals = table.sum(axis=1, keepdims=True)
+        out[name] = float(_xlog2(table, table / np.maximum(totals, 1)).sum())
+    return out
+
+
 # --------------------------------------------------------------------------- the data class
 
 
@@ -387,6 +430,7 @@ class CompressedTensor:
         if self.codes.size and int(self.codes.max()) >= 1 << self.bits:
             raise ValueError(f"codes exceed {self.bits} bits")
         self._n_kept = n_kept
+        self._ans_payload: bytes | None = None
         needed = ("beta",) if self.quant == "sign" else ("v_neg", "v_pos", "scale")
         params = dict(self.params)
         if self.quant == "bas":
@@ -425,7 +469,12 @@ class CompressedTensor:
 
     @property
     def payload_bits(self) -> int:
-        """Exact length of the packed payload bitstream (before byte padding)."""
+        """Exact length of the packed payload bitstream (before byte padding; ans: whole bytes,
+        known only by encoding, which is done once and kept)."""
+        if self.fmt == "ans":
+            if self._ans_payload is None:
+                self._ans_payload = ans_encode(self.mask, self.codes, self.shape, self.bits)
+            return 8 * len(self._ans_payload)
         if self.fmt == "tswitch":
             return tswitch_bits(self.n, self.n_kept)
         if self.fmt == "indep":
@@ -596,8 +645,283 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
     return mask, codes, c
 
 
+# --------------------------------------------------------------------------- the ans format
+
+
+ANS_LAYOUT = 1            # version byte at the start of every ans payload
+ANS_MAX_BUCKETS_LOG2 = 4  # up to 16 keep-rate buckets of lines
+_RATE_ONE = 65535         # a bucket's keep rate is stored as u16: p = q / 65535 (0 and 1 exact)
+_FREQ_MAX = 65535         # value-code frequencies are stored as u16
+_POPCOUNT = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
+_ANS_FLAG_COLUMNS, _ANS_FLAG_RAW_VALUES = 1, 1 << 4
+_U32 = np.dtype("<u4")
+
+
+def _constriction():
+    try:
+        import constriction
+    except ImportError:  # a core dependency; a broken install is worth one clear line
+        raise ImportError("the ans codec needs the 'constriction' package: pip install constriction") from None
+    return constriction.stream
+
+
+def _grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The 2-D view the ans mask model reads: (shape[0], rest) for a matrix or more, (1, n) otherwise."""
+    n = int(math.prod(shape))
+    if len(shape) >= 2 and shape[0] > 0:
+        return int(shape[0]), n // int(shape[0])
+    return 1, n
+
+
+def _xlog2(k: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """-k log2 p with 0 log 0 = 0 (elementwise)."""
+    k = np.asarray(k, dtype=np.float64)
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(k > 0, -k * np.log2(np.where(p > 0, p, 1.0)), 0.0)
+
+
+def _bernoulli_bits(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Empirical entropy in bits of ``k`` ones among ``n`` binary symbols (elementwise)."""
+    k, n = np.broadcast_arrays(np.asarray(k, dtype=np.float64), np.asarray(n, dtype=np.float64))
+    p = np.divide(k, n, out=np.zeros_like(n), where=n > 0)
+    return _xlog2(k, p) + _xlog2(n - k, 1.0 - p)
+
+
+def _quantised_rate(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Keep rates as u16 numerators of 65535; exactly 0 or 65535 only for an all-zero or all-one bucket."""
+    q = np.rint(np.divide(k, np.maximum(n, 1)) * _RATE_ONE)
+    q = np.clip(q, 1, _RATE_ONE - 1)
+    q = np.where(k == 0, 0, np.where(k == n, _RATE_ONE, q))
+    return q.astype(np.uint16)
+
+
+def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """The cheapest mask model: orientation (0: rows, 1: columns), the bucket of every line
+    and the u16 keep rate of every bucket. Lines (rows or columns) are sorted by keep rate and
+    cut into 2^j equal-count buckets (j = 0..4); the cost of each candidate is its exact code
+    length under the quantised bucket rates plus the bucket indices and rates it stores."""
+    best = None
+    for orient, axis in ((0, 1), (1, 0)):
+        k = np.count_nonzero(mask2d, axis=axis)
+        width = mask2d.shape[axis]
+        lines = k.size
+        order = np.argsort(k, kind="stable")
+        for j in range(ANS_MAX_BUCKETS_LOG2 + 1):
+            buckets = 1 << j
+            if buckets > lines or (j and width == 0):
+                break
+            bucket = np.empty(lines, dtype=np.int64)
+            bucket[order] = np.arange(lines) * buckets // lines
+            kb = np.bincount(bucket, weights=k, minlength=buckets)
+            nb = np.bincount(bucket, minlength=buckets).astype(np.float64) * width
+            p = _quantised_rate(kb, nb).astype(np.float64) / _RATE_ONE
+            cost = float((_xlog2(kb, p) + _xlog2(nb - kb, 1.0 - p)).sum()) + lines * j + 16 * buckets
+            if best is None or cost < best[0]:
+                best = (cost, orient, bucket.astype(np.uint8), _quantised_rate(kb, nb))
+        if mask2d.shape[0] == 1 or mask2d.shape[1] == 1:
+            break  # a vector: one orientation
+    return best[1], best[2], best[3]
+
+
+def _byte_model(q: int):
+    """Categorical model of a byte of 8 i.i.d. Bernoulli(q / 65535) bits, P(s) = p^pop(s) (1-p)^(8-pop(s)).
+    Built with IEEE multiplications only, so encoder and decoder get the same table on every machine."""
+    p = q / _RATE_ONE
+    ones, zeros = [1.0], [1.0]
+    for _ in range(8):
+        ones.append(ones[-1] * p)
+        zeros.append(zeros[-1] * (1.0 - p))
+    probs = np.array(ones)[_POPCOUNT] * np.array(zeros)[8 - _POPCOUNT]
+    return _constriction().model.Categorical(probs, perfect=False)
+
+
+def _codes_per_symbol(bits: int) -> int:
+    """b in {1, 2, 4}: 8 / b codes share one byte symbol (a product model); otherwise one code per symbol."""
+    return 8 // bits if bits < 8 and 8 % bits == 0 else 1
+
+
+def _value_model(freq: np.ndarray, bits: int):
+    """Categorical model of one value symbol: ``8 / b`` codes of probability freq / sum(freq)
+    (a product, by IEEE multiplications) for b in {1, 2, 4}, one code otherwise."""
+    prob = freq.astype(np.float64) / float(freq.sum())
+    g = _codes_per_symbol(bits)
+    if g == 1:
+        return _constriction().model.Categorical(prob, perfect=False)
+    sym = np.arange(256)
+    lowmask = (1 << bits) - 1
+    probs = prob[sym & lowmask]
+    for i in range(1, g):
+        probs = probs * prob[(sym >> (i * bits)) & lowmask]
+    return _constriction().model.Categorical(probs, perfect=False)
+
+
+def _value_symbols(codes: np.ndarray, bits: int) -> np.ndarray:
+    g = _codes_per_symbol(bits)
+    if g == 1:
+        return codes.astype(np.int32)
+    return np.frombuffer(pack_codes(codes, bits), dtype=np.uint8).astype(np.int32)
+
+
+def _quantised_freq(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Code counts scaled to at most 65535 (every used code keeps a frequency >= 1)."""
+    counts = np.bincount(codes, minlength=1 << bits).astype(np.float64)
+    scale = min(1.0, _FREQ_MAX / counts.max())
+    return np.where(counts > 0, np.maximum(1, np.rint(counts * scale)), 0).astype(np.uint16)
+
+
+def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits: int) -> bytes:
+    """The ans payload: the mask and the b-bit value codes entropy-coded with one
+    asymmetric-numeral-systems stack (``constriction``'s AnsCoder, 32-bit words).
+
+    Layout (bytes, little endian): layout version (u8); flags (u8: bit 0 lines are
+    columns, bits 1-3 log2 of the number of mask buckets B, bit 4 values stored raw);
+    B u16 keep rates (p = q / 65535); if B > 1, the bucket of every line as packed
+    log2(B)-bit codes; unless raw, the value model: a 2^b-bit presence bitmap and a u16
+    frequency per present code; u32 number of ANS words; the words; if raw, the codes
+    packed at b bits (:func:`pack_codes`).
+
+    Mask model: the tensor seen as a matrix (:func:`_grid`), its rows or columns
+    ("lines") in B keep-rate buckets, each line's bits in bytes (zero padded to a whole
+    byte) coded with the product Bernoulli model of its bucket; a bucket of rate 0 or
+    1 codes nothing. B = 1 is the i.i.d. model; the encoder keeps the cheapest
+    (:func:`_mask_model`). Values: the kept entries' codes in row-major order, i.i.d.
+    under their stored frequencies, 8 / b codes per symbol for b in {1, 2, 4} (the last
+    symbol zero padded); stored raw when that is no larger.
+    """
+    stream = _constriction()
+    n = mask.size
+    rows, cols = _grid(shape)
+    out = [bytes([ANS_LAYOUT])]
+    if n == 0:
+        out += [bytes([_ANS_FLAG_RAW_VALUES]), np.zeros(1, _U32).tobytes()]
+        return b"".join(out)
+    m2 = mask.reshape(rows, cols)
+    orient, bucket, rates = _mask_model(m2)
+    lines = m2 if orient == 0 else m2.T
+    j = int(rates.size).bit_length() - 1
+    k = codes.size
+    raw, freq = True, None
+    if k:
+        freq = _quantised_freq(codes, bits)
+        counts = np.bincount(codes, minlength=1 << bits)
+        coded = float(_xlog2(counts, freq / float(freq.sum())).sum()) + (1 << bits) + 16 * np.count_nonzero(freq)
+        raw = coded >= k * bits
+    flags = (_ANS_FLAG_COLUMNS if orient else 0) | (j << 1) | (_ANS_FLAG_RAW_VALUES if raw else 0)
+    out += [bytes([flags]), rates.astype("<u2").tobytes()]
+    if j:
+        out.append(pack_codes(bucket, j))
+    if not raw:
+        out += [pack_bits(freq > 0), freq[freq > 0].astype("<u2").tobytes()]
+    coder = stream.stack.AnsCoder()
+    if not raw:
+        coder.encode_reverse(_value_symbols(codes, bits), _value_model(freq, bits))
+    packed = np.packbits(lines, axis=1, bitorder="little")
+    for b in range(rates.size - 1, -1, -1):  # a stack: the first bucket is encoded last, decoded first
+        if 0 < rates[b] < _RATE_ONE:
+            coder.encode_reverse(packed[bucket == b].ravel().astype(np.int32), _byte_model(int(rates[b])))
+    words = coder.get_compressed()
+    out += [np.array([words.size], _U32).tobytes(), words.astype(_U32).tobytes()]
+    if raw:
+        out.append(pack_codes(codes, bits))
+    return b"".join(out)
+
+
+def ans_decode(payload: bytes, shape: tuple[int, ...], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`ans_encode` -> (mask, codes); ValueError on an inconsistent payload."""
+    stream = _constriction()
+    data = memoryview(payload)
+    n = int(math.prod(shape))
+    rows, cols = _grid(shape)
+    pos = 0
+
+    def take(size: int, what: str) -> memoryview:
+        nonlocal pos
+        if pos + size > len(data):
+            raise ValueError(f"ans payload of {len(data)} bytes is cut off in its {what}")
+        pos += size
+        return data[pos - size:pos]
+
+    if take(1, "layout")[0] != ANS_LAYOUT:
+        raise ValueError(f"unknown ans payload layout {data[0]} (this reader: {ANS_LAYOUT})")
+    flags = take(1, "flags")[0]
+    j = (flags >> 1) & 7
+    if flags & ~(_ANS_FLAG_COLUMNS | (7 << 1) | _ANS_FLAG_RAW_VALUES) or j > ANS_MAX_BUCKETS_LOG2:
+        raise ValueError(f"bad ans flags {flags:#x}")
+    raw = bool(flags & _ANS_FLAG_RAW_VALUES)
+    if n == 0:
+        if flags != _ANS_FLAG_RAW_VALUES or bytes(take(4, "word count")) != bytes(4) or pos != len(data):
+            raise ValueError("ans payload of an empty tensor is not empty")
+        return np.zeros(0, dtype=np.bool_), np.zeros(0, dtype=np.uint8)
+    orient = flags & _ANS_FLAG_COLUMNS
+    n_lines, width = (rows, cols) if orient == 0 else (cols, rows)
+    if orient and (rows == 1 or cols == 1):
+        raise ValueError("ans payload orders the lines of a vector by columns")
+    buckets = 1 << j
+    if buckets > n_lines:
+        raise ValueError(f"{buckets} mask buckets for {n_lines} lines")
+    rates = np.frombuffer(take(2 * buckets, "keep rates"), dtype="<u2")
+    bucket = (unpack_codes(bytes(take(-(-n_lines * j // 8), "line buckets")), j, n_lines) if j
+              else np.zeros(n_lines, dtype=np.uint8))
+    if int(bucket.max()) >= buckets:
+        raise ValueError("a line's mask bucket is out of range")
+    freq = None
+    if not raw:
+        present = unpack_bits(bytes(take(-(-(1 << bits) // 8), "value model")), 1 << bits).astype(np.bool_)
+        freq = np.zeros(1 << bits, dtype=np.uint16)
+        freq[present] = np.frombuffer(take(2 * int(present.sum()), "value model"), dtype="<u2")
+        if not present.any() or not (freq[present] > 0).all():
+            raise ValueError("ans value model has no code or a zero frequency")
+    n_words = int(np.frombuffer(take(4, "word count"), dtype=_U32)[0])
+    words = np.frombuffer(take(4 * n_words, "ANS words"), dtype=_U32).astype(np.uint32)
+    coder = stream.stack.AnsCoder(words)
+    nbytes = -(-width // 8)
+    packed = np.zeros((n_lines, nbytes), dtype=np.uint8)
+    ones = np.zeros(n_lines, dtype=np.bool_)
+    for b in range(buckets):
+        sel = bucket == b
+        if rates[b] == _RATE_ONE:
+            ones |= sel
+        elif rates[b]:
+            count = int(sel.sum()) * nbytes
+            packed[sel] = coder.decode(_byte_model(int(rates[b])), count).astype(np.uint8).reshape(-1, nbytes)
+    if width % 8 and (packed[:, -1] >> (width % 8)).any():
+        raise ValueError("non-zero padding bits in the ans mask")
+    lines = np.unpackbits(packed, axis=1, count=width, bitorder="little").view(np.bool_)
+    lines[ones] = True
+    mask = np.ascontiguousarray(lines if orient == 0 else lines.T).reshape(-1)
+    k = int(np.count_nonzero(mask))
+    if raw:
+        if not coder.is_empty():
+            raise ValueError("ans stream holds more than its mask")
+        raw_bytes = bytes(take(-(-k * bits // 8), "raw values"))
+        codes = unpack_codes(raw_bytes, bits, k)
+        if not _padding_is_zero(raw_bytes, k * bits):
+            raise ValueError("non-zero padding bits after the raw ans values")
+    else:
+        if k == 0:
+            raise ValueError("ans value model stored for an empty mask")
+        g = _codes_per_symbol(bits)
+        symbols = coder.decode(_value_model(freq, bits), -(-k // g))
+        if g == 1:
+            codes = symbols.astype(np.uint8)
+        else:
+            codes = unpack_codes(symbols.astype(np.uint8).tobytes(), bits, -(-k // g) * g)
+            if codes[k:].any():
+                raise ValueError("non-zero padding codes after the ans values")
+            codes = codes[:k].copy()
+        if not coder.is_empty():
+            raise ValueError("ans stream does not end after its values")
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} unexpected bytes after the ans payload")
+    return mask, codes
+
+
 def encode_payload(ct: CompressedTensor) -> tuple[bytes, int]:
     """The packed payload of one tensor and its exact bit length."""
+    if ct.fmt == "ans":
+        nbits = ct.payload_bits  # encodes once
+        return ct._ans_payload, nbits
     if ct.fmt == "sass":
         data, nbits = sass_encode(ct.mask, ct.codes, ct.bits, ct.group_size)
     elif ct.fmt == "tswitch":
@@ -637,6 +961,10 @@ def decode_payload(data: bytes, nbits: int, *, shape: tuple[int, ...], fmt: str,
         codes = stream[n:nbits]
         if codes.size != int(np.count_nonzero(mask)):
             raise ValueError(f"{codes.size} sign bits for {int(np.count_nonzero(mask))} kept entries")
+    elif fmt == "ans":
+        if nbits != 8 * len(data):
+            raise ValueError(f"ans payload of {len(data)} bytes declared as {nbits} bits")
+        mask, codes = ans_decode(bytes(data), tuple(shape), bits)
     elif fmt == "indep":
         if nbits != indep_bits(n, bits):
             raise ValueError(f"indep payload is {nbits} bits, expected {(bits + 1) * n}")

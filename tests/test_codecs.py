@@ -72,7 +72,7 @@ case = st.tuples(
     st.sampled_from(["random", "random", "none", "all"]),
     st.floats(0.0, 1.0),
     st.integers(1, 8),
-    st.sampled_from(["tswitch", "indep-bas", "sass-bas", "indep-sign", "sass-sign"]),
+    st.sampled_from(["tswitch", "indep-bas", "sass-bas", "indep-sign", "sass-sign", "ans-bas", "ans-sign"]),
     st.integers(0, 2**31),
 )
 
@@ -141,6 +141,8 @@ def test_round_trip_every_format(c):
         assert nbits == C.indep_bits(tau.size, bits)
     if fmt == "tswitch":
         assert nbits == tau.size + int(mask.sum())
+    if fmt == "ans":
+        assert nbits % 8 == 0
 
 
 @FAST
@@ -163,7 +165,8 @@ def test_sass_stream_matches_loop_reference(n, density, bits, seed):
 @pytest.mark.parametrize("shape", [(13,), (257,), (1,), (2, 3, 5), (64,), (0,), (3, 0)])
 @pytest.mark.parametrize("mode", ["none", "all", "random"])
 @pytest.mark.parametrize("kind", [("tswitch", 1, "sign"), ("indep", 3, "bas"), ("sass", 4, "bas"),
-                                  ("sass", 1, "sign"), ("sass", 8, "bas")])
+                                  ("sass", 1, "sign"), ("sass", 8, "bas"), ("ans", 1, "sign"), ("ans", 2, "bas"),
+                                  ("ans", 5, "bas"), ("ans", 8, "bas")])
 def test_edge_cases_round_trip(shape, mode, kind):
     fmt, bits, quant = kind
     tau = _tau(shape, 3)

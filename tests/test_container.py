@@ -1,11 +1,13 @@
 """The one checksummed container: exact round trips of compressed and dense entries
-of every dtype and of the metadata, version-1 files, the readers' checks, and
-corrupt, truncated or inconsistent input (every part, every byte)."""
+of every dtype and of the metadata, version-1 and version-2 files, the compact
+version-3 header, the readers' checks, and corrupt, truncated or inconsistent input
+(every part, every byte)."""
 from __future__ import annotations
 
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +51,7 @@ def _artifact():
         "m": _dense((13,), torch.bool, 4),
         "c": C.quantized_from_task_vector(_tau((3, 3), 3), _mask((3, 3), 0.6, 3), 2, "indep"),
         "i": _dense((5,), torch.int64, 5),
+        "e": C.quantized_from_task_vector(_tau((8, 9), 6), _mask((8, 9), 0.3, 6), 3, "ans"),
     }
 
 
@@ -57,20 +60,28 @@ METADATA = {"content": "test/artifact", "task": "mnist", "lambda": 0.3125, "size
 
 def _header(data):
     _, _, hlen, _ = struct.unpack_from("<8sIII", data)
-    return 20 + hlen, json.loads(data[20:20 + hlen])
+    return 20 + hlen, K.parse_header(data)
 
 
-def _with_header(data, header, version=K.CONTAINER_VERSION):
-    """The same payloads under another header, with a consistent header checksum."""
+def _with_header(data, header, version=2):
+    """The same payloads under another header, with a consistent header checksum; a JSON
+    header (version 1 or 2) holds any value, a version-3 table only representable ones."""
     start, _ = _header(data)
-    hb = json.dumps(header).encode()
+    if version >= 3:
+        hb = K.pack_container(header, [], 3)[20:]
+    else:
+        hb = json.dumps({**header, "version": header.get("version", version)} if "version" in header else header).encode()
     return struct.pack("<8sIII", K.MAGIC, version, len(hb), zlib.crc32(hb)) + hb + data[start:]
 
 
-def _as_version_1(data):
+def _as_version_1(data, items):
     """A codec-only container as the version-1 writer laid it out (no kinds, no metadata)."""
     start, header = _header(data)
-    entries = [{key: e[key] for key in V1_FIELDS} for e in header["tensors"]]
+    entries = []
+    for e in header["tensors"]:
+        ct = items[e["name"]]
+        e = {**e, "sparsity": ct.sparsity, "n_kept": ct.n_kept, "group_size": ct.group_size}
+        entries.append({key: e[key] for key in V1_FIELDS})
     hb = json.dumps({"version": 1, "payload_bytes": header["payload_bytes"], "tensors": entries},
                     separators=(",", ":")).encode()
     return struct.pack("<8sIII", K.MAGIC, 1, len(hb), zlib.crc32(hb)) + hb + data[start:]
@@ -120,8 +131,8 @@ def test_bool_entries_are_bit_packed():
 
 
 def test_version_1_files_stay_readable():
-    items = {k: v for k, v in _artifact().items() if isinstance(v, C.CompressedTensor)}
-    old = _as_version_1(K.encode_tensors(items))
+    items = {k: v for k, v in _artifact().items() if isinstance(v, C.CompressedTensor) and v.fmt != "ans"}
+    old = _as_version_1(K.encode_tensors(items), items)
     assert struct.unpack_from("<I", old, 8) == (1,)
     back = K.decode_tensors(old)
     assert back.metadata == {} and list(back) == list(items) and all(back[k] == items[k] for k in items)
@@ -129,7 +140,63 @@ def test_version_1_files_stay_readable():
 
 def test_the_codec_module_names_the_same_container():
     assert C.encode_tensors is K.encode_tensors and C.read_artifact is K.read_artifact and C.MAGIC == K.MAGIC
-    assert K.CONTAINER_VERSION == 2
+    assert K.CONTAINER_VERSION == 3
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_a_version_2_file_written_by_the_old_writer_still_decodes():
+    """tests/fixtures/container_v2.mbc was written by the version-2 (JSON header) writer
+    before the binary header existed; its contents were recorded beside it as JSON."""
+    blob = (FIXTURES / "container_v2.mbc").read_bytes()
+    expected = json.loads((FIXTURES / "container_v2.json").read_text())
+    assert struct.unpack_from("<I", blob, 8) == (2,)
+    assert json.loads(blob[20:20 + struct.unpack_from("<I", blob, 12)[0]])["version"] == 2
+    back = K.decode_tensors(blob, source="container_v2.mbc")
+    assert back.metadata == expected["metadata"] and list(back) == list(expected["entries"])
+    for name, want in expected["entries"].items():
+        got = back[name]
+        if want["kind"] == "codec":
+            assert isinstance(got, C.CompressedTensor)
+            assert (got.fmt, got.bits, got.quant, list(got.shape)) == (want["format"], want["bits"], want["quant"],
+                                                                        want["shape"])
+            assert got.params == pytest.approx(want["params"], rel=0, abs=0)
+            assert np.flatnonzero(got.mask).tolist() == want["mask"] and got.codes.tolist() == want["codes"]
+            assert got.to_numpy().ravel().tolist() == want["dense"]
+        else:
+            assert str(got.dtype).removeprefix("torch.") == want["dtype"] and list(got.shape) == want["shape"]
+            values = got.ravel().tolist() if got.dtype == torch.int64 else got.float().ravel().tolist()
+            assert values == want["values"]
+    # and it re-encodes, in the current layout, to the same contents
+    again = K.decode_tensors(K.encode_tensors(dict(back), back.metadata))
+    assert all(_equal(again[k], back[k]) for k in back)
+
+
+# a ViT-B/32 encoder layer (CLIP vision tower names and shapes)
+VIT_LAYER = {f"vision_model.encoder.layers.0.{name}": shape for name, shape in [
+    *((f"self_attn.{p}_proj.{w}", (768, 768) if w == "weight" else (768,)) for p in "kvqo" for w in ("weight", "bias")),
+    ("layer_norm1.weight", (768,)), ("layer_norm1.bias", (768,)),
+    ("mlp.fc1.weight", (3072, 768)), ("mlp.fc1.bias", (3072,)),
+    ("mlp.fc2.weight", (768, 3072)), ("mlp.fc2.bias", (768,)),
+    ("layer_norm2.weight", (768,)), ("layer_norm2.bias", (768,)),
+]}
+
+
+@pytest.mark.parametrize("fmt, bits", [("tswitch", 1), ("sass", 1), ("sass", 4), ("indep", 2), ("ans", 1), ("ans", 8)])
+def test_header_is_at_most_1_percent_of_a_vit_b32_file_at_99_percent_sparsity(fmt, bits):
+    rng = np.random.default_rng(0)
+    items = {}
+    for name, shape in VIT_LAYER.items():
+        tau = rng.standard_t(3, size=shape).astype(np.float32)
+        mask = np.abs(tau) > np.quantile(np.abs(tau), 0.99)
+        items[name] = (C.tswitch_from_task_vector(tau, mask, fmt) if bits == 1
+                       else C.quantized_from_task_vector(tau, mask, bits, fmt))
+    blob = K.encode_tensors(items, {"content": "t-switch/switches"})
+    header_bytes = 20 + struct.unpack_from("<I", blob, 12)[0]
+    payload_bytes = sum(len(C.encode_payload(ct)[0]) for ct in items.values())
+    assert len(blob) == header_bytes + payload_bytes
+    assert header_bytes <= 0.01 * len(blob)
 
 
 # --------------------------------------------------------------------------- what a writer may not store
@@ -191,7 +258,8 @@ def test_flipped_metadata_byte_is_a_header_checksum_mismatch(tmp_path):
     path = tmp_path / "tv.mbc"
     K.write_artifact(path, _artifact(), METADATA)
     data = bytearray(path.read_bytes())
-    data[data.index(b'"mnist"') + 2] ^= 0x01
+    hlen = struct.unpack_from("<I", data, 12)[0]
+    data[20 + hlen // 2] ^= 0x01
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptArtifactError, match=r"tv\.mbc: header checksum mismatch"):
         K.read_artifact(path)
@@ -206,7 +274,7 @@ def test_truncated_file_names_file_and_says_truncated(tmp_path):
         with pytest.raises(CorruptArtifactError, match=r"tv\.mbc.*truncated"):
             K.read_artifact(path)
     path.write_bytes(data[:-1])
-    with pytest.raises(CorruptArtifactError, match=r"payload of tensor 'i' is cut off"):  # the last payload
+    with pytest.raises(CorruptArtifactError, match=r"payload of tensor 'e' is cut off"):  # the last payload
         K.read_artifact(path)
 
 
@@ -224,31 +292,55 @@ def test_wrong_magic_version_and_trailing_bytes(tmp_path):
         K.decode_tensors(data[:30] + bytes([data[30] ^ 1]) + data[31:])
 
 
-@pytest.mark.parametrize("name, field, value, message", [
+INCONSISTENT = [
     ("c", "shape", [3, 4], "indep payload"),  # a codec payload that no longer fits its shape
+    ("e", "shape", [9, 8], "ans|padding|stream"),
     ("f", "shape", [4, 4], "48 payload bytes for 16 float32 elements"),
     ("f", "dtype", "float64", "48 payload bytes for 12 float64 elements"),
     ("f", "dtype", "object", "unknown dense dtype 'object'"),
     ("m", "shape", [17], "2 payload bytes for 17 bit-packed bools"),
     ("m", "shape", [9], "non-zero padding bits"),
+    ("a", "name", "b", "duplicate tensor name"),
+    ("b", "bits", 5, "SASS stream length"),
+]
+JSON_ONLY = [  # not representable in a version-3 table (kinds are codes, offsets follow from lengths)
     ("i", "kind", "pickle", "unknown entry kind 'pickle'"),
     ("i", "offset", 0, "does not follow the previous payload"),
-    ("a", "name", "b", "duplicate tensor name"),
-])
-def test_consistent_checksums_but_inconsistent_header_names_the_tensor(name, field, value, message):
+]
+
+
+@pytest.mark.parametrize("version, name, field, value, message",
+                         [(3, *case) for case in INCONSISTENT] + [(2, *case) for case in INCONSISTENT + JSON_ONLY])
+def test_consistent_checksums_but_inconsistent_header_names_the_tensor(version, name, field, value, message):
     data = K.encode_tensors(_artifact(), METADATA)
     _, header = _header(data)
+    header["version"] = version
     for e in header["tensors"]:
         if e["name"] == name:
             e[field] = value
+            if version == 2 and e["kind"] == "codec":
+                ct = _artifact()[name]
+                e.update(sparsity=ct.sparsity, n_kept=ct.n_kept, group_size=ct.group_size)
     label = "b" if field == "name" else name
-    with pytest.raises(CorruptArtifactError, match=rf"<bytes>: tensor '{label}': .*{message}"):
-        K.decode_tensors(_with_header(data, header))
+    with pytest.raises(CorruptArtifactError, match=rf"<bytes>: tensor '{label}': .*({message})"):
+        K.decode_tensors(_with_header(data, header, version))
+
+
+def test_a_version_3_table_that_does_not_parse_is_malformed():
+    data = K.encode_tensors(_artifact(), METADATA)
+    start, header = _header(data)
+    table = zlib.decompress(data[20:start])
+    for bad in (zlib.compress(table[:-3]), zlib.compress(table + b"\0"), b"not zlib",
+                zlib.compress(table.replace(bytes([len("a")]) + b"a\x01", bytes([len("a")]) + b"a\x07", 1))):
+        blob = struct.pack("<8sIII", K.MAGIC, 3, len(bad), zlib.crc32(bad)) + bad + data[start:]
+        with pytest.raises(CorruptArtifactError, match="<bytes>: malformed header"):
+            K.decode_tensors(blob)
 
 
 def test_header_that_contradicts_its_version_or_lacks_metadata_is_malformed():
     data = K.encode_tensors(_artifact(), METADATA)
     _, header = _header(data)
+    header["version"] = 2
     with pytest.raises(CorruptArtifactError, match="malformed header"):
         K.decode_tensors(_with_header(data, header, version=1))
     del header["metadata"]
