@@ -98,10 +98,10 @@ def test_shared_expert_is_task_arithmetic_with_lambda_0_3(pool):
 
 
 def test_full_rank_experts_reconstruct_finetuned_minus_shared(pool):
-    shared, artifacts = make_method("twin-merging", {"rank": 4}).build(pool)
+    shared, artifacts = make_method("twin-merging", {"rank": 4, "rank_rule": "fixed"}).build(pool)
     for task in pool.tasks:
         factors = decode_experts(artifacts[experts_artifact(task)], task)
-        assert sorted(factors) == LINEAR  # biases: no expert
+        assert sorted(factors) == LINEAR  # biases are not fine-tuned here: no expert
         for key in LINEAR:
             u, s, v = factors[key]
             expected = pool.finetuned(task, key) - shared[key]
@@ -110,7 +110,7 @@ def test_full_rank_experts_reconstruct_finetuned_minus_shared(pool):
 
 def test_one_hot_full_rank_equals_the_finetuned_model(pool):
     # biases are not fine-tuned in this pool, so theta_s + expert_k is exactly theta_k
-    shared, artifacts = make_method("twin-merging", {"rank": 4}).build(pool)
+    shared, artifacts = make_method("twin-merging", {"rank": 4, "rank_rule": "fixed"}).build(pool)
     merged = TwinMerged(pool, shared, artifacts)
     x = torch.randn(5, 4, generator=torch.Generator().manual_seed(2))
     for k, task in enumerate(pool.tasks):
@@ -122,16 +122,20 @@ def test_one_hot_full_rank_equals_the_finetuned_model(pool):
         assert torch.allclose(merged.predict(task, {"x": x}), finetuned(x), atol=1e-5)  # no router: oracle
 
 
+@pytest.mark.parametrize("scope", ["linear", "all-2d"])
 @pytest.mark.parametrize("shape", [(2, 4), (2, 3, 4)])
-def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
+def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape, scope):
     pretrained, finetuned = states(bias_changes=True)
     with ModelPool(LinearBackbone(tmp_path, pretrained, finetuned)) as pool:
-        shared, artifacts = make_method("twin-merging", {"rank": 2}).build(pool)  # truncated experts
+        method = make_method("twin-merging", {"rank": 2, "rank_rule": "fixed", "scope": scope})
+        shared, artifacts = method.build(pool)  # truncated experts
         merged = TwinMerged(pool, shared, artifacts)
         weights = torch.tensor([[0.7, 0.3], [0.1, 0.9]])
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
         out = merged.features({"x": x}, weights)
         decoded = [decode_tensors(artifacts[experts_artifact(t)]) for t in pool.tasks]
+        biases = ["net.0.bias", "net.2.bias"] if scope == "all-2d" else []
+        assert sorted(decoded[0]) == sorted([f"{k}.{p}" for k in LINEAR for p in "USV"] + [f"{k}.D" for k in biases])
         for b in range(2):
             params = dict(shared)
             for key in LINEAR:
@@ -139,6 +143,9 @@ def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
                     weights[b, k] * d[f"{key}.U"] @ torch.diag(d[f"{key}.S"]) @ d[f"{key}.V"].T
                     for k, d in enumerate(decoded)
                 )
+            for key in biases:  # dense experts: exactly theta_k - theta_s
+                params[key] = shared[key] + sum(weights[b, k] * (pool.finetuned(t, key) - shared[key])
+                                                for k, t in enumerate(pool.tasks))
             reference = functional_call(LinearEncoder(), params, (x[b : b + 1],))  # fresh, hook-free
             assert torch.allclose(out[b : b + 1], reference, atol=1e-5)
         assert merged._weights is None  # hooks are inactive outside a composed forward
@@ -147,7 +154,7 @@ def test_hooks_equal_per_sample_materialised_weights(tmp_path, shape):
 
 def test_router_separates_two_clusters(pool):
     exemplars = clusters()
-    merged = make_method("twin-merging", {"exemplars": 20, "router_steps": 200, "router_lr": 1e-2}).merge(pool, exemplars)
+    merged = make_method("twin-merging", {"exemplars": 20, "router_epochs": 200, "router_lr": 1e-2}).merge(pool, exemplars)
     for k, task in enumerate(pool.tasks):
         probe = clusters(n=10)[task]  # points drawn around the same centres
         weights = merged.routing_weights(task, probe)
@@ -161,13 +168,13 @@ def test_router_separates_two_clusters(pool):
 
 def test_router_training_is_seeded(pool):
     exemplars = clusters()
-    a = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
-    b = make_method("twin-merging", {"router_steps": 20}, seed=5).merge(pool, exemplars)
+    a = make_method("twin-merging", {"router_epochs": 20}, seed=5).merge(pool, exemplars)
+    b = make_method("twin-merging", {"router_epochs": 20}, seed=5).merge(pool, exemplars)
     assert a.artifacts()["router.mbc"] == b.artifacts()["router.mbc"]
 
 
 def test_shared_router_features_route_too(pool):
-    merged = make_method("twin-merging", {"router_steps": 200, "router_lr": 1e-2, "router_features": "shared"}).merge(
+    merged = make_method("twin-merging", {"router_epochs": 200, "router_lr": 1e-2, "router_features": "shared"}).merge(
         pool, clusters())
     assert merged.feature_encoder is None
     weights = merged.routing_weights("t1", {"x": torch.tensor([[-2.0] * 4, [2.0] * 4])})
@@ -175,7 +182,7 @@ def test_shared_router_features_route_too(pool):
 
 
 def test_storage_is_the_artifacts_bytes(pool):
-    merged = make_method("twin-merging", {"rank": 2, "router_steps": 5}).merge(pool, clusters())
+    merged = make_method("twin-merging", {"rank": 2, "rank_rule": "fixed", "router_epochs": 5}).merge(pool, clusters())
     artifacts = merged.artifacts()
     assert set(artifacts) == {"shared.mbc", "t1.experts.mbc", "t2.experts.mbc", "router.mbc"}
     assert merged.storage_bytes() == sum(len(a) for a in artifacts.values())
@@ -205,7 +212,7 @@ def test_ties_shared_expert(pool):
 
 
 def test_router_and_experts_are_read_back_from_their_checked_containers(pool):
-    merged = make_method("twin-merging", {"rank": 2, "router_steps": 5}).merge(pool, clusters())
+    merged = make_method("twin-merging", {"rank": 2, "rank_rule": "fixed", "router_epochs": 5}).merge(pool, clusters())
     artifacts = merged.artifacts()
     router = decode_router(artifacts["router.mbc"], pool.tasks)
     assert not router.training and not merged.router.training
@@ -226,9 +233,156 @@ def test_router_and_experts_are_read_back_from_their_checked_containers(pool):
     swapped = {**artifacts, "t2.experts.mbc": artifacts["t1.experts.mbc"]}
     with pytest.raises(CorruptArtifactError, match=r"t2\.experts\.mbc: holds the experts of task 't1'"):
         TwinMerged(pool, shared, swapped)
-    _, rank_one = make_method("twin-merging", {"rank": 1}).build(pool)
+    _, rank_one = make_method("twin-merging", {"rank": 1, "rank_rule": "fixed"}).build(pool)
     with pytest.raises(CorruptArtifactError, match=r"t2\.experts\.mbc: tensor 'net\.0\.weight\.U': U, S, V of shapes "
                                                    r"\[\[4, 1\], \[1\], \[4, 1\]\], t1\.experts\.mbc has \[\[4, 2\]"):
         TwinMerged(pool, shared, {**artifacts, "t2.experts.mbc": rank_one["t2.experts.mbc"]})
     with pytest.raises(CorruptArtifactError, match=r"missing Twin-Merging artifact t1\.experts\.mbc"):
         TwinMerged(pool, shared, {k: v for k, v in artifacts.items() if k != "t1.experts.mbc"})
+
+
+# --------------------------------------------------------------------------- rank rule, scope, schedule
+
+
+class MixedEncoder(nn.Module):
+    """Token ids -> Embedding (12x20) -> Linear 20->30 -> LayerNorm -> tanh -> Linear 30->20,
+    times a bare (4, 5) gate (no hook composes it: materialised per sample), mean over tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 20)
+        self.up = nn.Linear(20, 30)
+        self.norm = nn.LayerNorm(30)
+        self.down = nn.Linear(30, 20)
+        self.gate = nn.Parameter(torch.ones(4, 5))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.down(torch.tanh(self.norm(self.up(self.emb(x)))))
+        return (h * self.gate.reshape(-1)).mean(1)
+
+
+class MixedBackbone(StubBackbone):
+    def __init__(self, root, pretrained, finetuned):
+        super().__init__(root, pretrained, finetuned, FourFeatureData())
+
+    def build_encoder(self):
+        return MixedEncoder()
+
+
+@pytest.fixture
+def mixed_pool(tmp_path):
+    generator = torch.Generator().manual_seed(4)
+    base = {k: v for k, v in MixedEncoder().state_dict().items() if v.is_floating_point()}
+    pretrained = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    finetuned = {task: {k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+                 for task in ("t1", "t2", "t3")}
+    with ModelPool(MixedBackbone(tmp_path, pretrained, finetuned)) as pool:
+        yield pool
+
+
+def entry_shapes(artifacts, task="t1"):
+    return {key: tuple(value.shape) for key, value in decode_tensors(artifacts[experts_artifact(task)]).items()}
+
+
+@pytest.mark.parametrize("hparams, ranks", [
+    ({}, {"emb.weight": 1, "up.weight": 2, "down.weight": 2}),  # int(0.1 x min): 12 -> 1, 20 -> 2; gate 4 -> 0
+    ({"rank_ratio": 0.5}, {"emb.weight": 6, "up.weight": 10, "down.weight": 10, "gate": 2}),
+    ({"rank_rule": "fixed", "rank": 3}, {"emb.weight": 3, "up.weight": 3, "down.weight": 3, "gate": 3}),
+    ({"rank_rule": "fixed", "rank": 16}, {"emb.weight": 12, "up.weight": 16, "down.weight": 16, "gate": 4}),
+])
+def test_rank_rule_sets_the_stored_factor_shapes(mixed_pool, hparams, ranks):
+    _, artifacts = make_method("twin-merging", hparams).build(mixed_pool)
+    shapes = entry_shapes(artifacts)
+    rows_cols = {"emb.weight": (12, 20), "up.weight": (30, 20), "down.weight": (20, 30), "gate": (4, 5)}
+    for key, (rows, cols) in rows_cols.items():
+        if key not in ranks:
+            assert not any(entry.startswith(key + ".") for entry in shapes)  # rank 0: no expert
+            continue
+        r = ranks[key]
+        assert (shapes[f"{key}.U"], shapes[f"{key}.S"], shapes[f"{key}.V"]) == ((rows, r), (r,), (cols, r))
+    # all-2d: the 1-D tensors (biases, LayerNorm) are dense experts
+    for key, size in {"up.bias": 30, "norm.weight": 30, "norm.bias": 30, "down.bias": 20}.items():
+        assert shapes[f"{key}.D"] == (size,)
+
+
+def test_scope_linear_keeps_only_linear_weights(mixed_pool):
+    _, artifacts = make_method("twin-merging", {"scope": "linear", "rank_rule": "fixed", "rank": 2}).build(mixed_pool)
+    assert sorted(entry_shapes(artifacts)) == sorted(f"{k}.{p}" for k in ("down.weight", "up.weight") for p in "USV")
+
+
+def test_defaults_are_the_authors_rank_rule_and_scope():
+    d = TwinMerging.defaults()
+    assert (d["rank_rule"], d["rank_ratio"], d["scope"], d["rank"]) == ("ratio", 0.1, "all-2d", 16)
+    assert (d["router_epochs"], d["router_lr"], d["router_batch_size"], d["router_lr_decay"]) == (10, 1e-3, 1024, True)
+    assert "router_steps" not in d
+
+
+def test_all_2d_composition_equals_materialised_weights(mixed_pool):
+    """Embedding, Linear (weight and bias) and LayerNorm hooks plus the per-sample gate, against
+    theta_s + sum_k w_k E_k materialised from the stored entries for each sample."""
+    shared, artifacts = make_method("twin-merging", {"rank_ratio": 0.5}).build(mixed_pool)
+    merged = TwinMerged(mixed_pool, shared, artifacts)
+    assert merged.materialised_keys == ["gate"]
+    weights = torch.tensor([[0.6, 0.3, 0.1], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]])
+    x = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(5))
+    out = merged.features({"x": x}, weights)
+    decoded = [decode_tensors(artifacts[experts_artifact(t)]) for t in mixed_pool.tasks]
+    keys = {entry.rsplit(".", 1)[0] for entry in decoded[0]}
+    for b in range(3):
+        params = dict(shared)
+        for key in keys:
+            for k, d in enumerate(decoded):
+                if f"{key}.D" in d:
+                    expert = d[f"{key}.D"]
+                else:
+                    expert = d[f"{key}.U"] @ torch.diag(d[f"{key}.S"]) @ d[f"{key}.V"].T
+                params[key] = params[key] + weights[b, k] * expert.reshape(shared[key].shape)
+        reference = functional_call(MixedEncoder(), params, (x[b : b + 1],))
+        assert torch.allclose(out[b : b + 1], reference, atol=1e-5)
+
+
+def test_full_rank_one_hot_is_the_finetuned_model(mixed_pool):
+    shared, artifacts = make_method("twin-merging", {"rank_ratio": 1.0}).build(mixed_pool)
+    merged = TwinMerged(mixed_pool, shared, artifacts)
+    x = torch.randint(0, 12, (2, 5), generator=torch.Generator().manual_seed(6))
+    for k, task in enumerate(mixed_pool.tasks):
+        finetuned = MixedEncoder()
+        finetuned.load_state_dict(mixed_pool.finetuned_state(task))
+        weights = torch.zeros(2, 3)
+        weights[:, k] = 1.0
+        assert torch.allclose(merged.features({"x": x}, weights), finetuned(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("n, batch, epochs, per_epoch", [(20, 16, 3, 3), (20, 1024, 4, 1), (20, 13, 2, 3)])
+def test_router_schedule_steps_and_linear_decay(pool, monkeypatch, n, batch, epochs, per_epoch):
+    """epochs x ceil(N K / batch) Adam steps (2 x 20 = 40 features; with batch 13 the last
+    batch of one is dropped), the learning rate decaying linearly to 0 (HF Trainer)."""
+    rates = []
+    step = torch.optim.Adam.step
+
+    def counting(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    lr = 1e-3
+    make_method("twin-merging", {"exemplars": n, "router_epochs": epochs, "router_batch_size": batch,
+                                 "router_lr": lr}).merge(pool, clusters(n))
+    total = epochs * per_epoch
+    assert len(rates) == total
+    assert rates == pytest.approx([lr * (total - i) / total for i in range(total)])
+
+
+def test_router_lr_decay_off_keeps_the_rate(pool, monkeypatch):
+    rates = []
+    step = torch.optim.Adam.step
+
+    def counting(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counting)
+    make_method("twin-merging", {"router_epochs": 3, "router_batch_size": 16, "router_lr_decay": False}).merge(
+        pool, clusters(20))
+    assert rates == [1e-3] * 9
