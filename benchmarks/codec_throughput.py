@@ -1,14 +1,22 @@
-"""Throughput and size of the storage codecs on one ViT-B/32-sized MLP weight.
+"""Throughput and size of the storage codecs on one ViT-B/32-sized MLP weight, and the
+container header's share of a whole ViT-B/32 task vector's file.
 
 For a 768 x 3072 (2,359,296-element) tensor of heavy-tailed (Student-t) values and
 a magnitude mask (P-Spar) of sparsity alpha, times encoding (compress the dense
 task vector, then serialise to an artifact) and decoding (parse the artifact, then
 rebuild the dense float32 tensor), and reports the measured bits per element next
 to the closed forms (Eq. 16 for SASS, (b + 1) for Indep, 1 + (1 - alpha) for
-T-Switch) and the entropy bound H(1 - alpha) + (1 - alpha) b of an i.i.d. mask plus
-b-bit values (*vs entropy*: measured / bound).
+T-Switch), the entropy bound H(1 - alpha) + (1 - alpha) b of an i.i.d. mask plus
+b-bit values (*vs entropy*: measured / bound) and the empirical i.i.d. bound
+n H(1 - alpha) + K H(codes) with the codes' own histogram (*vs i.i.d. emp.*), the
+least an order-0 coder of mask and values can reach (``codecs.entropy_bounds``).
 
-    OMP_NUM_THREADS=1 python benchmarks/codec_throughput.py [--clock cpu|wall] [--output codecs.md]
+The second table writes a whole synthetic ViT-B/32 task vector (every tensor of the
+CLIP vision tower, i.i.d. Student-t, magnitude mask per tensor) in each format and
+reports the container header's bytes and share of the file, for the version-3 binary
+header and for the version-2 JSON header the same entries would have had.
+
+    python benchmarks/codec_throughput.py [--clock cpu|wall] [--output codecs.md] [--no-vit-file]
 """
 from __future__ import annotations
 
@@ -18,9 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from tabulate import tabulate
 
 from mergebench import codecs as C
+from mergebench import container as K
 from mergebench.sparsify import magnitude_mask
 
 CONFIGS = [  # (label, format, bits, quant)
@@ -29,6 +39,10 @@ CONFIGS = [  # (label, format, bits, quant)
     ("indep b=4", "indep", 4, "bas"),
     ("sass b=1 (sign)", "sass", 1, "sign"),
     ("sass b=4", "sass", 4, "bas"),
+    ("ans b=1 (sign)", "ans", 1, "sign"),
+    ("ans b=2", "ans", 2, "bas"),
+    ("ans b=4", "ans", 4, "bas"),
+    ("ans b=8", "ans", 8, "bas"),
 ]
 
 
@@ -67,10 +81,14 @@ def run(rows: int, cols: int, alphas: list[float], repeat: int, seed: int, df: f
                 raise AssertionError(f"{label} alpha={alpha}: round trip is not exact")
             _, nbits = C.encode_payload(ct)
             a = ct.sparsity
+            bounds = C.entropy_bounds(ct.mask, ct.codes, ct.shape, bits)
+            iid = bounds["mask_iid"] + bounds["values_iid"]
             if fmt == "sass":
                 formula = C.sass_bits_eq16(n, alpha, bits, C.choose_group_size(n, alpha))
             elif fmt == "indep":
                 formula = C.indep_bits(n, bits)
+            elif fmt == "ans":
+                formula = iid
             else:
                 formula = C.tswitch_bits(n, round(n * (1 - alpha)))
             results.append({
@@ -80,9 +98,42 @@ def run(rows: int, cols: int, alphas: list[float], repeat: int, seed: int, df: f
                 "bits/elem": nbits / n, "formula bits/elem": formula / n,
                 "entropy bits/elem": C.entropy_bound_bits(n, a, bits) / n,
                 "vs entropy": nbits / C.entropy_bound_bits(n, a, bits),
+                "iid emp. bits/elem": iid / n, "vs iid emp.": nbits / iid,
                 "artifact bytes": len(blob), "ratio vs fp32": tau.nbytes / len(blob),
             })
     return results
+
+
+def vit_file(alpha: float, seed: int, df: float) -> list[dict]:
+    """Header bytes of a whole ViT-B/32 task vector's file in each format (version 3, and the
+    version-2 JSON header of the same entries)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            image_size=224, patch_size=32)).state_dict().items()}
+    rows = []
+    for label, fmt, bits, quant in [c for c in CONFIGS if c[1] in ("tswitch", "sass", "ans")]:
+        rng = np.random.default_rng(seed)
+        tensors = {}
+        for name, shape in shapes.items():
+            tau = (1e-3 * rng.standard_t(df, size=shape)).astype(np.float32)
+            mask = magnitude_mask(tau, alpha)
+            tensors[name] = (C.tswitch_from_task_vector(tau, mask, fmt=fmt) if quant == "sign"
+                             else C.quantized_from_task_vector(tau, mask, bits, fmt=fmt))
+        blob = K.encode_tensors(tensors, {"content": "t-switch/switches"})
+        header = K.parse_header(blob)
+        for e in header["tensors"]:  # what version 2 also stated per codec entry
+            ct = tensors[e["name"]]
+            e.update(sparsity=ct.sparsity, n_kept=ct.n_kept, group_size=ct.group_size)
+        v3 = len(blob) - header["payload_bytes"]  # preamble + header table
+        v2 = len(K.pack_container(header, [], 2))
+        payload = header["payload_bytes"]
+        rows.append({"format": label, "alpha": alpha, "tensors": len(tensors), "payload bytes": payload,
+                     "v3 header bytes": v3, "v3 header share %": 100 * v3 / (payload + v3),
+                     "v2 JSON header bytes": v2, "v2 header share %": 100 * v2 / (payload + v2)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,17 +147,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clock", choices=list(CLOCKS), default="cpu",
                     help="cpu: process time (one thread: the wall time of an idle machine, robust to other jobs); wall")
     ap.add_argument("--output", type=Path, help="also write the table as markdown to this file")
+    ap.add_argument("--vit-alpha", type=float, default=0.99, help="sparsity of the whole ViT-B/32 file")
+    ap.add_argument("--no-vit-file", action="store_true", help="skip the whole ViT-B/32 file (header share)")
     args = ap.parse_args(argv)
     global clock
     clock = CLOCKS[args.clock]
+    torch.set_num_threads(1)
     res = run(args.rows, args.cols, args.alphas, args.repeat, args.seed, args.df)
     title = (f"Codec throughput: {args.rows}x{args.cols} fp32 Student-t(df={args.df}) tensor, "
-             f"magnitude mask, median of {args.repeat} ({args.clock} time); formula = Eq. 16 (sass), (b+1) (indep), "
-             f"1 + (1 - alpha) (tswitch)")
-    print(title)
-    print(tabulate(res, headers="keys", floatfmt=".3f", tablefmt="github"))
+             f"magnitude mask, median of {args.repeat} ({args.clock} time, one thread); formula = Eq. 16 (sass), "
+             f"(b+1) (indep), 1 + (1 - alpha) (tswitch), the empirical i.i.d. bound (ans)")
+    text = f"{title}\n\n{tabulate(res, headers='keys', floatfmt='.3f', tablefmt='github')}\n"
+    if not args.no_vit_file:
+        vit = vit_file(args.vit_alpha, args.seed, args.df)
+        text += (f"\nContainer header of a whole synthetic ViT-B/32 task vector at alpha = {args.vit_alpha}\n\n"
+                 f"{tabulate(vit, headers='keys', floatfmt='.3f', tablefmt='github')}\n")
+    print(text)
     if args.output:
-        args.output.write_text(f"{title}\n\n{tabulate(res, headers='keys', floatfmt='.3f', tablefmt='github')}\n")
+        args.output.write_text(text)
 
 
 if __name__ == "__main__":

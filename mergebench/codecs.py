@@ -763,9 +763,9 @@ def _value_symbols(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.frombuffer(pack_codes(codes, bits), dtype=np.uint8).astype(np.int32)
 
 
-def _quantised_freq(codes: np.ndarray, bits: int) -> np.ndarray:
+def _quantised_freq(counts: np.ndarray) -> np.ndarray:
     """Code counts scaled to at most 65535 (every used code keeps a frequency >= 1)."""
-    counts = np.bincount(codes, minlength=1 << bits).astype(np.float64)
+    counts = counts.astype(np.float64)
     scale = min(1.0, _FREQ_MAX / counts.max())
     return np.where(counts > 0, np.maximum(1, np.rint(counts * scale)), 0).astype(np.uint16)
 
@@ -803,8 +803,8 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
     k = codes.size
     raw, freq = True, None
     if k:
-        freq = _quantised_freq(codes, bits)
         counts = np.bincount(codes, minlength=1 << bits)
+        freq = _quantised_freq(counts)
         coded = float(_xlog2(counts, freq / float(freq.sum())).sum()) + (1 << bits) + 16 * np.count_nonzero(freq)
         raw = coded >= k * bits
     flags = (_ANS_FLAG_COLUMNS if orient else 0) | (j << 1) | (_ANS_FLAG_RAW_VALUES if raw else 0)

@@ -5,6 +5,10 @@ sign, as the paper's Fig. 12 measures Auto-Switch; b > 1: BAS codes, Eq. 13), an
 written as a real SASS artifact (``mergebench.codecs``). The file size is set
 beside Eq. 16 (evaluated at the nominal alpha with the group size of Eq. 17,
 summed over tensors), Indep ((b + 1) n), the T-Switch layout (n + K) and fp32.
+The same switches are also written in the entropy-coded ``ans`` format and set
+beside the empirical entropy bounds of mask + values under each model
+(``codecs.entropy_bounds``: i.i.d., per-row and per-column keep rates, neighbour
+context), which says how much structure beyond i.i.d. the masks have.
 No model is evaluated, so this analysis takes seconds.
 """
 from __future__ import annotations
@@ -15,8 +19,8 @@ from tqdm.auto import tqdm
 
 from mergebench.analysis.options import AnalysisOptions
 from mergebench.analysis.report import Report, markdown_table
-from mergebench.codecs import (choose_group_size, encode_payload, encode_tensors, entropy_bound_bits, indep_bits, quantized_from_task_vector,
-                               sass_bits_eq16, tswitch_bits, tswitch_from_task_vector)
+from mergebench.codecs import (choose_group_size, encode_payload, encode_tensors, entropy_bound_bits, entropy_bounds, indep_bits,
+                               quantized_from_task_vector, sass_bits_eq16, tswitch_bits, tswitch_from_task_vector)
 from mergebench.pool import ModelPool
 from mergebench.sparsify import pulse_mask
 
@@ -38,7 +42,18 @@ def measure(pool: ModelPool, task: str, alphas, bits_list) -> dict:
                        for key, tau in taus.items()}
             artifact = encode_tensors(tensors)
             payloads = [encode_payload(ct) for ct in tensors.values()]  # (bytes, measured bit length)
+            ans = {key: (tswitch_from_task_vector(tau, masks[key], fmt="ans") if bits == 1
+                         else quantized_from_task_vector(tau, masks[key], bits, fmt="ans"))
+                   for key, tau in taus.items()}
+            bounds: dict[str, float] = {}
+            for ct in ans.values():
+                for model, value in entropy_bounds(ct.mask, ct.codes, ct.shape, bits).items():
+                    bounds[model] = bounds.get(model, 0.0) + value
+            ans_file = len(encode_tensors(ans))
             out["rows"].append({
+                "ans_file": ans_file,
+                "ans_payload_bits": sum(ct.payload_bits for ct in ans.values()),
+                **{f"bound_{model}_bits": value for model, value in bounds.items()},
                 "alpha": alpha, "bits": bits, "kept": kept,
                 "file": len(artifact),
                 "payload": sum(len(data) for data, _ in payloads),
@@ -84,8 +99,8 @@ def run(backbone, options: AnalysisOptions) -> list:
     report.intro = (
         f"Per task vector (mean over the {len(tasks)} tasks; {elements / 1e6:.2f} M changed entries each, fp32 "
         f"{fp32 / MB:.2f} MB): P-Spar at alpha, kept values at b bits (b = 1: T-Switch signs and one knob per tensor; "
-        f"b > 1: BAS codes), written as one SASS artifact. *SASS file* is the artifact's size (payloads plus the JSON "
-        f"header with per-tensor parameters and checksums); *Eq. 16* sums the closed form over tensors at the nominal "
+        f"b > 1: BAS codes), written as one SASS artifact. *SASS file* is the artifact's size (payloads plus the "
+        f"container header with per-tensor parameters and checksums); *Eq. 16* sums the closed form over tensors at the nominal "
         f"alpha with c from Eq. 17 (c shown for the largest tensor, {largest:,} entries); *header* is the file minus its "
         f"payloads; *stream / Eq. 16 (actual)* divides the "
         f"measured bitstream lengths by Eq. 16 at each tensor's actual sparsity; *entropy bound* is "
@@ -102,6 +117,29 @@ def run(backbone, options: AnalysisOptions) -> list:
             f"- b = {bits}: the SASS file is smaller than Indep at alpha = {', '.join(f'{a:g}' for a in smaller) or 'none'}; "
             f"at alpha = {last:g} it is {mean('file', last, bits) / MB:.3f} MB ({fp32 / mean('file', last, bits):.0f}x less "
             f"than fp32), {100 * (mean('file', last, bits) / (mean('eq16_bits', last, bits) / 8) - 1):+.1f}% from Eq. 16.")
+    ans_rows = []
+    for bits in bits_list:
+        for alpha in alphas:
+            iid = mean("bound_mask_iid_bits", alpha, bits) + mean("bound_values_iid_bits", alpha, bits)
+            ans_file = mean("ans_file", alpha, bits)
+            ans_rows.append([bits, f"{alpha:g}", f"{ans_file / MB:.4f}", f"{(ans_file - mean('ans_payload_bits', alpha, bits) / 8) / 1e3:.2f}",
+                             f"{iid / 8 / MB:.4f}", f"{8 * ans_file / iid:.3f}",
+                             f"{mean('ans_payload_bits', alpha, bits) / iid:.3f}",
+                             *(f"{(mean(f'bound_mask_{m}_bits', alpha, bits) + mean('bound_values_iid_bits', alpha, bits)) / iid:.3f}"
+                               for m in ("rows", "columns", "context")),
+                             f"{mean('bound_values_rows_bits', alpha, bits) / max(mean('bound_values_iid_bits', alpha, bits), 1e-9):.3f}",
+                             f"{mean('bound_values_uniform_bits', alpha, bits) / max(mean('bound_values_iid_bits', alpha, bits), 1e-9):.3f}",
+                             f"{mean('file', alpha, bits) / ans_file:.2f}x"])
+    report.add("Entropy-coded (ans) against the bounds", (
+        "The same switches in the `ans` format (mask and value codes entropy-coded, per-line keep-rate buckets when "
+        "cheaper). *i.i.d. bound*: n H(K/n) + K H(codes) per tensor (empirical, its parameters free); *file / bound* "
+        "includes the container header, *payload / bound* not; *rows*, *columns*, *context*: the bound of mask + values "
+        "with the mask modelled by per-row or per-column keep rates or by its left and upper neighbours, over the i.i.d. "
+        "bound (below 1: structure an adaptive model can use; the per-line bounds leave out the per-line rates a file "
+        "must store); *values rows*: the per-row code entropy over the i.i.d. one (signs at b = 1; many rows hold few "
+        "codes, so this empirical figure is optimistic); *b / H(codes)*: b bits a value over the codes' entropy.\n\n"
+        + markdown_table(["b", "alpha", "ans file", "header (kB)", "i.i.d. bound", "file / bound", "payload / bound",
+                          "rows", "columns", "context", "values rows", "b / H(codes)", "SASS file / ans file"], ans_rows)))
     report.add("Findings", "\n".join(findings))
     report.raw = {"backbone": backbone.name, "alphas": list(alphas), "bits": list(bits_list), "tasks": measured}
 
