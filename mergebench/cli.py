@@ -63,6 +63,7 @@ def method_names(text: str) -> list[str]:
 
 def command_run(args: argparse.Namespace) -> int:
     from mergebench.errors import HyperparameterError, NotApplicableError, ResultsWriteError
+    from mergebench.protocols import get_protocol
     from mergebench.registry import BACKBONES
     from mergebench.results import append_result, check_writable
     from mergebench.runner import check_batch_size, check_seed, execute, resolve
@@ -73,6 +74,7 @@ def command_run(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_batch_size(args.batch_size)
     BACKBONES.get(args.backbone)  # an unknown backbone is named before any hyperparameter
+    protocol = get_protocol(args.protocol)
     overrides = parse_hyperparameters(args.hp)
     per_method = {name: hyperparameters_for(name, overrides, several=len(methods) > 1) for name in methods}
     unused = set(overrides) - {key for chosen in per_method.values() for key in chosen}
@@ -83,7 +85,7 @@ def command_run(args: argparse.Namespace) -> int:
         try:
             plans.append(resolve(name, args.backbone, seed=args.seed, hyperparameters=per_method[name],
                                  batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir,
-                                 device=args.device, precision=args.precision))
+                                 device=args.device, precision=args.precision, protocol=protocol))
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
     if not plans:
@@ -154,7 +156,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     skipped: list[str] = []
     configurations = plan_sweep(method_names(args.method), name_list(args.backbone), list(args.seed), grid,
                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
-                                data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped)
+                                data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped,
+                                protocols=name_list(args.protocol))
     for message in skipped:
         print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
     if args.select_on is not None:  # one record per (method, backbone, seed): the point best on validation
@@ -217,6 +220,9 @@ def suite_backbones(suite) -> list[str]:
         missing = suite.missing(BACKBONES.get(name))
         names.append(f"{name} (no {', '.join(missing)})" if missing else name)
     return names
+    if args.protocol:
+        print(protocol_table(args.protocol, [args.method] if args.method else None))
+        return 0
 
 
 def command_prepare(args: argparse.Namespace) -> int:
@@ -232,9 +238,42 @@ def command_prepare(args: argparse.Namespace) -> int:
                 command = ["sudo", *command]
             print("+ " + shlex.join(command), file=sys.stderr)
             subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    print("\n" + protocols_listing())
     backbone = backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
     backbone.prepare_device = device
     prepare_checkpoints(backbone, force=args.force)
+def protocols_listing() -> str:
+    """Each protocol's name and what it is (``mergebench list --protocol NAME``: its values)."""
+    from tabulate import tabulate
+
+    from mergebench.protocols import PROTOCOLS
+
+    rows = [[p.name, p.description] for p in PROTOCOLS.values()]
+    return ("Protocols (run/sweep --protocol NAME; default original; `mergebench list --protocol NAME` shows its "
+            "values and sources)\n" + tabulate(rows, headers=["protocol", "description"]))
+
+
+def protocol_table(name: str, methods: list[str] | None = None) -> str:
+    """One protocol's value and source of every hyperparameter of every method (or of ``methods``),
+    and its evaluation details."""
+    from tabulate import tabulate
+
+    from mergebench.protocols import get_protocol, sources
+    from mergebench.registry import METHODS
+
+    protocol = get_protocol(name)
+    chosen = methods or METHODS.names()
+    rows = [[method, key, json.dumps(value), source]
+            for method in chosen for key, value, source in sources(protocol, method, METHODS.get(method).hyperparameters)]
+    text = f"Protocol {protocol.name}: {protocol.description}\n" + tabulate(
+        rows, headers=["method", "hyperparameter", "value", "source"], disable_numparse=True)
+    details = [[suite, f"the first {setting.value} test examples of each task", setting.source]
+               for suite, setting in protocol.test_examples.items()]
+    details.append(["any other suite" if details else "every suite", "every test example", "mergebench default"])
+    return text + "\n\nEvaluation\n" + tabulate(details, headers=["suite", "scored on", "source"],
+                                                  disable_numparse=True)
+
+
     print(f"{args.backbone}: ready")
     return 0
 
@@ -341,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--validation-seed", type=int, default=0,
                        help="seed of the validation split (default 0)")
     add_evaluation_options(sweep, "where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
+    run.add_argument("--protocol", default="original",
+                     help="the named published setting of hyperparameters and evaluation (default original; "
+                          "`mergebench list` names them); --hp overrides it and is recorded as an override")
     add_location_options(sweep)
     sweep.set_defaults(func=command_sweep)
 
@@ -374,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--rescale-random", action="store_true", help="pulse: C3 rescales by 1/(1 - alpha) as DARE")
     analyze.add_argument("--bits", type=int_list, default=(1,), help="sass: value bit-widths (default 1)")
     analyze.add_argument("--batch-size", type=int, default=64)
+    sweep.add_argument("--protocol", default="original",
+                       help="protocol names, separated by commas (default original); grid values override them")
     analyze.add_argument("--no-cache", action="store_true", help="evaluate every point again (no analysis cache)")
     analyze.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     analyze.add_argument("--results-dir", default="results", help="pareto: the result records to read")
@@ -391,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     from mergebench.errors import MergebenchError
 
     args = build_parser().parse_args(argv)
+    lst.add_argument("--protocol", help="this protocol's values and their sources (with --method: that method's)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as recorded by `analyze`
     try:
         return args.func(args)

@@ -25,9 +25,11 @@ from mergebench.errors import RecordError, ResultsWriteError
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # as mergebench.device names them (not imported: records load without torch)
 
-SCHEMA_VERSION = 3  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
-# fields a record of each older version lacks (a version-2 record ran on the CPU in float32)
-_ADDED_IN = {3: ("device", "precision")}
+SCHEMA_VERSION = 4  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
+# fields a record of each older version lacks (a version-2 record ran on the CPU in float32; one
+# before version 4 names no protocol, and the leaderboard says so rather than guess one)
+_ADDED_IN = {3: ("device", "precision"), 4: ("protocol", "overrides", "examples")}
+NO_PROTOCOL = "(no protocol recorded)"  # how a record that names no protocol is shown
 
 
 @dataclass
@@ -64,6 +66,11 @@ class Result:
     # how the hyperparameters were chosen, if tuned: {"on": "validation", "size", "seed", "grid",
     # "validation_average", "points"} (mergebench.selection); null when untuned, and records written before it may lack it
     selection: dict[str, Any] | None = None
+    # the named setting the run resolved its hyperparameters and evaluation under
+    # (mergebench.protocols); null in a record written before protocols, never guessed
+    protocol: str | None = None
+    overrides: list[str] = field(default_factory=list)  # hyperparameters set explicitly over the protocol
+    examples: dict[str, int] | None = None  # task -> test examples scored (null in records before version 4)
 
     def __post_init__(self) -> None:
         if self.training_seconds is None:
@@ -131,6 +138,30 @@ def _check_selection(selection: Any) -> None:
         _fail("selection.grid", f"{selection.get('grid')!r} is not an object of key: values")
     if not _is_number(selection.get("validation_average")):
         _fail("selection.validation_average", f"{selection.get('validation_average')!r} is not a number")
+
+
+def _check_protocol_fields(data: Mapping[str, Any]) -> None:
+    """protocol: a name or null; overrides: distinct names of recorded hyperparameters; examples:
+    a positive count for exactly the tasks of ``metrics``, or null."""
+    protocol = data.get("protocol")
+    if protocol is not None and (not isinstance(protocol, str) or not protocol):
+        _fail("protocol", f"{protocol!r} is not a non-empty string or null")
+    overrides = data.get("overrides", [])
+    if not isinstance(overrides, list) or not all(isinstance(name, str) for name in overrides):
+        _fail("overrides", f"{overrides!r} is not a list of hyperparameter names")
+    if len(set(overrides)) != len(overrides):
+        _fail("overrides", f"{overrides!r} names a hyperparameter twice")
+    unknown = [name for name in overrides if name not in data["hyperparameters"]]
+    if unknown:
+        _fail("overrides", f"{', '.join(unknown)} not among the recorded hyperparameters")
+    examples = data.get("examples")
+    if examples is None:
+        return
+    if not isinstance(examples, dict) or list(examples) != list(data["metrics"]):
+        _fail("examples", f"{examples!r} is not an object of the metrics' tasks, in their order")
+    for task, count in examples.items():
+        if not _is_int(count) or count < 1:
+            _fail(f"examples.{task}", f"{count!r} is not a positive integer")
 
 
 def _is_number(value: Any) -> bool:
@@ -225,6 +256,7 @@ def check_record(data: Mapping[str, Any]) -> None:
             _fail("training_seconds", f"{training} differs from merge_seconds ({merge}) though nothing was reused")
     if data.get("selection") is not None:
         _check_selection(data["selection"])
+    _check_protocol_fields(data)
     if not isinstance(data.get("device", "cpu"), str) or not data.get("device", "cpu"):
         _fail("device", f"{data['device']!r} is not a non-empty string")
     if data.get("precision", "fp32") not in PRECISIONS:

@@ -26,6 +26,7 @@ from mergebench.errors import HyperparameterError, NonFiniteError
 from mergebench.memory import PeakMemory
 from mergebench.method import Merged, Method
 from mergebench.pool import ModelPool
+from mergebench.protocols import Protocol, get_protocol, resolve_hyperparameters
 from mergebench.registry import BACKBONES, METHODS
 from mergebench.results import Result, append_result, check_writable
 
@@ -106,6 +107,13 @@ class RunPlan:
     commit: str | None = None  # the code that runs: the checkout as it was when the run was resolved
     device: torch.device = torch.device("cpu")  # where evaluation runs (merging stays on the CPU)
     precision: str = "fp32"  # evaluation's autocast precision: fp32, bf16 or fp16
+    protocol: Protocol = get_protocol(None)  # the named setting the method's values come from
+    overrides: tuple[str, ...] = ()  # hyperparameters set explicitly over the protocol
+
+    @property
+    def test_limit(self) -> int | None:
+        """The protocol's cap on the test examples scored per task of this backbone's suite."""
+        return self.protocol.test_limit(self.backbone_class.suite)
 
     def make_backbone(self) -> Backbone:
         return self.backbone_class(checkpoint_dir=self.checkpoint_dir, data_dir=self.data_dir)
@@ -123,13 +131,18 @@ def resolve(
     data_dir: Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    protocol: str | Protocol | None = None,
 ) -> RunPlan:
     """Check every name and value before any work: unknown names and bad values raise
     UnknownNameError / HyperparameterError, a method that cannot merge the backbone's tasks
     NotApplicableError, an unwritable ``results_dir`` ResultsWriteError, a device this machine
-    lacks (or a precision it cannot run there) HyperparameterError."""
+    lacks (or a precision it cannot run there) HyperparameterError. The method's values are
+    its defaults, then the ``protocol``'s (default ``original``), then ``hyperparameters``,
+    which the record names as overrides of the protocol."""
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
-    method = make_method(method_name, hyperparameters, seed)
+    protocol = get_protocol(protocol)
+    declared = METHODS.get(method_name).hyperparameters
+    method = make_method(method_name, resolve_hyperparameters(protocol, method_name, hyperparameters, declared), seed)
     batch_size = check_batch_size(batch_size)
     resolved_device = resolve_device(device)
     precision = check_precision(precision, resolved_device)
@@ -139,7 +152,7 @@ def resolve(
     if results_dir is not None:
         results_dir = check_writable(Path(results_dir))
     return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit,
-                   resolved_device, precision)
+                   resolved_device, precision, protocol, tuple(hyperparameters or {}))
 
 
 def load_pool(backbone: Backbone, tasks: list[str] | None = None) -> ModelPool:
@@ -166,17 +179,24 @@ def timed_merge(method: Method, pool: ModelPool, exemplars: dict[str, Any] | Non
 
 
 def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int,
-                   device: torch.device | str = "cpu", precision: str = "fp32") -> tuple[dict[str, float], float]:
-    """The metric of every task on its test split, evaluated on ``device`` under ``precision``,
-    and the wall seconds it took (moving the model to the device included)."""
+                   device: torch.device | str = "cpu", precision: str = "fp32", *, test_limit: int | None = None,
+                   scored: dict[str, int] | None = None) -> tuple[dict[str, float], float]:
+    """The metric of every task on its test split (its first ``test_limit`` examples, in the
+    split's order, when given), evaluated on ``device`` under ``precision``, and the wall
+    seconds it took (moving the model to the device included). ``scored``, when given, gets
+    each task's count of examples scored."""
     start = time.perf_counter()
     merged.to(device)
-    metrics = evaluate(merged, [backbone.task(task) for task in tasks], batch_size, precision)
+    limited = [backbone.task(task).limited(test_limit) for task in tasks]
+    metrics = evaluate(merged, limited, batch_size, precision)
+    if scored is not None:
+        scored.update({task.name: task.test_scored for task in limited})
     return metrics, time.perf_counter() - start
 
 
 def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict[str, float], *, storage_bytes: int,
-                merge_seconds: float, eval_seconds: float, peak_bytes: int, manifest: str | None) -> Result:
+                merge_seconds: float, eval_seconds: float, peak_bytes: int, manifest: str | None,
+                examples: dict[str, int] | None = None) -> Result:
     """The record of one run, with what the run cost and which code, packages and checkpoints made it."""
     method = plan.method
     reused = getattr(merged, "reused_training_seconds", None)
@@ -206,6 +226,9 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
         git_commit=plan.commit,
         device=describe_device(plan.device),
         precision=plan.precision,
+        protocol=plan.protocol.name,
+        overrides=list(plan.overrides),
+        examples=examples,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -223,12 +246,14 @@ def execute(plan: RunPlan) -> Result:
         try:
             merged, merge_seconds = timed_merge(method, pool, exemplars)
             storage = merged.storage_bytes()
-            metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision)
+            scored: dict[str, int] = {}
+            metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision,
+                                                   test_limit=plan.test_limit, scored=scored)
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
         manifest = pool.manifest_sha256
     return make_result(plan, backbone, merged, metrics, storage_bytes=storage, merge_seconds=merge_seconds,
-                       eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest)
+                       eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest, examples=scored)
 
 
 def run(
@@ -246,9 +271,10 @@ def run(
 ) -> Result:
     """resolve, execute and (with ``results_dir``) append the record. Every value is checked
     before any work; a run that fails records nothing."""
+    protocol: str | Protocol | None = None,
     plan = resolve(method_name, backbone_name, seed=seed, hyperparameters=hyperparameters, batch_size=batch_size,
                    results_dir=results_dir, checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
-                   precision=precision)
+                   precision=precision, protocol=protocol)
     result = execute(plan)
     if plan.results_dir is not None:
         append_result(plan.results_dir, result)

@@ -25,12 +25,16 @@ from mergebench.runner import RunPlan, check_seed, execute, resolve
 
 
 def configuration_key(method: str, backbone: str, seed: int, hyperparameters: dict[str, Any],
-                      manifest: str | None, precision: str = "fp32", selection: dict[str, Any] | None = None) -> str:
+                      manifest: str | None, precision: str = "fp32", selection: dict[str, Any] | None = None,
+                      protocol: str | None = None) -> str:
     """What makes two runs the same run: a record with this key makes a sweep skip it.
-    The precision is part of it (it changes the numbers); the device is not. A tuned run
-    (``selection``: on, size, seed, grid) is keyed by its grid and its fixed hyperparameters."""
+    The precision is part of it (it changes the numbers); the device is not. The protocol is
+    part of it (its evaluation details change the numbers, and a row is shown under it); a
+    record that names none (written before protocols) is never taken for one that does. A
+    tuned run (``selection``: on, size, seed, grid) is keyed by its grid and its fixed
+    hyperparameters."""
     content = {"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
-               "checkpoint_manifest": manifest, "precision": precision}
+               "checkpoint_manifest": manifest, "precision": precision, "protocol": protocol}
     if selection is not None:
         content["selection"] = {k: selection[k] for k in ("on", "size", "seed", "grid")}
     payload = json.dumps(content, sort_keys=True)
@@ -41,9 +45,9 @@ def result_key(result: Result) -> str:
     if result.selection:
         fixed = {k: v for k, v in result.hyperparameters.items() if k not in result.selection["grid"]}
         return configuration_key(result.method, result.backbone, result.seed, fixed, result.checkpoint_manifest,
-                                 result.precision, result.selection)
+                                 result.precision, result.selection, result.protocol)
     return configuration_key(result.method, result.backbone, result.seed, result.hyperparameters,
-                             result.checkpoint_manifest, result.precision)
+                             result.checkpoint_manifest, result.precision, protocol=result.protocol)
 
 
 def recorded_keys(results_dir: Path) -> set[str]:
@@ -65,8 +69,8 @@ class Configuration:
     @property
     def label(self) -> str:
         values = ", ".join(f"{k}={v}" for k, v in sorted(self.hyperparameters.items()))
-        return (f"{self.plan.method.name} on {self.plan.backbone_class.name}, seed {self.plan.seed}"
-                + (f" ({values})" if values else ""))
+        return (f"{self.plan.method.name} on {self.plan.backbone_class.name}, seed {self.plan.seed}, protocol "
+                f"{self.plan.protocol.name}" + (f" ({values})" if values else ""))
 
 
 def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -78,10 +82,15 @@ def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]
 
 def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid: dict[str, list[Any]], *,
                batch_size: int = 64, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
-               device: str = "cpu", precision: str = "fp32", skipped: list[str] | None = None) -> list[Configuration]:
+               device: str = "cpu", precision: str = "fp32", skipped: list[str] | None = None,
+               protocols: list[str] | None = None) -> list[Configuration]:
     """Every configuration resolved, each backbone prepared once; raises for the first bad
     name or value before any merge. A method not applicable to a backbone is left out
-    (its message goes to ``skipped``); a grid key no selected method has is an error."""
+    (its message goes to ``skipped``); a grid key no selected method has is an error.
+    ``protocols`` (default ``original``) is one more axis; grid values override each."""
+    from mergebench.protocols import get_protocol
+
+    chosen = [get_protocol(name) for name in (protocols or [None])]
     for name in methods:
         METHODS.get(name)
     for name in backbones:
@@ -92,12 +101,12 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
     if unused:
         raise HyperparameterError(f"no selected method has hyperparameter {', '.join(sorted(unused))}")
     plans = []
-    for backbone, method, seed in itertools.product(backbones, methods, seeds):
+    for protocol, backbone, method, seed in itertools.product(chosen, backbones, methods, seeds):
         for point in grid_points(method, grid):
             try:
                 plans.append(resolve(method, backbone, seed=seed, hyperparameters=point, batch_size=batch_size,
                                      checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
-                                     precision=precision))
+                                     precision=precision, protocol=protocol))
             except NotApplicableError as error:
                 if skipped is not None and str(error) not in skipped:
                     skipped.append(str(error))
@@ -109,7 +118,7 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
             manifests[backbone.name] = prepare_checkpoints(backbone, repair=False).sha256
         resolved = plan.method.resolved_hyperparameters(backbone)
         key = configuration_key(plan.method.name, backbone.name, plan.seed, json.loads(json.dumps(resolved)),
-                                manifests[backbone.name], plan.precision)
+                                manifests[backbone.name], plan.precision, protocol=plan.protocol.name)
         configurations.setdefault(key, Configuration(plan, key, resolved, manifests[backbone.name]))
     return list(configurations.values())
 
@@ -215,7 +224,7 @@ def run_sweep(configurations: Iterable[Configuration], results_dir: Path, *, cpu
 
 @dataclass(frozen=True)
 class SelectionGroup:
-    """The grid points of one (method, backbone, seed), tuned together: one record."""
+    """The grid points of one (protocol, method, backbone, seed), tuned together: one record."""
 
     configurations: list[Configuration]
     key: str
@@ -225,13 +234,13 @@ class SelectionGroup:
     def label(self) -> str:
         plan = self.configurations[0].plan
         grid = ", ".join(f"{k}={','.join(map(str, v))}" for k, v in sorted(self.selection["grid"].items()))
-        return (f"{plan.method.name} on {plan.backbone_class.name}, seed {plan.seed}, tuned on validation"
-                + (f" ({grid})" if grid else ""))
+        return (f"{plan.method.name} on {plan.backbone_class.name}, seed {plan.seed}, protocol {plan.protocol.name}, "
+                f"tuned on validation" + (f" ({grid})" if grid else ""))
 
 
 def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any]], size: int,
                    seed: int) -> list[SelectionGroup]:
-    """The configurations of ``plan_sweep`` grouped by (method, backbone, seed), each group
+    """The configurations of ``plan_sweep`` grouped by (protocol, method, backbone, seed), each group
     keyed by its grid, its fixed hyperparameters and the validation split's size and seed."""
     from mergebench.selection import check_selection
 
@@ -239,7 +248,8 @@ def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any
     groups: dict[tuple, list[Configuration]] = {}
     for configuration in configurations:
         plan = configuration.plan
-        groups.setdefault((plan.method.name, plan.backbone_class.name, plan.seed), []).append(configuration)
+        groups.setdefault((plan.protocol.name, plan.method.name, plan.backbone_class.name, plan.seed),
+                          []).append(configuration)
     planned = []
     for members in groups.values():
         keys = [k for k in grid if k in members[0].hyperparameters]
@@ -249,7 +259,7 @@ def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any
         first = members[0]
         fixed = {k: v for k, v in json.loads(json.dumps(first.hyperparameters)).items() if k not in keys}
         key = configuration_key(first.plan.method.name, first.plan.backbone_class.name, first.plan.seed, fixed,
-                                first.manifest, first.plan.precision, selection)
+                                first.manifest, first.plan.precision, selection, first.plan.protocol.name)
         planned.append(SelectionGroup(members, key, selection))
     return planned
 

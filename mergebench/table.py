@@ -11,8 +11,9 @@ from typing import Any, Collection
 from tabulate import tabulate
 
 from mergebench.errors import RecordError
+from mergebench.protocols import PROTOCOLS
 from mergebench.registry import BACKBONES, METHODS
-from mergebench.results import Result, iter_records
+from mergebench.results import NO_PROTOCOL, Result, iter_records
 
 MB = 1_000_000
 
@@ -35,8 +36,22 @@ def _exemplars(result: Result) -> str:
     return str(result.exemplars_per_task) if result.exemplars_per_task else "-"
 
 
+SINGLE_TASK_BATCHES = "uses single-task batches"  # per-batch routing: not automatic in deployment
+
+
+def _method(result: Result, unknown: bool) -> str:
+    """The method's name, marked when unknown, not in fp32, or routed per single-task batch."""
+    label = f"{result.method} (unknown method)" if unknown else result.method
+    if result.hyperparameters.get("routing") == "per-batch":
+        label += f" ({SINGLE_TASK_BATCHES})"
+    return label + (f" ({result.precision})" if result.precision != "fp32" else "")
+
+
 def _hyperparameters(result: Result) -> str:
-    values = ", ".join(f"{k}={v}" for k, v in sorted(result.hyperparameters.items())) or "-"
+    """Every value; one set explicitly over the protocol is marked ``*``."""
+    overridden = set(result.overrides or ())
+    values = ", ".join(f"{k}={v}{'*' if k in overridden else ''}"
+                       for k, v in sorted(result.hyperparameters.items())) or "-"
     if result.selection:  # tuned: say so, and which values were chosen from the grid
         grid = result.selection.get("grid", {})
         chosen = ", ".join(f"{k}={result.hyperparameters.get(k)}" for k in sorted(grid)) or "-"
@@ -88,8 +103,8 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
     Expects one record per seed (``latest_per_configuration``)."""
     groups: dict[tuple, list[Result]] = {}
     for result in results:
-        key = (result.method, json.dumps(result.hyperparameters, sort_keys=True), result.checkpoint_family,
-               result.precision, _tuning(result))
+        key = (result.protocol, result.method, json.dumps(result.hyperparameters, sort_keys=True),
+               result.checkpoint_family, result.precision, _tuning(result))
         groups.setdefault(key, []).append(result)
     rows: list[Result] = []
     for group in groups.values():
@@ -121,7 +136,7 @@ def results_table(results: list[Result], tablefmt: str = "github", known_methods
                "Peak memory (MB)", "Hyperparameters"]
     rows = [
         [
-            (f"{r.method} (unknown method)" if unknown(r) else r.method) + (f" ({r.precision})" if r.precision != "fp32" else ""),
+            _method(r, unknown(r)),
             _automatic(r),
             _exemplars(r),
             _storage(r),
@@ -167,8 +182,8 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
 
     def key(result: Result, hyperparameters: dict[str, Any], with_defaults: bool) -> tuple:
         # precision changes the numbers, so a bf16 run is a row of its own beside the fp32 one
-        return (result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults, result.precision,
-                _tuning(result))
+        return (result.protocol, result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults,
+                result.precision, _tuning(result))
 
     latest: dict[tuple, Result] = {}
     for result in results:  # records are in append order, so later ones win
@@ -185,7 +200,7 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
                 del latest[slot]
                 latest[key(earlier, earlier.hyperparameters, False)] = earlier
         latest[slot] = result
-    return [dataclasses.replace(r, hyperparameters=completed(r)) if slot[3] else r for slot, r in latest.items()]
+    return [dataclasses.replace(r, hyperparameters=completed(r)) if slot[4] else r for slot, r in latest.items()]
 
 
 # the packages whose version is shown under each table (every record stores more)
@@ -210,6 +225,30 @@ def devices_line(results: list[Result]) -> str:
     return f"_Evaluated on: {'; '.join(seen)}._"
 
 
+def by_protocol(results: list[Result]) -> list[tuple[str | None, list[Result]]]:
+    """The records grouped by protocol: registered protocols in their registry order, then
+    names this mergebench does not register, then records that name none."""
+    groups: dict[str | None, list[Result]] = {}
+    for result in results:
+        groups.setdefault(result.protocol, []).append(result)
+    order = list(PROTOCOLS)
+
+    def rank(name: str | None) -> tuple:
+        return (name is None, name not in order, order.index(name) if name in order else 0, name or "")
+
+    return [(name, groups[name]) for name in sorted(groups, key=rank)]
+
+
+def protocol_heading(name: str | None) -> list[str]:
+    """A sub-table's heading naming its protocol, and one line saying what that protocol is."""
+    if name is None:
+        return [f"### {NO_PROTOCOL}", "", "_Records written before runs named their protocol: their values are the "
+                "Hyperparameters column, not a named published setting._"]
+    if name not in PROTOCOLS:
+        return [f"### Protocol: {name} (unknown protocol)", "", "_A protocol this mergebench does not register._"]
+    return [f"### Protocol: {name}", "", f"_{PROTOCOLS[name].description}._"]
+
+
 def leaderboard_markdown(results_dir: Path) -> str:
     """The leaderboard of every record under ``results_dir``. A malformed or contradictory
     record is refused (RecordError naming file:line, field and reason); records of a method
@@ -226,7 +265,12 @@ def leaderboard_markdown(results_dir: Path) -> str:
         "'(reused)': the method reused a cached training, and the time is that training's "
         "original cost plus merging. Eval (s): evaluating every task. Peak memory: peak "
         "resident memory of the run. '(unknown method)', '(unknown backbone)': records of a "
-        "method or backbone this mergebench does not register, listed after the registered ones.",
+        "method or backbone this mergebench does not register, listed after the registered ones. "
+        "Rows are grouped by protocol (the named setting of hyperparameters and evaluation they ran "
+        "under, `mergebench list --protocol NAME`); rows of different protocols are not comparable and "
+        "are never ranked together. A hyperparameter marked * was set explicitly over the protocol. "
+        f"'({SINGLE_TASK_BATCHES})': routing averaged over a batch drawn from one task, as the T-Switch "
+        "authors' code evaluates Auto-Switch; not automatic in deployment.",
     ]
     by_backbone: dict[tuple[str, str], list[Result]] = {}
     first_of_backbone: dict[str, tuple[str, Result]] = {}
@@ -242,9 +286,10 @@ def leaderboard_markdown(results_dir: Path) -> str:
         latest = mean_over_seeds(latest_per_configuration(records))
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
-        lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})", "",
-                  results_table(latest, known_methods=known_methods), "", versions_line(latest), "",
-                  devices_line(latest)]
+        lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})"]
+        for protocol, rows in by_protocol(latest):
+            lines += ["", *protocol_heading(protocol), "", results_table(rows, known_methods=known_methods)]
+        lines += ["", versions_line(latest), "", devices_line(latest)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
     return "\n".join(lines) + "\n"

@@ -63,6 +63,8 @@ class Task:
     or "regression" (GLUE's STS-B: one score, taken as it is); a subclass scores any other
     kind (the rf100 suite's "detection")."""
 
+    test_limit: int | None = None  # score only the first N test examples (``limited``)
+    test_scored: int | None = None  # test examples the latest pass yielded (``limited`` copies count)
     routes_by_parts: ClassVar[bool] = False
     """Routing reads one vector per part of an input (a detector's object queries),
     ``routing_features`` giving (batch, parts, D), rather than one vector per input."""
@@ -104,7 +106,24 @@ class Task:
         return self._data().head(self.name)
 
     def batches(self, split: str, batch_size: int) -> Iterator[Batch]:
-        return self._data().batches(self.name, split, batch_size)
+        batches = self._data().batches(self.name, split, batch_size)
+        if split == "test" and self.test_scored is not None:
+            return self._counted(first_examples(batches, self.test_limit, self.name))
+        return batches
+
+    def limited(self, examples: int | None) -> Task:
+        """A copy scored on the first ``examples`` test examples in the split's order (a
+        protocol's evaluation detail, e.g. the first 500 of each GLUE validation split; None:
+        every one) that counts them in ``test_scored``, the count a record keeps."""
+        limited = copy.copy(self)
+        limited.test_limit, limited.test_scored = examples, 0
+        return limited
+
+    def _counted(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        self.test_scored = 0  # the latest pass over the split
+        for inputs, targets in batches:
+            self.test_scored += len(targets)
+            yield inputs, targets
 
     def exemplars(self, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         return self._data().exemplars(self.name, n, seed, split)
@@ -129,6 +148,36 @@ class Task:
         """What routers compare, from encoder features: one vector per input, (batch, D)
         (the features, flattened); (batch, parts, D) for a task that ``routes_by_parts``."""
         return features.reshape(len(features), -1)
+
+
+def first_examples(batches: Iterable[Batch], limit: int | None, task: str = "?") -> Iterator[Batch]:
+    """The first ``limit`` examples of ``batches`` (None: all), in order: the batch that crosses
+    the limit is cut (its input tensors and lists, and its targets, to their first rows), and no
+    batch after it is read. Inputs must be a mapping whose entries have one row per example."""
+    if limit is None:
+        yield from batches
+        return
+    left = limit
+    for inputs, targets in batches:
+        if left <= 0:
+            return
+        n = len(targets)
+        if n > left:
+            inputs = {key: _first_rows(value, n, left, task, key) for key, value in inputs.items()}
+            targets = _first_rows(targets, n, left, task, "targets")
+        left -= min(n, left)
+        yield inputs, targets
+        if left <= 0:
+            return
+
+
+def _first_rows(value: Any, count: int, keep: int, task: str, key: str) -> Any:
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and len(value) == count:
+        return value[:keep]
+    if isinstance(value, (list, tuple)) and len(value) == count:
+        return value[:keep]
+    raise ValueError(f"task {task!r}: batch entry {key!r} has no row per example, so its first {keep} of "
+                     f"{count} examples cannot be taken")
 
 
 def routing_view(tasks: Iterable[Task]) -> Task:

@@ -106,7 +106,7 @@ def test_an_absent_device_is_refused_before_any_merge(no_cuda, tiny_bert, tmp_pa
 
 def test_records_store_device_and_precision_and_version_2_records_load_as_cpu_fp32(tmp_path):
     record = json.loads(make_result().to_json())
-    assert record["schema_version"] == SCHEMA_VERSION == 3
+    assert record["schema_version"] == SCHEMA_VERSION == 4
     assert (record["device"], record["precision"]) == ("cpu", "fp32")
     old = {k: v for k, v in record.items() if k not in ("device", "precision")} | {"schema_version": 2}
     new = record | {"device": "cuda:0 (NVIDIA H200)", "precision": "bf16", "method": "ties"}

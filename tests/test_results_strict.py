@@ -41,9 +41,9 @@ def strict_loads(line: str):
 # --- the record schema ---------------------------------------------------------------------
 
 
-def test_new_records_are_schema_3_with_cost_reuse_and_manifest():
+def test_new_records_are_schema_4_with_cost_reuse_and_manifest():
     record = strict_loads(make_result().to_json())
-    assert record["schema_version"] == 3
+    assert record["schema_version"] == 4
     assert record["training_seconds"] == record["merge_seconds"] == 0.25
     assert record["reused"] is False and record["checkpoint_manifest"] is None
 
@@ -108,7 +108,7 @@ BAD_READS = [
     (good_record(reused="yes"), r"reused: 'yes' is not true or false"),
     (good_record(created="yesterday"), r"created: 'yesterday' is not an ISO 8601 time"),
     ({k: v for k, v in good_record().items() if k != "training_seconds"}, r"training_seconds: missing"),
-    (good_record(schema_version=4), r"schema_version: 4 is not a schema version this mergebench reads"),
+    (good_record(schema_version=5), r"schema_version: 5 is not a schema version this mergebench reads"),
 ]
 
 

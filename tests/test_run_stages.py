@@ -17,7 +17,8 @@ from mergebench.runner import (exemplars_for, load_pool, resolve, run, seed_ever
 def test_resolve_checks_every_value_and_leaves_no_trace(tmp_path):
     plan = resolve("ties", "tiny-bert", seed=3, hyperparameters={"keep": 0.5}, batch_size=8,
                    results_dir=tmp_path / "results")
-    assert plan.method.hparams == {"keep": 0.5, "scaling": 0.3} and plan.method.seed == 3
+    assert plan.method.hparams == {"keep": 0.5, "scaling": 0.3, "merge_func": "mean"} and plan.method.seed == 3
+    assert plan.protocol.name == "original" and plan.overrides == ("keep",)
     assert plan.backbone_class.name == "tiny-bert" and plan.batch_size == 8
     assert plan.results_dir == tmp_path / "results" and not plan.results_dir.exists()  # checked, then removed
     with pytest.raises(HyperparameterError, match="keep=2"):

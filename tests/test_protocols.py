@@ -1,0 +1,222 @@
+"""Protocols: the tables resolve for every method, runs record their protocol and overrides,
+old records stay readable and unlabelled, the leaderboard keeps protocols apart, and a
+protocol's cap on test examples scores exactly the first N."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+
+from mergebench.cli import main
+from mergebench.errors import HyperparameterError, UnknownNameError
+from mergebench.protocols import (ORIGINAL, PROTOCOLS, Protocol, Setting, check_protocol, get_protocol,
+                                  resolve_hyperparameters)
+from mergebench.registry import METHODS
+from mergebench.results import load_results
+from mergebench.runner import make_method, run
+from mergebench.sweep import configuration_key, result_key
+from mergebench.table import leaderboard_markdown
+from tests.test_results import make_result
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(argv)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+# --- the tables ------------------------------------------------------------------------------
+
+
+def test_original_is_every_methods_defaults_with_a_source_for_each():
+    for name, cls in METHODS.items():
+        assert name in ORIGINAL.methods, f"original does not list method {name!r}"
+        assert ORIGINAL.values(name) == cls.defaults(), name
+        assert all(setting.source.strip() for setting in ORIGINAL.methods[name].values()), name
+    assert set(ORIGINAL.methods) == set(METHODS.names())
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_every_protocol_resolves_for_every_method(protocol):
+    chosen = get_protocol(protocol)
+    check_protocol(chosen)
+    for name, cls in METHODS.items():
+        method = make_method(name, resolve_hyperparameters(chosen, name, None, cls.hyperparameters))
+        expected = {**cls.defaults(), **{k: s.value for k, s in chosen.methods.get(name, {}).items()}}
+        assert method.hparams == expected, (protocol, name)
+
+
+def test_t_switch_table_5_values():
+    table = get_protocol("t-switch-cvpr2025")
+    assert table.values("ties") == {"keep": 0.5, "scaling": 0.3, "merge_func": "sum"}
+    assert table.values("dare")["drop_rate"] == 0.5
+    assert (table.values("regmean")["exemplars"], table.values("fisher")["exemplars"]) == (256, 4096)
+    assert table.values("adamerging") == {"lr": 1e-3, "steps": 500}
+    assert table.values("auto-switch")["routing"] == "per-batch"
+    assert table.test_limit("glue") == 500 and table.test_limit("tiny") is None
+    assert get_protocol("original").test_limit("glue") is None
+
+
+@pytest.mark.parametrize("methods, error", [
+    ({"ties": {"kep": Setting(0.5, "typo")}}, "has no such hyperparameter"),
+    ({"ties": {"keep": Setting(1.5, "out of range")}}, r"keep=1\.5 is not allowed"),
+    ({"no-such-method": {}}, "unknown method 'no-such-method'"),
+])
+def test_a_wrong_protocol_value_fails_its_check(methods, error):
+    with pytest.raises((HyperparameterError, UnknownNameError), match=error):
+        check_protocol(Protocol("broken", "a table with a mistake", methods))
+
+
+def test_a_bad_test_cap_fails_its_check():
+    with pytest.raises(HyperparameterError, match=r"test_examples\['tiny'\] = 0"):
+        check_protocol(Protocol("broken", "zero examples", {}, {"tiny": Setting(0, "none")}))
+
+
+def test_unknown_protocol_lists_the_valid_ones():
+    with pytest.raises(UnknownNameError, match="valid protocols: original, t-switch-cvpr2025, auto-flexswitch-2026"):
+        get_protocol("t-switch")
+
+
+# --- runs through the command line ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def protocol_runs(tiny_bert, tmp_path_factory):
+    """ties on tiny-bert under t-switch-cvpr2025, as given and with one --hp over it."""
+    results = tmp_path_factory.mktemp("results")
+    base = ["run", "--method", "ties", "--backbone", "tiny-bert", "--protocol", "t-switch-cvpr2025",
+            "--results-dir", str(results)]
+    runs = [cli(base), cli([*base, "--hp", "scaling=0.4"])]
+    records = [json.loads(line) for line in (results / "tiny-bert.jsonl").read_text().splitlines()]
+    return {"runs": runs, "records": records, "dir": results}
+
+
+def test_run_under_t_switch_protocol_records_its_values(protocol_runs):
+    assert [code for code, _, _ in protocol_runs["runs"]] == [0, 0], protocol_runs["runs"]
+    record = protocol_runs["records"][0]
+    assert record["protocol"] == "t-switch-cvpr2025" and record["overrides"] == []
+    assert record["hyperparameters"] == {"keep": 0.5, "merge_func": "sum", "scaling": 0.3}
+    assert record["schema_version"] == 4
+    assert record["examples"] == {"markers-a": 96, "markers-b": 96, "markers-c": 96}  # tiny's whole test splits
+
+
+def test_an_explicit_hp_is_recorded_as_an_override(protocol_runs):
+    record = protocol_runs["records"][1]
+    assert record["protocol"] == "t-switch-cvpr2025" and record["overrides"] == ["scaling"]
+    assert record["hyperparameters"] == {"keep": 0.5, "merge_func": "sum", "scaling": 0.4}
+    page = leaderboard_markdown(protocol_runs["dir"])
+    assert "merge_func=sum, scaling=0.4* " in page and "merge_func=sum, scaling=0.3 " in page and "keep=0.5*" not in page
+
+
+def test_unknown_protocol_on_the_command_line_names_the_valid_ones(tmp_path):
+    code, _, err = cli(["run", "--method", "ties", "--backbone", "tiny-bert", "--protocol", "cvpr",
+                        "--results-dir", str(tmp_path)])
+    assert code == 2
+    assert "unknown protocol 'cvpr'; valid protocols: original, t-switch-cvpr2025, auto-flexswitch-2026" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_list_protocol_prints_values_and_sources():
+    code, out, _ = cli(["list", "--protocol", "t-switch-cvpr2025", "--method", "ties"])
+    assert code == 0
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("ties ")}
+    assert '"sum"' in rows["merge_func"] and "dis-sum" in rows["merge_func"]
+    assert "0.5" in rows["keep"] and "Table 5" in rows["keep"]
+    assert "glue" in out and "first 500" in out
+    code, out, _ = cli(["list", "--protocol", "t-switch-cvpr2025", "--method", "emr-merging"])
+    assert code == 0 and "emr-merging" not in out.split("Evaluation")[0].splitlines()[-1]
+
+
+# --- records, keys and the leaderboard -------------------------------------------------------
+
+
+def test_schema_3_records_load_and_show_no_protocol(tmp_path):
+    old = json.loads(make_result().to_json())
+    for key in ("protocol", "overrides", "examples"):
+        del old[key]
+    old["schema_version"] = 3
+    new = json.loads(make_result(method="ties", hyperparameters={"keep": 0.5, "scaling": 0.3},
+                                 protocol="t-switch-cvpr2025", overrides=["scaling"]).to_json())
+    (tmp_path / "tiny-bert.jsonl").write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    loaded = load_results(tmp_path)
+    assert [(r.protocol, r.overrides, r.examples) for r in loaded] == [(None, [], None),
+                                                                       ("t-switch-cvpr2025", ["scaling"], None)]
+    page = leaderboard_markdown(tmp_path)
+    assert "### (no protocol recorded)" in page and "### Protocol: t-switch-cvpr2025" in page
+    assert "### Protocol: original" not in page  # an old record is never labelled with a protocol
+
+
+def test_a_version_4_record_must_name_its_protocol_field(tmp_path):
+    record = {k: v for k, v in json.loads(make_result(protocol="original").to_json()).items() if k != "protocol"}
+    (tmp_path / "tiny-bert.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(Exception, match="protocol: missing"):
+        load_results(tmp_path)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"overrides": ["keep"]}, "overrides: keep not among the recorded hyperparameters"),
+    ({"overrides": ["scaling", "scaling"]}, "names a hyperparameter twice"),
+    ({"examples": {"markers-a": 5}}, "examples: .* is not an object of the metrics' tasks"),
+    ({"examples": {"markers-a": 5, "markers-b": 0}}, "examples.markers-b: 0 is not a positive integer"),
+    ({"protocol": ""}, "protocol: '' is not a non-empty string"),
+])
+def test_bad_protocol_fields_are_refused(changes, message):
+    with pytest.raises(Exception, match=message):
+        make_result(**changes).to_json()
+
+
+def test_the_leaderboard_groups_rows_by_protocol(tmp_path):
+    from mergebench.results import append_result
+
+    append_result(tmp_path, make_result(average=0.9, protocol="original"))
+    append_result(tmp_path, make_result(average=0.2, protocol="t-switch-cvpr2025"))
+    append_result(tmp_path, make_result(method="auto-switch", average=0.7, protocol="t-switch-cvpr2025",
+                                        hyperparameters={"alpha": 0.5, "routing": "per-batch"}, dynamic=True))
+    page = leaderboard_markdown(tmp_path)
+    original, tswitch = page.index("### Protocol: original"), page.index("### Protocol: t-switch-cvpr2025")
+    assert original < tswitch
+    assert PROTOCOLS["t-switch-cvpr2025"].description in page
+    first, second = page[original:tswitch], page[tswitch:]
+    assert "| 90.00 " in first and "| 20.00 " not in first  # each row only under its own protocol
+    assert "| 20.00 " in second and "| 90.00 " not in second
+    assert "| auto-switch (uses single-task batches) " in second
+    # the same configuration under two protocols is two rows, never one replacing the other
+    assert page.count("| task-arithmetic ") == 2
+
+
+def test_the_configuration_key_includes_the_protocol():
+    args = ("ties", "tiny-bert", 0, {"keep": 0.5}, None, "fp32")
+    keys = {configuration_key(*args, protocol=p) for p in (None, "original", "t-switch-cvpr2025")}
+    assert len(keys) == 3
+    result = make_result(protocol="t-switch-cvpr2025")
+    assert result_key(result) == configuration_key(result.method, result.backbone, result.seed,
+                                                   result.hyperparameters, None, "fp32", protocol="t-switch-cvpr2025")
+
+
+# --- the cap on test examples ----------------------------------------------------------------
+
+
+def test_a_test_cap_scores_exactly_the_first_n_examples(tiny_bert, tmp_path):
+    cap = 37  # below tiny's 96 test examples per task, and not a multiple of the batch size
+    capped = Protocol("capped", "the first 37 test examples", {}, {"tiny": Setting(cap, "this test")})
+    result = run("pretrained", "tiny-bert", protocol=capped, batch_size=16, results_dir=tmp_path)
+    assert result.protocol == "capped" and result.examples == {task: cap for task in result.metrics}
+    # independent: the pretrained encoder and each head over the split's first 37 examples, in one batch
+    from safetensors.torch import load_file
+
+    encoder = tiny_bert.build_encoder()
+    encoder.load_state_dict(load_file(str(tiny_bert.pretrained_checkpoint())))
+    encoder.eval()
+    for task in tiny_bert.tasks:
+        inputs, targets = next(iter(task.data.batches(task.name, "test", 1000)))
+        assert len(targets) > cap
+        first = {key: value[:cap] for key, value in inputs.items()}
+        with torch.no_grad():
+            predicted = task.head()(encoder(**first)).argmax(-1)
+        assert result.metrics[task.name] == pytest.approx((predicted == targets[:cap]).sum().item() / cap, abs=1e-12)
+    full = run("pretrained", "tiny-bert", batch_size=16, results_dir=None)
+    assert full.protocol == "original" and set(full.examples.values()) == {96}
