@@ -16,4 +16,7 @@ def discover() -> list[str]:
     return packages
 
 
-setup(packages=discover(), package_dir=dict(PLUGIN_FOLDERS))
+# the mini suite's pinned splits and their manifest ship with the package
+PACKAGE_DATA = {"mergebench.tasks": ["data/mini-v2/*.jsonl.gz", "data/mini-v2/manifest.json"]}
+
+setup(packages=discover(), package_dir=dict(PLUGIN_FOLDERS), package_data=PACKAGE_DATA)

@@ -64,6 +64,7 @@ class TextData:
     classes: tuple[str, ...]
     train: tuple[Example, ...]
     test: tuple[Example, ...]
+    validation: tuple[Example, ...] = ()  # held out from training (hyperparameter selection); empty: none
 
 
 class TextClassificationBackbone(PreparedBackbone):
@@ -116,9 +117,11 @@ class TextClassificationBackbone(PreparedBackbone):
         return self._data[task]
 
     def examples(self, task: str, split: str) -> tuple[Example, ...]:
-        if split not in ("train", "test"):
-            raise ValueError(f"unknown split {split!r}; valid: train, test")
-        return getattr(self.data(task), split)
+        data = self.data(task)
+        valid = ("train", "validation", "test") if data.validation else ("train", "test")
+        if split not in valid:
+            raise ValueError(f"{self.name}/{task}: unknown split {split!r}; valid: {', '.join(valid)}")
+        return getattr(data, split)
 
     # --- preparation ------------------------------------------------------------
     def prepare(self, force: bool = False) -> None:

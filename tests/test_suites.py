@@ -20,7 +20,8 @@ from tests._stub import StubBackbone, StubData, tensors
 
 SUITE_TASKS = {
     "tiny": ["markers-a", "markers-b", "markers-c"],
-    "mini": ["fortune-topic", "word-language", "debian-section", "wordnet-pos", "noun-supersense", "verb-supersense"],
+    "mini": ["fortune-topic", "word-language", "debian-section", "noun-supersense", "verb-supersense",
+             "unicode-category", "bible-genre", "code-language"],
     "glue": ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte"],
     "vision-8": ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"],
     "rf100": ["aerial", "videogames", "microscopic", "underwater", "documents", "electromagnetic", "real-world"],
