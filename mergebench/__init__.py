@@ -14,6 +14,7 @@ _EXPORTS = {
     "register_backbone": "mergebench.registry", "register_method": "mergebench.registry",
     "register_suite": "mergebench.registry",
     "Result": "mergebench.results",
+    "load": "mergebench.export",
 }
 
 

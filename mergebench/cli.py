@@ -1,4 +1,4 @@
-"""The ``mergebench`` command line: run, sweep, list, prepare, leaderboard, analyze."""
+"""The ``mergebench`` command line: run, merge, sweep, list, prepare, leaderboard, analyze."""
 from __future__ import annotations
 
 import argparse
@@ -92,11 +92,18 @@ def command_run(args: argparse.Namespace) -> int:
         return 0
     if not args.no_save:  # once for every method: this command, not the runner, appends the records
         check_writable(Path(args.results_dir))
+    keep = None
+    if args.save_merged is not None:  # checked before any work
+        from mergebench.export import check_out, saver
+
+        if len(plans) != 1:
+            raise HyperparameterError(f"--save-merged takes one method; {len(plans)} were given")
+        keep = saver(plans[0], check_out(args.save_merged, args.overwrite, "--save-merged"), args.overwrite)
 
     results, unsaved = [], []
     try:
         for plan in plans:
-            result = execute(plan)
+            result = execute(plan, keep=keep)
             results.append(result)
             family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
             print(f"{result.method}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, "
@@ -113,8 +120,28 @@ def command_run(args: argparse.Namespace) -> int:
         for error in unsaved:
             print(f"mergebench: error: {error}", file=sys.stderr)
         return 1
+    if keep is not None:
+        print(f"wrote the merged model to {args.save_merged}", file=sys.stderr)
     if not args.no_save:
         print(f"\nappended {len(results)} record(s) to {Path(args.results_dir) / (args.backbone + '.jsonl')}")
+    return 0
+
+
+def command_merge(args: argparse.Namespace) -> int:
+    from mergebench.errors import UnknownNameError
+    from mergebench.export import check_out, merge_and_export
+    from mergebench.registry import BACKBONES
+    from mergebench.runner import resolve
+
+    methods = method_names(args.method)
+    if len(methods) != 1:
+        raise UnknownNameError(f"--method {args.method!r}: merge writes one method's model; name one")
+    BACKBONES.get(args.backbone)
+    out = check_out(args.out, args.overwrite)  # before any work
+    plan = resolve(methods[0], args.backbone, seed=args.seed, hyperparameters=parse_hyperparameters(args.hp),
+                   checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+    merge_and_export(plan, out, overwrite=args.overwrite)
+    print(f"wrote {out}")
     return 0
 
 
@@ -356,9 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     run.add_argument("--results-dir", default="results")
     run.add_argument("--no-save", action="store_true", help="print the table but write no record")
+    run.add_argument("--save-merged", metavar="DIR",
+                     help="also write the merged model to DIR after evaluating, as `mergebench merge --out` does")
+    run.add_argument("--overwrite", action="store_true", help="let --save-merged replace a non-empty DIR")
     add_evaluation_options(run, "where evaluation runs (merging stays on the CPU); auto: CUDA, else MPS, else CPU")
     add_location_options(run)
     run.set_defaults(func=command_run)
+
+    merge = sub.add_parser("merge", help="merge a backbone's fine-tuned models and write the merged model to a folder "
+                                         "(no evaluation); `mergebench.load(DIR)` reads it back",
+                           epilog="a static merge is a transformers folder (AutoModel.from_pretrained(DIR)) with the "
+                                  "task heads in heads.safetensors; a dynamic one its artifacts; both mergebench.json")
+    merge.add_argument("--method", required=True)
+    merge.add_argument("--backbone", required=True)
+    merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
+    merge.add_argument("--out", required=True, metavar="DIR", help="the folder to write (refused if not empty)")
+    merge.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
+    add_location_options(merge)
+    merge.set_defaults(func=command_merge)
 
     sweep = sub.add_parser("sweep", help="run every method x backbone x seed x grid point as Ray tasks; resumable",
                            epilog="each configuration is resolved before any work; those already recorded in "

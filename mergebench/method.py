@@ -41,6 +41,10 @@ class Merged(abc.ABC):
             self._heads[task] = self.backbone.task(task).head().eval().to(self.device)
         return self._heads[task]
 
+    def use_heads(self, heads: Mapping[str, nn.Module]) -> None:
+        """Heads given from elsewhere (an exported folder's) instead of the backbone's."""
+        self._heads.update({task: head.eval().to(self.device) for task, head in heads.items()})
+
     def to(self, device: torch.device | str) -> "Merged":
         """Evaluate on ``device``: every module this model holds (encoders, heads, a router
         module) moves there once; inputs must then be on it too. A subclass holding plain
@@ -160,3 +164,10 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def merge(self, pool: ModelPool, exemplars: Mapping[str, Any] | None = None) -> Merged:
         """Build the merged model from the pool (and exemplars, if requested)."""
+
+    def rebuild(self, pool: ModelPool, artifacts: Mapping[str, bytes]) -> Merged:
+        """The Merged model of a dynamic method from its stored ``artifacts()`` alone, as
+        ``mergebench.load`` reads an exported one back; ``pool`` is read only for its
+        ``backbone``, ``tasks`` and ``pretrained_state()``. NotApplicableError where a method
+        cannot (a static merge is exported as its weights instead)."""
+        raise NotApplicableError(f"method {self.name!r} cannot rebuild its merged model from stored artifacts")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -233,10 +233,11 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
     )
 
 
-def execute(plan: RunPlan) -> Result:
+def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = None) -> Result:
     """The work of a resolved run: load the pool, draw exemplars, merge, evaluate; the Result,
     not yet recorded. Peak memory is this run's alone. A non-finite merged tensor, output or
-    metric stops the run with a NonFiniteError naming the method, task and tensor."""
+    metric stops the run with a NonFiniteError naming the method, task and tensor. ``keep``
+    receives the evaluated model and its pool (``run --save-merged`` exports it)."""
     method = plan.method
     backbone = plan.make_backbone()
     tasks = [task.name for task in backbone.tasks]
@@ -252,6 +253,8 @@ def execute(plan: RunPlan) -> Result:
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
         manifest = pool.manifest_sha256
+    if keep is not None:
+        keep(merged, pool)
     return make_result(plan, backbone, merged, metrics, storage_bytes=storage, merge_seconds=merge_seconds,
                        eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest, examples=scored)
 

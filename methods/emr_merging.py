@@ -214,6 +214,8 @@ class EMRMerging(Method):
     dynamic = True
 
     def merge(self, pool, exemplars=None):
-        artifacts = emr_merge(pool)
+        return self.rebuild(pool, emr_merge(pool))
+
+    def rebuild(self, pool, artifacts):
         encoder = load_encoder(pool.backbone, pool.pretrained_state())
         return ComposedMerged(pool.backbone, encoder, EMRStore(pool.tasks, artifacts), artifacts=artifacts)

@@ -469,6 +469,16 @@ class TwinMerging(Method):
         return TwinMerged(pool, shared, artifacts, decode_router(artifacts[ROUTER], pool.tasks),
                           self.hparams["router_features"])
 
+    def rebuild(self, pool, artifacts):
+        missing = [name for name in (SHARED, ROUTER) if name not in artifacts]
+        if missing:
+            raise CorruptArtifactError(f"missing Twin-Merging artifact(s): {', '.join(missing)}")
+        contents = decode_tensors(artifacts[SHARED], source=SHARED)
+        contents.expect_content(SHARED_CONTENT)
+        shared = {key: contents.dense(key) for key in contents}
+        return TwinMerged(pool, shared, dict(artifacts), decode_router(artifacts[ROUTER], pool.tasks),
+                          self.hparams["router_features"])
+
     def router_training_features(self, pool: ModelPool, shared: Mapping[str, torch.Tensor],
                                  exemplars: Mapping[str, Any]) -> list[torch.Tensor]:
         """Per task, what the router reads from its exemplars (an encoder of its own, freed
