@@ -21,6 +21,7 @@ torch); checking a protocol loads the methods.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -156,6 +157,7 @@ ORIGINAL = Protocol(
             "exemplars": (100, "T-Switch paper Table 5: N = 100"),
             "neighbours": (10, "Auto-FlexSwitch §IV-B: stable at C = 10 neighbours"),
             "query_model": ("pretrained", "Auto-FlexSwitch Eq. 5: pretrained features f_ex(x; Theta)"),
+            "routing": ("per-input", "T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5: each input its own k-NN weights"),
         },
         "flexswitch": dict(_FLEXSWITCH),
         "auto-flexswitch": {
@@ -165,6 +167,7 @@ ORIGINAL = Protocol(
             "metric_lr": (0.5, "Auto-FlexSwitch §IV-A1: learning rate 0.5 for L"),
             "metric_epochs": (100, "Auto-FlexSwitch §IV-A1: 100 epochs"),
             "neighbours": (10, "Auto-FlexSwitch §IV-B: stable at C = 10 neighbours"),
+            "routing": ("per-input", "Auto-FlexSwitch §III-C5 / Eq. 5: each input its own k-NN weights"),
         },
     }),
 )
@@ -318,3 +321,34 @@ def check_protocol(protocol: Protocol) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise HyperparameterError(f"protocol {protocol.name!r}: test_examples[{suite!r}] = {value!r} is not "
                                       "an integer >= 1")
+
+
+def differences() -> list[tuple[str, str, list[Setting | None]]]:
+    """(method, hyperparameter, the Setting of every protocol in registry order) for each value
+    that is not the same under every protocol; None: that protocol keeps ``original``'s."""
+    rows = []
+    for method, settings in ORIGINAL.methods.items():
+        names = list(settings) + sorted({n for p in PROTOCOLS.values() for n in p.methods.get(method, {})} - set(settings))
+        for name in names:
+            chosen = [p.setting(method, name) if p is not ORIGINAL else settings.get(name) for p in PROTOCOLS.values()]
+            effective = [json.dumps((s or settings.get(name) or Setting(None, "")).value) for s in chosen]
+            if len(set(effective)) > 1:
+                rows.append((method, name, chosen))
+    return rows
+
+
+def differences_markdown() -> str:
+    """The README's table of the values that differ between protocols, each with its source."""
+    names = list(PROTOCOLS)
+    lines = ["| method | hyperparameter | " + " | ".join(f"`{n}`" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for method, name, chosen in differences():
+        original = chosen[0]
+        cells = []
+        for setting in chosen:
+            if setting is None:
+                cells.append("(original)" if original is not None else "-")
+            else:
+                cells.append(f"{json.dumps(setting.value)}: {setting.source}")
+        lines.append(f"| `{method}` | `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -220,3 +220,15 @@ def test_a_test_cap_scores_exactly_the_first_n_examples(tiny_bert, tmp_path):
         assert result.metrics[task.name] == pytest.approx((predicted == targets[:cap]).sum().item() / cap, abs=1e-12)
     full = run("pretrained", "tiny-bert", batch_size=16, results_dir=None)
     assert full.protocol == "original" and set(full.examples.values()) == {96}
+
+
+def test_the_readme_table_of_differences_is_the_protocols():
+    from pathlib import Path
+
+    from mergebench.protocols import differences, differences_markdown
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert differences_markdown() in readme
+    rows = {(method, name): chosen for method, name, chosen in differences()}
+    assert rows[("ties", "merge_func")][1].value == "sum" and rows[("ties", "merge_func")][0].value == "mean"
+    assert ("task-arithmetic", "scaling") not in rows  # 0.3 under every protocol: not a difference
