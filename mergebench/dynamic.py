@@ -40,20 +40,31 @@ class TaskVectorStore(abc.ABC):
         """sum_k weights[k] * tau_hat_k[key] as a dense float tensor."""
 
 
+ROUTING_MODES = ("per-input", "per-batch")
+
+
 class RoutedMerged(Merged):
     """Per-task parts composed with per-input weights w(x) over ``tasks``.
 
     Without a router the task identity is used: w is one-hot on the task being evaluated.
     With one, ``route`` gives the weights and every prediction counts how many inputs put
     their largest weight on their own task (the routing accuracy of ``diagnostics``).
+    ``routing`` "per-input" composes each input with its own weights (the papers' Eq. 8 /
+    Eq. 5, automatic); "per-batch" gives every input of a batch the mean of the batch's
+    weights, composed once (the T-Switch authors' released code). Evaluation batches hold
+    one task's inputs, so per-batch routing pools the votes of inputs known to share a task:
+    close to an oracle, not automatic in deployment, and it depends on the batch size.
     ``artifacts`` are the serialized parts the model was decoded from, charged as storage."""
 
     def __init__(self, backbone: Backbone, tasks: list[str], *, router: Any = None,
                  artifacts: Mapping[str, bytes] | None = None, diagnostics: Mapping[str, Any] | None = None,
-                 reused_training_seconds: float | None = None):
+                 reused_training_seconds: float | None = None, routing: str = "per-input"):
         super().__init__(backbone, diagnostics=diagnostics, reused_training_seconds=reused_training_seconds)
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {', '.join(ROUTING_MODES)}, got {routing!r}")
         self.tasks = list(tasks)
         self.router = router
+        self.routing = routing
         self._artifacts = dict(artifacts or {})
         self._routed: dict[str, list[int]] = {}  # task -> [inputs whose top weight is the task, inputs]
 
@@ -64,9 +75,13 @@ class RoutedMerged(Merged):
 
     @torch.no_grad()
     def routing_weights(self, task: str, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """(batch, K) composition weights: the router's, or one-hot on the known task."""
+        """(batch, K) composition weights: the router's (per input, or their batch mean for
+        ``routing`` "per-batch"), or one-hot on the known task."""
         if self.router is not None:
-            return self.route(inputs)
+            weights = self.route(inputs)
+            if self.routing == "per-batch":
+                weights = weights.mean(0, keepdim=True).expand_as(weights).contiguous()
+            return weights
         batch = next(iter(inputs.values())).shape[0]
         weights = torch.zeros(batch, len(self.tasks))
         weights[:, self.tasks.index(task)] = 1.0
@@ -107,9 +122,10 @@ class ComposedMerged(RoutedMerged):
 
     def __init__(self, backbone: Backbone, encoder: nn.Module, store: TaskVectorStore, *, router: Router | None = None,
                  artifacts: Mapping[str, bytes] | None = None, diagnostics: Mapping[str, Any] | None = None,
-                 reused_training_seconds: float | None = None, cache_bytes: int = 2 * 1024**3):
+                 reused_training_seconds: float | None = None, cache_bytes: int = 2 * 1024**3,
+                 routing: str = "per-input"):
         super().__init__(backbone, store.tasks, router=router, artifacts=artifacts, diagnostics=diagnostics,
-                         reused_training_seconds=reused_training_seconds)
+                         reused_training_seconds=reused_training_seconds, routing=routing)
         self.encoder = encoder
         state = encoder.state_dict()
         self.pretrained = {key: state[key] for key in store.keys()}

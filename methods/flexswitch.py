@@ -19,7 +19,9 @@ Eq. 17 (``mergebench.codecs``); storage is the size of those files.
 Auto-FlexSwitch routes per input (§III-C5): K-means (E centres) over each task's query set of
 pretrained features, a low-rank projection L (r x e) trained on Eq. 19, and k-NN over the
 projected centres: w_k(x) = |N_x ∩ A_k| / C, composed as theta + sum_k w_k(x) tau~_k through
-the dynamic inference engine.
+the dynamic inference engine. ``routing`` "per-batch" gives every input of a batch the batch
+mean of the weights instead (the T-Switch authors' released code; not automatic in deployment:
+``mergebench.dynamic.RoutedMerged``).
 On a detector (rf100, §IV-A2) the preservation loss is MSE, and routing uses one vector per
 object query, each image composed by the majority vote of its queries (``KNNRouter``).
 
@@ -58,7 +60,7 @@ from tqdm.auto import tqdm
 from mergebench.cache import cache_dir
 from mergebench.codecs import CompressedTensor, dequantize, quantize, quantized_from_task_vector
 from mergebench.container import decode_tensors, encode_tensors, read_artifact, write_artifact
-from mergebench.dynamic import ComposedMerged, KNNRouter
+from mergebench.dynamic import ROUTING_MODES, ComposedMerged, KNNRouter
 from mergebench.errors import CorruptArtifactError, HyperparameterError
 from mergebench.exemplars import batched_features, per_task_features, task_indices
 from mergebench.hyperparameters import Bool, Choice, Float, Int, IntList
@@ -462,7 +464,7 @@ class FlexSwitch(Method):
         router, routing_artifacts, routing_record = self.routing(pool, exemplars, encoder)
         return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts={**artifacts, **routing_artifacts},
                               diagnostics={"flexswitch": {**training, **routing_record}},
-                              reused_training_seconds=reused)
+                              reused_training_seconds=reused, routing=self.hparams.get("routing", "per-input"))
 
     def routing(self, pool: ModelPool, exemplars: Mapping[str, Any],
                 encoder: nn.Module) -> tuple[KNNRouter | None, dict[str, bytes], dict[str, Any]]:
@@ -558,6 +560,9 @@ class AutoFlexSwitch(FlexSwitch):
         "metric_lr": Float(0.5, "Adam learning rate of L", 0.0, low_open=True),
         "metric_epochs": Int(100, "full-batch epochs of the metric learning (Eq. 19)", 0),
         "neighbours": Int(10, "C: nearest centres that vote for the task weights", 1),
+        # per-batch: the T-Switch authors' released Auto-Switch code; the Auto-FlexSwitch paper routes per input
+        "routing": Choice("per-input", ROUTING_MODES, "per-input: each input its own k-NN weights (Eq. 5); "
+                          "per-batch: their batch mean (uses single-task batches)"),
     }
     uses_task_identity = False
 
