@@ -335,3 +335,22 @@ def test_documented_defaults_are_the_papers():
     assert (hp["rho"], hp["omega"], hp["decay"], hp["decay_every"], list(hp["bit_widths"])) == (1.0, 1.0, 0.9, 10,
                                                                                               [1, 2, 4, 8])
     assert (hp["rank"], hp["centres"], hp["neighbours"], hp["metric_lr"], hp["metric_epochs"]) == (32, 20, 10, 0.5, 100)
+
+
+def test_stored_switch_holds_the_eq13_range_and_the_eq16_17_sass_layout(trained):
+    """Each stored tensor keeps the quantiser range of its whole task vector (Eq. 13's
+    v_max^-, v_max^+, not that of the kept entries), its group size is Eq. 17's divisor of n
+    nearest ln 2 / (1 - alpha) (at most 256) at its own sparsity, and its payload is Eq. 16's
+    35 + n/c + n_kept (ceil(log2 c) + b + 1) bits exactly."""
+    pre, taus, heads, exemplars, merged = trained
+    for task in ("t1", "t2"):
+        for key, got in decode_tensors(merged["kl"].artifacts()[f"{task}.sass"]).items():
+            tau = taus[task][key]
+            assert got.params["v_neg"] == pytest.approx(float(-tau.min()), rel=1e-6)
+            assert got.params["v_pos"] == pytest.approx(float(tau.max()), rel=1e-6)
+            n, kept = tau.numel(), int(got.mask.sum())
+            alpha = 1 - kept / n
+            divisors = [c for c in range(1, min(n, 256) + 1) if n % c == 0]
+            c = min(divisors, key=lambda c: (abs(math.log(2) / (1 - alpha) - c), c)) if kept else divisors[-1]
+            assert got.group_size == c, (task, key)
+            assert got.payload_bits == 35 + n // c + kept * (math.ceil(math.log2(c)) + got.bits + 1), (task, key)
