@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from mergebench.backbone import Backbone
+from mergebench.device import autocast, to_cpu_float, to_device
 
 
 def draw_exemplars(backbone: Backbone, tasks: list[str], n: int, seed: int, split: str = "train") -> dict[str, Any]:
@@ -46,17 +47,25 @@ def select_examples(inputs: Mapping[str, Any], start: int, stop: int) -> dict[st
 
 
 @torch.no_grad()
-def batched_features(encoder: Callable[..., torch.Tensor], inputs: Mapping[str, Any], batch_size: int = 64) -> torch.Tensor:
+def batched_features(encoder: Callable[..., torch.Tensor], inputs: Mapping[str, Any], batch_size: int = 64,
+                     device: torch.device | None = None, precision: str = "fp32") -> torch.Tensor:
     """encoder(**inputs) over a large input batch, ``batch_size`` rows at a time, so that
-    memory holds one batch's activations whatever the number of exemplars."""
+    memory holds one batch's activations whatever the number of exemplars. With ``device``
+    (where ``encoder`` runs) each batch goes there under ``precision`` and the features come
+    back to the CPU as float32; without it everything stays where it is."""
     n = example_count(inputs)
-    return torch.cat([encoder(**select_examples(inputs, i, i + batch_size)) for i in range(0, n, batch_size)])
+    if device is None:
+        return torch.cat([encoder(**select_examples(inputs, i, i + batch_size)) for i in range(0, n, batch_size)])
+    with autocast(device, precision):
+        return torch.cat([to_cpu_float(encoder(**to_device(select_examples(inputs, i, i + batch_size), device)))
+                          for i in range(0, n, batch_size)])
 
 
 def per_task_features(extract: Callable[..., torch.Tensor], exemplars: Mapping[str, Any],
-                      tasks: list[str]) -> list[torch.Tensor]:
-    """``extract`` over each task's exemplars, in task order (a router's training or query set)."""
-    return [batched_features(extract, exemplars[task]) for task in tasks]
+                      tasks: list[str], device: torch.device | None = None, precision: str = "fp32") -> list[torch.Tensor]:
+    """``extract`` over each task's exemplars, in task order (a router's training or query set),
+    run on ``device`` under ``precision`` when given (``batched_features``)."""
+    return [batched_features(extract, exemplars[task], device=device, precision=precision) for task in tasks]
 
 
 def task_indices(groups: list[torch.Tensor]) -> torch.Tensor:

@@ -45,6 +45,10 @@ offline suite, tiny's training split has 256 examples), floor 1e-6, normalize on
 Memory: the merge is incremental, task by task: two running encoder-sized float32 sums
 (sum c F theta and sum c F), one boolean "informative" mask, one fine-tuned encoder and
 that model's Fisher; never the K Fishers or the K models at once.
+
+Device: the per-example forward and backward passes run on the run's device under its
+precision (autocast); each task's Fisher comes back to the CPU, where the weighted
+average is taken in float32.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.device import autocast, to_device
 from mergebench.exemplars import example_count, select_examples, task_exemplars
 from mergebench.hyperparameters import Bool, Float, Int
 from mergebench.merging import finetuned_mean
@@ -76,7 +81,8 @@ def varying_keys(pool: ModelPool) -> set[str]:
 
 # --- the Fisher ----------------------------------------------------------------------
 def diagonal_fisher(
-    encoder: nn.Module, head: nn.Module, inputs: Mapping[str, Any], keys: set[str] | None = None
+    encoder: nn.Module, head: nn.Module, inputs: Mapping[str, Any], keys: set[str] | None = None,
+    device: torch.device = torch.device("cpu"), precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """F[key] = 1/N sum_n sum_y p(y|x_n) (d log p(y|x_n) / d theta[key])^2 for every
     parameter of ``encoder`` named in ``keys`` (all parameters if None), logits being
@@ -84,7 +90,9 @@ def diagonal_fisher(
     the C class gradients of an example share one forward pass. Tied parameters get the
     Fisher of the shared tensor under each of their names. A one-output (regression) head
     is a unit-variance Gaussian likelihood, whose Fisher is (d f / d theta)^2 (a softmax
-    over one output would be constant, its Fisher zero)."""
+    over one output would be constant, its Fisher zero). ``encoder`` and ``head`` are on
+    ``device``, where each example goes and runs forward under ``precision`` (autocast; the
+    log-likelihood and the squared gradients are float32); the Fisher comes back on the CPU."""
     named = dict(encoder.named_parameters(remove_duplicate=False))
     wanted = [name for name in named if keys is None or name in keys]
     unique: list[nn.Parameter] = []
@@ -105,7 +113,8 @@ def diagonal_fisher(
     n = example_count(inputs)
     if unique:
         for i in tqdm(range(n), desc="fisher", unit="example", leave=False):
-            logits = head(encoder(**select_examples(inputs, i, i + 1)))
+            with autocast(device, precision):
+                logits = head(encoder(**to_device(select_examples(inputs, i, i + 1), device)))
             if logits.dim() != 2 or logits.shape[0] != 1:
                 raise ValueError(
                     f"fisher: expected logits of shape (1, classes) for one example, got {tuple(logits.shape)}"
@@ -130,7 +139,7 @@ def diagonal_fisher(
                         total.addcmul_(grad, grad, value=float(probs[c]))
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
-    return {name: sums[index[id(named[name])]] / n for name in wanted}
+    return {name: (sums[index[id(named[name])]] / n).cpu() for name in wanted}
 
 
 def fisher_norm(fisher: Mapping[str, torch.Tensor]) -> float:
@@ -162,15 +171,16 @@ class FisherMerging(Method):
         numerator: dict[str, torch.Tensor] = {}
         denominator: dict[str, torch.Tensor] = {}
         informative: dict[str, torch.Tensor] = {}
-        encoder = backbone.build_encoder()
+        encoder = backbone.build_encoder().to(self.device)  # the forward/backward passes run on the run's device
         for task in tqdm(pool.tasks, desc=self.name, unit="task", leave=False):
             encoder.load_state_dict(pool.finetuned_state(task), strict=True)
-            fisher = diagonal_fisher(encoder, backbone.task(task).head(), inputs[task], keys=varying)
+            fisher = diagonal_fisher(encoder, backbone.task(task).head().to(self.device), inputs[task], keys=varying,
+                                     device=self.device, precision=self.precision)
             norm = fisher_norm(fisher) if normalize else 1.0
             scale = 1.0 / norm if norm > 0 else 1.0
             theta = encoder.state_dict()
             for key in varying:
-                value = theta[key].detach()
+                value = theta[key].detach().cpu()
                 f = fisher.get(key)
                 if f is None:  # a floating buffer: no gradient, zero Fisher
                     f = torch.zeros(value.shape, dtype=torch.promote_types(value.dtype, torch.float32))

@@ -61,6 +61,7 @@ from mergebench.cache import cache_dir
 from mergebench.codecs import CompressedTensor, dequantize, quantize, quantized_from_task_vector
 from mergebench.container import decode_tensors, encode_tensors, read_artifact, write_artifact
 from mergebench.dynamic import ROUTING_MODES, ComposedMerged, KNNRouter
+from mergebench.device import autocast, to_device
 from mergebench.errors import CorruptArtifactError, HyperparameterError
 from mergebench.exemplars import batched_features, per_task_features, task_indices
 from mergebench.hyperparameters import Bool, Choice, Float, Int, IntList
@@ -171,7 +172,7 @@ class GatedTaskVector(torch.autograd.Function):
 
         def threshold_grad(side, inv):  # d/dt of sigmoid(+-(tau - t) inv) summed against grad_gate
             if side is None:
-                return torch.zeros(())
+                return torch.zeros((), device=grad_delta.device)
             slope = torch.mul(side, side).neg_().add_(side)  # sigmoid' = s (1 - s)
             return -inv * torch.dot(grad_gate, slope.view(-1))
 
@@ -222,7 +223,7 @@ class TensorGate(nn.Module):
 
     def mixed_bits(self, omega: float) -> torch.Tensor:
         """w-bar of Eq. 14."""
-        return (self.mix(omega) * torch.tensor(self.bit_widths, dtype=torch.float32)).sum()
+        return (self.mix(omega) * torch.tensor(self.bit_widths, dtype=torch.float32, device=self.w.device)).sum()
 
     def soft(self, rho: float, omega: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(tau~ = softplus(kappa) M (.) Q_M(tau), ||M||_1): the training-time task vector
@@ -288,19 +289,24 @@ def outputs_under(encoder: nn.Module, head: nn.Module, params: Mapping[str, torc
 
 
 def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor],
-                     settings: FlexSwitchSettings, seed: int, encoder: nn.Module) -> TrainedSwitch:
-    """Optimise Eq. 14 for one task and return its SASS-encoded task vector."""
+                     settings: FlexSwitchSettings, seed: int, encoder: nn.Module,
+                     device: torch.device = torch.device("cpu"), precision: str = "fp32") -> TrainedSwitch:
+    """Optimise Eq. 14 for one task and return its SASS-encoded task vector. ``encoder`` is on
+    ``device``, where the gates, the weights and the exemplars go and the steps run (the
+    forward passes under ``precision``; the gated weights are built in float32)."""
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    head = pool.backbone.task(task).head().eval().requires_grad_(False)
+    head = pool.backbone.task(task).head().eval().requires_grad_(False).to(device)
     keys = [key for key in pool.merged_keys if torch.count_nonzero(pool.task_vector(task, key))]
     gates = nn.ModuleDict({key.replace(".", "/"): TensorGate(pool.task_vector(task, key), settings.bit_widths)
-                           for key in keys})
-    pretrained = {key: pool.pretrained(key).float() for key in keys}
+                           for key in keys}).to(device)
+    pretrained = {key: pool.pretrained(key).float().to(device) for key in keys}
     n = next(iter(exemplars.values())).shape[0]
+    exemplars = to_device(dict(exemplars), device)
     # the fine-tuned model's outputs on the exemplars are fixed: compute them once
     finetuned = {key: pretrained[key] + gates[key.replace(".", "/")].tau for key in keys}
-    teacher = batched_features(partial(outputs_under, encoder, head, finetuned), exemplars)
+    teacher = batched_features(partial(outputs_under, encoder, head, finetuned), exemplars, device=device,
+                               precision=precision).to(device)
     del finetuned
     lgs = [p for g in gates.values() for p in (g.s_pos, g.s_neg, g.kappa)]
     bas = [g.w for g in gates.values()]
@@ -310,7 +316,7 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
     loss = preservation = torch.tensor(0.0)
     for step in tqdm(range(settings.steps), desc=f"flexswitch {task}", unit="step", leave=False):
         rho, omega = settings.temperatures(step)
-        batch = torch.randperm(n, generator=generator)[: settings.batch_size]
+        batch = torch.randperm(n, generator=generator)[: settings.batch_size].to(device)
         params, sparsity, bits = {}, 0.0, 0.0
         for key in keys:
             gate = gates[key.replace(".", "/")]
@@ -318,8 +324,9 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
             params[key] = pretrained[key] + delta
             sparsity = sparsity + mass
             bits = bits + gate.mixed_bits(omega)
-        outputs = head(functional_call(encoder, params, args=(), kwargs={k: v[batch] for k, v in exemplars.items()}))
-        preservation = preserve(outputs, teacher[batch])
+        with autocast(device, precision):
+            outputs = head(functional_call(encoder, params, args=(), kwargs={k: v[batch] for k, v in exemplars.items()}))
+        preservation = preserve(outputs.float(), teacher[batch])
         loss = sparsity / total + bits / (len(keys) * max(settings.bit_widths)) + settings.lam * preservation
         optimizer.zero_grad()
         loss.backward()
@@ -329,7 +336,8 @@ def train_flexswitch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.T
     for key in keys:
         gate = gates[key.replace(".", "/")]
         mask, bits, scale = gate.hard(rho)
-        tensors[key] = quantized_from_task_vector(gate.tau, mask, bits, "sass", scale=scale, bounds=gate.bounds)
+        tensors[key] = quantized_from_task_vector(gate.tau.cpu(), mask.cpu(), bits, "sass", scale=scale,
+                                                  bounds=gate.bounds)
     return TrainedSwitch(tensors, time.perf_counter() - start, float(loss.detach()), float(preservation.detach()))
 
 
@@ -377,7 +385,8 @@ def read_cached_switch(path: Path, key: str) -> tuple[dict[str, CompressedTensor
 
 
 def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
-                   seed: int, encoder: nn.Module, reuse: bool) -> tuple[bytes, dict[str, Any], float | None]:
+                   seed: int, encoder: nn.Module, reuse: bool, device: torch.device = torch.device("cpu"),
+                   precision: str = "fp32") -> tuple[bytes, dict[str, Any], float | None]:
     """One task's SASS artifact, its training record and, when the switch was read back from
     the cache instead of trained, the seconds its training originally took (else None).
 
@@ -396,7 +405,7 @@ def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Ten
         else:
             stats = {**record, "seconds": round(record["seconds"], 2), **switch_statistics(tensors)}
             return encode_tensors(tensors), {**stats, "reused": True}, record["seconds"]
-    trained = train_flexswitch(pool, task, exemplars, settings, seed, encoder)
+    trained = train_flexswitch(pool, task, exemplars, settings, seed, encoder, device, precision)
     record = {"seconds": trained.seconds, "final_loss": trained.final_loss,
               "final_preservation": trained.final_preservation}
     write_artifact(path, trained.tensors, {"content": CACHE_CONTENT, "key": key, **record})
@@ -405,14 +414,16 @@ def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Ten
 
 
 def train_switches(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any], seed: int,
-                   encoder: nn.Module) -> tuple[dict[str, bytes], dict[str, Any], float | None]:
+                   encoder: nn.Module, device: torch.device = torch.device("cpu"),
+                   precision: str = "fp32") -> tuple[dict[str, bytes], dict[str, Any], float | None]:
     """The switches of every task, trained or read back from the cache: their SASS artifacts,
     each task's training record, and the original cost of the ones read back (None: none was)."""
     settings = FlexSwitchSettings.from_hparams(hparams)
     artifacts, training, reused = {}, {}, []
     for k, task in enumerate(tqdm(pool.tasks, desc="flexswitch: training", unit="task")):
         artifacts[f"{task}.sass"], training[task], seconds = trained_switch(
-            pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]))
+            pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]),
+            device, precision)
         if seconds is not None:
             reused.append(seconds)
     return artifacts, training, sum(reused) if reused else None
@@ -458,10 +469,13 @@ class FlexSwitch(Method):
         if not exemplars:
             raise ValueError(f"{self.name} needs exemplars to train its switches")
         hparams = self.resolved_hyperparameters(pool.backbone)
-        encoder = load_encoder(pool.backbone, pool.pretrained_state()).requires_grad_(False)
-        artifacts, training, reused = train_switches(pool, exemplars, hparams, self.seed, encoder)
+        # training and the router's query features run on the run's device; the Merged starts on the CPU
+        encoder = load_encoder(pool.backbone, pool.pretrained_state()).requires_grad_(False).to(self.device)
+        artifacts, training, reused = train_switches(pool, exemplars, hparams, self.seed, encoder, self.device,
+                                                     self.precision)
         store = SwitchStore(pool.tasks, artifacts, ".sass")
         router, routing_artifacts, routing_record = self.routing(pool, exemplars, encoder)
+        encoder.to("cpu")
         return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts={**artifacts, **routing_artifacts},
                               diagnostics={"flexswitch": {**training, **routing_record}},
                               reused_training_seconds=reused, routing=self.hparams.get("routing", "per-input"))
@@ -579,7 +593,8 @@ class AutoFlexSwitch(FlexSwitch):
         routing = routing_view(pool.backbone.tasks)
         routed = routing.routing_features
         # query sets: pretrained features f_ex(x; Theta) of the exemplars (Eq. 5)
-        queries = [routed(features) for features in per_task_features(encoder, exemplars, pool.tasks)]
+        queries = [routed(features) for features in per_task_features(encoder, exemplars, pool.tasks, self.device,
+                                                                     self.precision)]
         # a detector gives one vector per object query: each is a query of its task, and an image is
         # composed by the majority vote of its queries' k-NN weights (§IV-A2; KNNRouter)
         queries = [q.reshape(-1, q.shape[-1]) for q in queries]

@@ -42,6 +42,10 @@ and gives Fisher and RegMean the same exemplars), alpha 0.9.
 Memory: task by task; held at once are one fine-tuned encoder, that model's Grams, the
 running float64 sums sum_k G~_k (in x in per linear layer) and sum_k G~_k W_k^T (the
 size of the linear weights), and the running sum of every other merged tensor.
+
+Device: the forward passes that collect the Grams run on the run's device under its
+precision (autocast; the Grams are summed in float64, float32 on MPS, which has no
+float64) and come back to the CPU, where the system is solved in float64.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mergebench.device import autocast, to_device
 from mergebench.exemplars import example_count, select_examples, task_exemplars
 from mergebench.hyperparameters import Float, Int
 from mergebench.merging import finetuned_mean
@@ -71,8 +76,9 @@ def scale_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 class GramCollector:
     """Forward hooks that sum x^T x and count rows of the inputs of named nn.Linear modules."""
 
-    def __init__(self, modules: Mapping[str, nn.Linear]):
+    def __init__(self, modules: Mapping[str, nn.Linear], dtype: torch.dtype = torch.float64):
         self.modules = dict(modules)
+        self.dtype = dtype  # of the sums: float64, float32 where the device has no float64 (MPS)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.mask: torch.Tensor | None = None
@@ -85,7 +91,7 @@ class GramCollector:
                 rows = x[mask != 0]
             else:
                 rows = x.reshape(-1, x.shape[-1])
-            rows = rows.to(torch.float64)
+            rows = rows.to(self.dtype)
             gram = rows.T @ rows
             if name in self.sums:
                 self.sums[name] += gram
@@ -106,32 +112,35 @@ class GramCollector:
                 handle.remove()
 
     def grams(self) -> dict[str, torch.Tensor]:
-        """G = X^T X / n per module (zeros for a module that saw no rows)."""
+        """G = X^T X / n per module, float64 on the CPU (zeros for a module that saw no rows)."""
         out = {}
         for name, module in self.modules.items():
             n = self.counts.get(name, 0)
             if n == 0:
                 out[name] = torch.zeros(module.in_features, module.in_features, dtype=torch.float64)
             else:
-                out[name] = self.sums[name] / n
+                out[name] = self.sums[name].to("cpu", torch.float64) / n
         return out
 
 
 @torch.no_grad()
 def input_grams(
-    encoder: nn.Module, modules: Mapping[str, nn.Linear], inputs: Mapping[str, Any]
+    encoder: nn.Module, modules: Mapping[str, nn.Linear], inputs: Mapping[str, Any],
+    device: torch.device = torch.device("cpu"), precision: str = "fp32",
 ) -> dict[str, torch.Tensor]:
     """The Gram matrix of each named linear module's inputs over a batch of exemplars
-    (padding tokens left out when an ``attention_mask`` is given)."""
+    (padding tokens left out when an ``attention_mask`` is given). ``encoder`` is on
+    ``device``, where the batches run under ``precision``; the Grams come back on the CPU."""
     encoder.eval()
-    collector = GramCollector(modules)
+    collector = GramCollector(modules, torch.float32 if device.type == "mps" else torch.float64)
     n = example_count(inputs)
     with collector.attached():
         for start in range(0, n, BATCH_SIZE):
-            batch = select_examples(inputs, start, start + BATCH_SIZE)
+            batch = to_device(select_examples(inputs, start, start + BATCH_SIZE), device)
             mask = batch.get("attention_mask")
             collector.mask = mask if isinstance(mask, torch.Tensor) else None
-            encoder(**batch)
+            with autocast(device, precision):
+                encoder(**batch)
     return collector.grams()
 
 
@@ -168,7 +177,7 @@ class RegMean(Method):
         backbone = pool.backbone
         merged_keys = set(pool.merged_keys)
 
-        encoder = backbone.build_encoder()
+        encoder = backbone.build_encoder().to(self.device)  # the forward passes run on the run's device
         linear = {
             name: module
             for name, module in encoder.named_modules()
@@ -181,18 +190,18 @@ class RegMean(Method):
 
         for task in tqdm(pool.tasks, desc=self.name, unit="task", leave=False):
             encoder.load_state_dict(pool.finetuned_state(task), strict=True)
-            grams = input_grams(encoder, linear, inputs[task])
+            grams = input_grams(encoder, linear, inputs[task], self.device, self.precision)
             theta = encoder.state_dict()
             for name, gram in grams.items():
                 g = scale_off_diagonal(gram, alpha)
-                w_t = theta[f"{name}.weight"].detach().to(torch.float64).T
+                w_t = theta[f"{name}.weight"].detach().cpu().to(torch.float64).T
                 if name in gram_sums:
                     gram_sums[name] += g
                     weighted_sums[name] += g @ w_t
                 else:
                     gram_sums[name], weighted_sums[name] = g, g @ w_t
             for key in merged_keys - weight_keys.keys():
-                value = theta[key].detach()
+                value = theta[key].detach().cpu()
                 value = value.to(torch.promote_types(value.dtype, torch.float32))
                 sums[key] = sums[key] + value if key in sums else value.clone()
             del grams, theta
