@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from mergebench.codecs import FORMATS, tswitch_from_task_vector
 from mergebench.container import decode_tensors, encode_tensors
 from mergebench.dynamic import ROUTING_MODES, ComposedMerged, KNNRouter
+from mergebench.errors import CorruptArtifactError
 from mergebench.exemplars import per_task_features, task_indices
 from mergebench.hyperparameters import Choice, Float, Int
 from mergebench.method import Method, load_encoder
@@ -98,7 +99,9 @@ class TSwitch(Method):
     dynamic = True
 
     def merge(self, pool, exemplars=None):
-        artifacts = encode_switches(pool, float(self.hparams["alpha"]), str(self.hparams["format"]))
+        return self.rebuild(pool, encode_switches(pool, float(self.hparams["alpha"]), str(self.hparams["format"])))
+
+    def rebuild(self, pool, artifacts):
         encoder = load_encoder(pool.backbone, pool.pretrained_state())
         return ComposedMerged(pool.backbone, encoder, SwitchStore(pool.tasks, artifacts), artifacts=artifacts)
 
@@ -123,24 +126,38 @@ class AutoSwitch(Method):
     def merge(self, pool, exemplars: Mapping[str, Any] | None = None):
         if not exemplars:
             raise ValueError("auto-switch needs exemplars to build its query sets")
-        query_model = self.hparams["query_model"]
         artifacts = encode_switches(pool, float(self.hparams["alpha"]))
         encoder = load_encoder(pool.backbone, pool.pretrained_state())
         store = SwitchStore(pool.tasks, artifacts)
-        if query_model == "pretrained":
-            extract = encoder  # f_ex(x; Theta)
-        else:
-            uniform = torch.full((len(pool.tasks),), 1.0 / len(pool.tasks))
-            state = encoder.state_dict()
-            averaged = {key: state[key] + store.combine(key, uniform) for key in store.keys()}
-            extract = lambda **inputs: functional_call(encoder, averaged, args=(), kwargs=inputs)  # noqa: E731
-        routing = routing_view(pool.backbone.tasks)  # e.g. DETR: one vector per object query, majority vote
-        routed = routing.routing_features
+        extract = self.extractor(encoder, store)
+        routed = routing_view(pool.backbone.tasks).routing_features
         queries = [routed(features) for features in per_task_features(extract, exemplars, pool.tasks)]
         # the query features are stored beside the switches, and the router reads them back from there
         artifacts[QUERY_SET] = encode_query_set(torch.cat(queries), task_indices(queries), pool.tasks)
-        queries, owners = decode_query_set(artifacts[QUERY_SET], pool.tasks)
-        router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(pool.tasks),
+        return self.compose(pool.backbone, encoder, store, artifacts)
+
+    def rebuild(self, pool, artifacts):
+        encoder = load_encoder(pool.backbone, pool.pretrained_state())
+        return self.compose(pool.backbone, encoder, SwitchStore(pool.tasks, artifacts), dict(artifacts))
+
+    def extractor(self, encoder, store: SwitchStore):
+        """f_ex: the encoder whose features fill the query set and route each input."""
+        if self.hparams["query_model"] == "pretrained":
+            return encoder  # f_ex(x; Theta)
+        uniform = torch.full((len(store.tasks),), 1.0 / len(store.tasks))
+        state = encoder.state_dict()
+        averaged = {key: state[key] + store.combine(key, uniform) for key in store.keys()}
+        return lambda **inputs: functional_call(encoder, averaged, args=(), kwargs=inputs)
+
+    def compose(self, backbone, encoder, store: SwitchStore, artifacts: dict[str, bytes]) -> ComposedMerged:
+        """The switches composed per input by the k-NN router over the stored query set."""
+        if QUERY_SET not in artifacts:
+            raise CorruptArtifactError(f"missing Auto-Switch artifact {QUERY_SET}")
+        extract = self.extractor(encoder, store)
+        routing = routing_view(backbone.tasks)  # e.g. DETR: one vector per object query, majority vote
+        routed = routing.routing_features
+        queries, owners = decode_query_set(artifacts[QUERY_SET], store.tasks)
+        router = KNNRouter(lambda inputs: routed(extract(**inputs)), queries, owners, len(store.tasks),
                            int(self.hparams["neighbours"]), by_parts=routing.routes_by_parts)
-        return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts=artifacts,
+        return ComposedMerged(backbone, encoder, store, router=router, artifacts=artifacts,
                               routing=self.hparams["routing"])
