@@ -213,10 +213,10 @@ def test_regmean_solves_the_closed_form_with_grams_from_each_finetuned_model(tmp
 # --------------------------------------------------------------------------- TIES
 
 
-def ties_by_hand(taus, keep, merge_func, per_tensor_trim=False, elect="sum"):
-    """Trim each task vector to its top ``keep`` magnitudes over all its tensors (or, wrongly,
-    per tensor), elect sign(sum) (or, wrongly, the majority of signs), and take the mean or
-    sum of the agreeing trimmed values."""
+def ties_selected(taus, keep, per_tensor_trim=False, elect="sum"):
+    """Per tensor, (K, ...) trimmed task vectors and where each agrees with the elected sign:
+    each task vector trimmed to its top ``keep`` magnitudes over all its tensors (or, wrongly,
+    per tensor), the sign elected as sign(sum) (or, wrongly, the majority of signs)."""
     trimmed = {}
     for t in TASKS:
         flat = torch.cat([taus[t][k].flatten() for k in KEYS]).abs()
@@ -225,11 +225,18 @@ def ties_by_hand(taus, keep, merge_func, per_tensor_trim=False, elect="sum"):
             # the authors' topk_values_mask: |tau| >= the (d - int(d keep))-th smallest magnitude
             kth = pool_of.sort().values[len(pool_of) - int(len(pool_of) * keep) - 1]
             trimmed.setdefault(k, []).append(taus[t][k] * (taus[t][k].abs() >= kth))
-    merged = {}
+    out = {}
     for k in KEYS:
         stacked = torch.stack(trimmed[k])
         sign = torch.sign(stacked.sum(0)) if elect == "sum" else torch.sign(torch.sign(stacked).sum(0))
-        agree = stacked * sign > 0
+        out[k] = (stacked, stacked * sign > 0)
+    return out
+
+
+def ties_by_hand(taus, keep, merge_func, **wrong):
+    """The disjoint mean or sum of the trimmed values that agree with the elected sign."""
+    merged = {}
+    for k, (stacked, agree) in ties_selected(taus, keep, **wrong).items():
         total = (stacked * agree).sum(0)
         merged[k] = total / agree.sum(0).clamp(min=1) if merge_func == "mean" else total
     return merged
@@ -248,4 +255,24 @@ def test_ties_trims_over_the_whole_task_vector_and_elects_by_summed_values(tmp_p
     assert far(got, expected) < 1e-5
     for name, change in {"per-tensor trim": dict(per_tensor_trim=True), "sign majority": dict(elect="count")}.items():
         other = {k: pre[k] + 0.4 * v for k, v in ties_by_hand(taus, 0.3, merge_func, **change).items()}
+        assert far(got, other) > 1e-3, name
+
+
+def test_adamerging_plusplus_learns_its_coefficients_on_the_ties_selected_vectors(tmp_path):
+    """AdaMerging++ (authors' ``main_layer_wise_adamergingpp.py``, dis-sum): the layer-wise
+    coefficients are learned, and the model merged, on each task's trimmed entries that agree
+    with the elected sign; learning on the plain task vectors or on per-tensor trims differs."""
+    pre, taus, heads, inputs = setup(4)
+    hp = {"steps": 4, "lr": 0.1, "init": 0.6, "batch_size": 16, "keep": 0.4, "merge_func": "sum"}
+    with toy_pool(tmp_path, pre, taus, heads) as pool:
+        got = state_of(make_method("adamerging++", hp).merge(pool, {t: {"x": x} for t, x in inputs.items()}))
+
+    def selected(**wrong):
+        chosen = ties_selected(taus, 0.4, **wrong)
+        return {t: {k: chosen[k][0][i] * chosen[k][1][i] for k in KEYS} for i, t in enumerate(TASKS)}
+
+    expected, _ = adamerging_by_hand(pre, selected(), heads, inputs, steps=4, lr=0.1, init=0.6)
+    assert far(got, expected) < 1e-5
+    for name, vectors in {"plain task vectors": taus, "per-tensor trim": selected(per_tensor_trim=True)}.items():
+        other, _ = adamerging_by_hand(pre, vectors, heads, inputs, steps=4, lr=0.1, init=0.6)
         assert far(got, other) > 1e-3, name
