@@ -656,11 +656,13 @@ def build_suite(
                     f"test + validation + minimum train = {n_test} + {n_val} + {sizes.min_train_per_class}"
                 )
             order = rng.permutation(len(pool))
-            splits["test"] += [(pool[i], label) for i in order[:n_test]]
-            splits["validation"] += [(pool[i], label) for i in order[n_test : n_test + n_val]]
-            splits["train"] += [(pool[i], label) for i in order[n_test + n_val : n_test + n_val + sizes.train_per_class]]
-        shuffled = {s: tuple(splits[s][i] for i in rng.permutation(len(splits[s]))) for s in SPLITS}
-        out[task] = TextDataset(task, tuple(source.classes), shuffled["train"], shuffled["validation"], shuffled["test"])
+            ends = {"test": n_test, "validation": n_test + n_val, "train": n_test + n_val + sizes.train_per_class}
+            start = 0
+            for split in ("test", "validation", "train"):
+                splits[split] += [(pool[i], label) for i in order[start : ends[split]]]
+                start = ends[split]
+        done = {s: tuple(splits[s][i] for i in rng.permutation(len(splits[s]))) for s in SPLITS}  # classes interleave
+        out[task] = TextDataset(task, tuple(source.classes), done["train"], done["validation"], done["test"])
     return out
 
 

@@ -86,8 +86,8 @@ class MiniLM(TextClassificationBackbone):
         if task not in self._data:
             manifest = self._manifest
             if task not in manifest["tasks"]:
-                raise MissingDataError(f"{self.committed_data / text_data.MANIFEST} has no task {task!r}: rebuild the data "
-                                       "with `python -m mergebench.tasks.mini build`")
+                raise MissingDataError(f"{self.committed_data / text_data.MANIFEST} has no task {task!r}: rebuild "
+                                       "the data with `python -m mergebench.tasks.mini build`")
             splits = {s: text_data.read_split(self.committed_data, manifest, task, s) for s in text_data.SPLITS}
             self._data[task] = TextData(tuple(manifest["tasks"][task]["classes"]), splits["train"], splits["test"],
                                         splits["validation"])
