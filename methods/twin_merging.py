@@ -44,10 +44,11 @@ V_k^T)^T + bias = (h W_s^T + bias) + sum_k w_k ((h V_k) * S_k) U_k^T, and the ho
 exactly h = the layer's input of sample b under theta(x_b) (every earlier layer is itself
 already corrected for sample b), so the whole network equals a forward with materialised
 weights theta(x_b), for every sample at once. The same holds for a Linear bias (adds
-sum_k w_k b_k), an Embedding table (adds sum_k w_k (U_k[ids] * S_k) V_k^T) and a
+sum_k w_k b_k), an Embedding table (adds sum_k w_k (U_k[ids] * S_k) V_k^T), a
 LayerNorm (adds LN_0(h) * sum_k w_k g_k + sum_k w_k b_k, LN_0 the normalisation without
-affine). Experts on any other tensor (a convolution, a bare parameter) are composed by
-materialising theta(x_b) for one sample at a time.
+affine) and a convolution (adds sum_k w_k conv(h, E_k) + sum_k w_k b_k). Experts on any other
+tensor (a bare parameter such as CLIP's class embedding) are composed by materialising
+theta(x_b) for one sample at a time.
 
 Storage (``artifacts()``), each a file of the checksummed container of
 ``mergebench.container``: the shared expert as a full state dict (``shared.mbc``;
@@ -218,6 +219,9 @@ def module_part(modules: Mapping[str, nn.Module], key: str) -> tuple[str, nn.Mod
     return name, modules.get(name), attribute
 
 
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def hooked(module: nn.Module | None, attribute: str, dense: bool) -> bool:
     """Whether a forward hook adds this expert exactly (see the module docstring)."""
     if isinstance(module, nn.Linear):
@@ -226,6 +230,8 @@ def hooked(module: nn.Module | None, attribute: str, dense: bool) -> bool:
         return attribute == "weight" and not dense and module.max_norm is None
     if isinstance(module, nn.LayerNorm):
         return attribute in ("weight", "bias") and dense
+    if isinstance(module, CONVOLUTIONS):
+        return attribute == "bias" or (attribute == "weight" and not dense)
     return False
 
 
@@ -323,6 +329,16 @@ class TwinMerged(RoutedMerged):
             if h.shape[0] != weights.shape[0]:
                 raise RuntimeError(f"twin-merging: {name} input batch {h.shape[0]} != routing batch {weights.shape[0]}")
             w = weights.to(output.device, torch.float32)
+            if isinstance(module, CONVOLUTIONS):  # channels first: sum_k w_k conv(h, E_k) + sum_k w_k b_k
+                delta = torch.zeros(output.shape, dtype=torch.float32, device=output.device)
+                if "weight" in parts:
+                    U, S, V = self.factors[parts["weight"]]
+                    experts = torch.einsum("kor,kr,kir->koi", U, S, V).reshape(len(U), *module.weight.shape)
+                    per_task = torch.stack([module._conv_forward(h.float(), expert, None) for expert in experts], 1)
+                    delta = delta + torch.einsum("bk,bk...->b...", w, per_task)
+                if "bias" in parts:
+                    delta = delta + (w @ self.factors[parts["bias"]][0]).reshape(*output.shape[:2], *[1] * (output.dim() - 2))
+                return output + delta.to(output.dtype)
             flat_out = output.reshape(output.shape[0], -1, output.shape[-1])  # (B, N, out)
             delta = torch.zeros(flat_out.shape, dtype=torch.float32, device=output.device)
             if "weight" in parts and isinstance(module, nn.Linear):

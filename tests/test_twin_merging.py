@@ -386,3 +386,50 @@ def test_router_lr_decay_off_keeps_the_rate(pool, monkeypatch):
     make_method("twin-merging", {"router_epochs": 3, "router_batch_size": 16, "router_lr_decay": False}).merge(
         pool, clusters(20))
     assert rates == [1e-3] * 9
+
+
+class ConvEncoder(nn.Module):
+    """(B, 2, 6) -> Conv1d(2 -> 3, kernel 3) -> tanh -> flatten (B, 12) times a bare (12,) scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3)
+        self.scale = nn.Parameter(torch.ones(12))
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x)).flatten(1) * self.scale
+
+
+class ConvBackbone(StubBackbone):
+    def __init__(self, root, pretrained, finetuned):
+        super().__init__(root, pretrained, finetuned, FourFeatureData())
+
+    def build_encoder(self):
+        return ConvEncoder()
+
+
+def test_convolution_hook_and_bare_parameter_equal_materialised_weights(tmp_path):
+    generator = torch.Generator().manual_seed(7)
+    base = {k: v for k, v in ConvEncoder().state_dict().items() if v.is_floating_point()}
+    pretrained = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    finetuned = {t: {k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+                 for t in ("t1", "t2")}
+    with ModelPool(ConvBackbone(tmp_path, pretrained, finetuned)) as pool:
+        shared, artifacts = make_method("twin-merging", {"rank_rule": "fixed", "rank": 2}).build(pool)
+        merged = TwinMerged(pool, shared, artifacts)
+        assert merged.materialised_keys == ["scale"]  # the conv weight (3 x 2 x 3 as 3 x 6) and bias are hooked
+        weights = torch.tensor([[0.25, 0.75], [0.9, 0.1]])
+        x = torch.randn(2, 2, 6, generator=torch.Generator().manual_seed(8))
+        out = merged.features({"x": x}, weights)
+        decoded = [decode_tensors(artifacts[experts_artifact(t)]) for t in pool.tasks]
+        assert tuple(decoded[0]["conv.weight.U"].shape) == (3, 2) and tuple(decoded[0]["conv.weight.V"].shape) == (6, 2)
+        for b in range(2):
+            params = dict(shared)
+            for k, d in enumerate(decoded):
+                conv = d["conv.weight.U"] @ torch.diag(d["conv.weight.S"]) @ d["conv.weight.V"].T
+                params["conv.weight"] = params["conv.weight"] + weights[b, k] * conv.reshape(3, 2, 3)
+                params["conv.bias"] = params["conv.bias"] + weights[b, k] * d["conv.bias.D"]
+                params["scale"] = params["scale"] + weights[b, k] * d["scale.D"]
+            reference = functional_call(ConvEncoder(), params, (x[b : b + 1],))
+            assert torch.allclose(out[b : b + 1], reference, atol=1e-5)
