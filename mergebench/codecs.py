@@ -1,4 +1,4 @@
-"""Storage codecs for compressed task vectors (T-Switch, Indep, SASS).
+"""Storage codecs for compressed task vectors (T-Switch, Indep, SASS, ans).
 
 This module turns one tensor's compressed task vector into a real bitstream and
 back, exactly; :mod:`mergebench.container` puts these payloads, with any dense
@@ -43,6 +43,11 @@ row-major (C) order of the original shape)
   in-group index, b bits of value code and a 1-bit end-of-group flag (1 on the
   last entry of the group). Payload bits = 35 + n/c + K (ceil(log2 c) + b + 1),
   which is Eq. 16 evaluated at the tensor's actual sparsity.
+* ``ans``: the mask and the value codes entropy-coded (asymmetric numeral systems,
+  the ``constriction`` package), with the probability model in a few bytes at the
+  start of the payload; see :func:`ans_encode`. Not in the papers: it measures how
+  close a file can get to the entropy of mask + values (:func:`entropy_bounds`), and
+  below the i.i.d. bound where rows or columns keep different fractions of entries.
 
 Values: ``quant="sign"`` (1 bit: the T-Switch polarity, value = +-beta, also
 usable inside ``indep``/``sass``), or ``quant="bas"`` (b-bit BAS codes, value =
