@@ -247,3 +247,28 @@ def test_every_byte_flip_of_an_ans_file_is_detected(ans_blob):
         bad[i] ^= 0x5A
         with pytest.raises(CorruptArtifactError):
             C.decode_tensors(bytes(bad))
+
+
+# --------------------------------------------------------------------------- in a method
+
+
+def test_t_switch_in_the_ans_format_is_lossless(tmp_path):
+    """The same switches in ans and in the T-Switch layout: equal decoded contents, equal predictions."""
+    from mergebench.runner import make_method
+    from tests._stub import finetuned_from, make_pool, tensors
+
+    rng = np.random.default_rng(4)
+    pre = tensors(w=rng.normal(size=(16, 24)).tolist(), b=rng.normal(size=8).tolist())
+    taus = [tensors(w=rng.standard_t(3, size=(16, 24)).tolist(), b=rng.normal(size=8).tolist()) for _ in range(2)]
+    with make_pool(tmp_path, pre, finetuned_from(pre, *taus)) as pool:
+        plain = make_method("t-switch", {"alpha": 0.7, "format": "tswitch"}).merge(pool)
+        coded = make_method("t-switch", {"alpha": 0.7, "format": "ans"}).merge(pool)
+        assert list(plain.artifacts()) == list(coded.artifacts())
+        for name, blob in coded.artifacts().items():
+            a, b = C.decode_tensors(plain.artifacts()[name]), C.decode_tensors(blob)
+            assert list(a) == list(b) and {t.fmt for t in b.values()} == {"ans"}
+            for key in a:
+                assert np.array_equal(a[key].to_numpy(), b[key].to_numpy())
+        x = {"x": torch.ones(1)}
+        for task in pool.tasks:
+            assert torch.equal(plain.predict(task, x), coded.predict(task, x))
