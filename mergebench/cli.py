@@ -72,7 +72,8 @@ def command_run(args: argparse.Namespace) -> int:
     # every name and value of every method is checked before any work starts
     methods = method_names(args.method)
     check_seed(args.seed)
-    check_batch_size(args.batch_size)
+    if args.batch_size is not None:
+        check_batch_size(args.batch_size)
     BACKBONES.get(args.backbone)  # an unknown backbone is named before any hyperparameter
     protocol = get_protocol(args.protocol)
     overrides = parse_hyperparameters(args.hp)
@@ -297,6 +298,9 @@ def protocol_table(name: str, methods: list[str] | None = None) -> str:
     details = [[suite, f"the first {setting.value} test examples of each task", setting.source]
                for suite, setting in protocol.test_examples.items()]
     details.append(["any other suite" if details else "every suite", "every test example", "mergebench default"])
+    batch = protocol.batch_size
+    details.append(["every suite", f"batches of {protocol.eval_batch_size} (unless --batch-size)",
+                    batch.source if batch is not None else "mergebench default"])
     return text + "\n\nEvaluation\n" + tabulate(details, headers=["suite", "scored on", "source"],
                                                   disable_numparse=True)
 
@@ -358,7 +362,8 @@ def add_location_options(parser: argparse.ArgumentParser) -> None:
 
 def add_evaluation_options(parser: argparse.ArgumentParser, device_help: str) -> None:
     """Batch size, device and precision of evaluation, as `run` and `sweep` take them."""
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation batch (default: the protocol's, 64 unless it sets one)")
     parser.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}", help=device_help)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                         help="evaluation under autocast at this precision (fp16: not on the CPU)")

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping
 from mergebench.errors import HyperparameterError, UnknownNameError
 
 DEFAULT = "original"  # the protocol of a run that names none
+DEFAULT_BATCH_SIZE = 64  # evaluation batch of a protocol that sets none
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,19 @@ class Setting:
 @dataclass(frozen=True)
 class Protocol:
     """A named setting: ``methods`` maps method -> hyperparameter -> Setting; ``test_examples``
-    maps suite -> Setting(N): that suite's tasks are scored on their first N test examples."""
+    maps suite -> Setting(N): that suite's tasks are scored on their first N test examples;
+    ``batch_size``: the evaluation batch (it decides what per-batch routing averages over)."""
 
     name: str
     description: str
     methods: Mapping[str, Mapping[str, Setting]]
     test_examples: Mapping[str, Setting] = field(default_factory=dict)
+    batch_size: Setting | None = None
+
+    @property
+    def eval_batch_size(self) -> int:
+        """The evaluation batch size a run takes unless ``--batch-size`` sets one."""
+        return DEFAULT_BATCH_SIZE if self.batch_size is None else int(self.batch_size.value)
 
     def values(self, method: str) -> dict[str, Any]:
         """The hyperparameter values this protocol sets for ``method`` (lists copied)."""
@@ -178,7 +186,7 @@ T5 = "T-Switch Table 5"
 TSWITCH_CVPR2025 = Protocol(
     "t-switch-cvpr2025",
     "T-Switch (CVPR 2025) Table 5 and its authors' evaluation: discard 0.5 everywhere, TIES dis-sum, "
-    "Auto-Switch routed per single-task batch, GLUE scored on the first 500 validation examples",
+    "Auto-Switch routed per single-task batch of 256, GLUE scored on the first 500 validation examples",
     _table({
         "task-arithmetic": {"scaling": (0.3, f"{T5}: scaling coef 0.3")},
         "ties": {
@@ -220,6 +228,8 @@ TSWITCH_CVPR2025 = Protocol(
     }),
     test_examples={"glue": Setting(500, "T-Switch authors' released code: the first 500 GLUE validation "
                                         "examples per task")},
+    batch_size=Setting(256, "T-Switch authors' released code: single-task test batches of 256 inputs, the "
+                            "batch Auto-Switch's per-batch routing averages over"),
 )
 
 # --- auto-flexswitch-2026: §IV of Auto-FlexSwitch (arXiv 2604.28109) --------------------------
@@ -317,10 +327,14 @@ def check_protocol(protocol: Protocol) -> None:
             raise HyperparameterError(f"protocol {protocol.name!r}: {error}") from None
     for suite, setting in protocol.test_examples.items():
         SUITES.get(suite)
-        value = setting.value
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise HyperparameterError(f"protocol {protocol.name!r}: test_examples[{suite!r}] = {value!r} is not "
-                                      "an integer >= 1")
+        _check_count(protocol, f"test_examples[{suite!r}]", setting.value)
+    if protocol.batch_size is not None:
+        _check_count(protocol, "batch_size", protocol.batch_size.value)
+
+
+def _check_count(protocol: Protocol, what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HyperparameterError(f"protocol {protocol.name!r}: {what} = {value!r} is not an integer >= 1")
 
 
 def differences() -> list[tuple[str, str, list[Setting | None]]]:

@@ -28,7 +28,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # as mergebench.device names them (not im
 SCHEMA_VERSION = 4  # 1: records written before schema_version, training_seconds, reused and checkpoint_manifest
 # fields a record of each older version lacks (a version-2 record ran on the CPU in float32; one
 # before version 4 names no protocol, and the leaderboard says so rather than guess one)
-_ADDED_IN = {3: ("device", "precision"), 4: ("protocol", "overrides", "examples")}
+_ADDED_IN = {3: ("device", "precision"), 4: ("protocol", "overrides", "examples", "batch_size")}
 NO_PROTOCOL = "(no protocol recorded)"  # how a record that names no protocol is shown
 
 
@@ -71,6 +71,7 @@ class Result:
     protocol: str | None = None
     overrides: list[str] = field(default_factory=list)  # hyperparameters set explicitly over the protocol
     examples: dict[str, int] | None = None  # task -> test examples scored (null in records before version 4)
+    batch_size: int | None = None  # the evaluation batch (per-batch routing averages over it); null: not recorded
 
     def __post_init__(self) -> None:
         if self.training_seconds is None:
@@ -154,6 +155,9 @@ def _check_protocol_fields(data: Mapping[str, Any]) -> None:
     unknown = [name for name in overrides if name not in data["hyperparameters"]]
     if unknown:
         _fail("overrides", f"{', '.join(unknown)} not among the recorded hyperparameters")
+    batch_size = data.get("batch_size")
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+        _fail("batch_size", f"{batch_size!r} is not a positive integer or null")
     examples = data.get("examples")
     if examples is None:
         return

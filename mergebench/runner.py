@@ -125,7 +125,7 @@ def resolve(
     *,
     seed: int = 0,
     hyperparameters: dict[str, Any] | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     results_dir: Path | None = None,
     checkpoint_dir: Path | None = None,
     data_dir: Path | None = None,
@@ -138,12 +138,13 @@ def resolve(
     NotApplicableError, an unwritable ``results_dir`` ResultsWriteError, a device this machine
     lacks (or a precision it cannot run there) HyperparameterError. The method's values are
     its defaults, then the ``protocol``'s (default ``original``), then ``hyperparameters``,
-    which the record names as overrides of the protocol."""
+    which the record names as overrides of the protocol. ``batch_size`` None: the protocol's
+    evaluation batch (64 unless it sets one)."""
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     protocol = get_protocol(protocol)
     declared = METHODS.get(method_name).hyperparameters
     method = make_method(method_name, resolve_hyperparameters(protocol, method_name, hyperparameters, declared), seed)
-    batch_size = check_batch_size(batch_size)
+    batch_size = check_batch_size(protocol.eval_batch_size if batch_size is None else batch_size)
     resolved_device = resolve_device(device)
     precision = check_precision(precision, resolved_device)
     method.device, method.precision = resolved_device, precision  # data-dependent methods' forward passes
@@ -229,6 +230,7 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
         protocol=plan.protocol.name,
         overrides=list(plan.overrides),
         examples=examples,
+        batch_size=plan.batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
@@ -266,7 +268,7 @@ def run(
     seed: int = 0,
     hyperparameters: dict[str, Any] | None = None,
     results_dir: Path | None = Path("results"),
-    batch_size: int = 64,
+    batch_size: int | None = None,
     checkpoint_dir: Path | None = None,
     data_dir: Path | None = None,
     device: str = "cpu",

@@ -26,15 +26,18 @@ from mergebench.runner import RunPlan, check_seed, execute, resolve
 
 def configuration_key(method: str, backbone: str, seed: int, hyperparameters: dict[str, Any],
                       manifest: str | None, precision: str = "fp32", selection: dict[str, Any] | None = None,
-                      protocol: str | None = None) -> str:
+                      protocol: str | None = None, batch_size: int | None = None) -> str:
     """What makes two runs the same run: a record with this key makes a sweep skip it.
     The precision is part of it (it changes the numbers); the device is not. The protocol is
     part of it (its evaluation details change the numbers, and a row is shown under it); a
     record that names none (written before protocols) is never taken for one that does. A
     tuned run (``selection``: on, size, seed, grid) is keyed by its grid and its fixed
-    hyperparameters."""
+    hyperparameters. The evaluation batch is part of it where it changes the numbers, i.e.
+    for per-batch routing (``batch_size``, else None)."""
     content = {"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
                "checkpoint_manifest": manifest, "precision": precision, "protocol": protocol}
+    if batch_size is not None:
+        content["batch_size"] = batch_size
     if selection is not None:
         content["selection"] = {k: selection[k] for k in ("on", "size", "seed", "grid")}
     payload = json.dumps(content, sort_keys=True)
@@ -45,9 +48,16 @@ def result_key(result: Result) -> str:
     if result.selection:
         fixed = {k: v for k, v in result.hyperparameters.items() if k not in result.selection["grid"]}
         return configuration_key(result.method, result.backbone, result.seed, fixed, result.checkpoint_manifest,
-                                 result.precision, result.selection, result.protocol)
+                                 result.precision, result.selection, result.protocol,
+                                 keyed_batch_size(result.hyperparameters, result.batch_size))
     return configuration_key(result.method, result.backbone, result.seed, result.hyperparameters,
-                             result.checkpoint_manifest, result.precision, protocol=result.protocol)
+                             result.checkpoint_manifest, result.precision, protocol=result.protocol,
+                             batch_size=keyed_batch_size(result.hyperparameters, result.batch_size))
+
+
+def keyed_batch_size(hyperparameters: dict[str, Any], batch_size: int | None) -> int | None:
+    """The evaluation batch where it changes the numbers (per-batch routing), else None."""
+    return batch_size if hyperparameters.get("routing") == "per-batch" else None
 
 
 def recorded_keys(results_dir: Path) -> set[str]:
@@ -81,7 +91,7 @@ def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]
 
 
 def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid: dict[str, list[Any]], *,
-               batch_size: int = 64, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
+               batch_size: int | None = None, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
                device: str = "cpu", precision: str = "fp32", skipped: list[str] | None = None,
                protocols: list[str] | None = None) -> list[Configuration]:
     """Every configuration resolved, each backbone prepared once; raises for the first bad
@@ -118,7 +128,8 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
             manifests[backbone.name] = prepare_checkpoints(backbone, repair=False).sha256
         resolved = plan.method.resolved_hyperparameters(backbone)
         key = configuration_key(plan.method.name, backbone.name, plan.seed, json.loads(json.dumps(resolved)),
-                                manifests[backbone.name], plan.precision, protocol=plan.protocol.name)
+                                manifests[backbone.name], plan.precision, protocol=plan.protocol.name,
+                                batch_size=keyed_batch_size(resolved, plan.batch_size))
         configurations.setdefault(key, Configuration(plan, key, resolved, manifests[backbone.name]))
     return list(configurations.values())
 
@@ -259,7 +270,8 @@ def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any
         first = members[0]
         fixed = {k: v for k, v in json.loads(json.dumps(first.hyperparameters)).items() if k not in keys}
         key = configuration_key(first.plan.method.name, first.plan.backbone_class.name, first.plan.seed, fixed,
-                                first.manifest, first.plan.precision, selection, first.plan.protocol.name)
+                                first.manifest, first.plan.precision, selection, first.plan.protocol.name,
+                                keyed_batch_size(first.hyperparameters, first.plan.batch_size))
         planned.append(SelectionGroup(members, key, selection))
     return planned
 

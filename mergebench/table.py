@@ -27,6 +27,8 @@ def _storage(result: Result) -> str:
 
 
 def _automatic(result: Result) -> str:
+    if result.hyperparameters.get("routing") == "per-batch":
+        return "no (batch)"  # routed by the batch it sits in, which evaluation draws from one task
     return ("yes" if result.automatic else "no") if result.dynamic and not result.reference else "-"
 
 
@@ -43,8 +45,13 @@ def _method(result: Result, unknown: bool) -> str:
     """The method's name, marked when unknown, not in fp32, or routed per single-task batch."""
     label = f"{result.method} (unknown method)" if unknown else result.method
     if result.hyperparameters.get("routing") == "per-batch":
-        label += f" ({SINGLE_TASK_BATCHES})"
+        label += f" ({SINGLE_TASK_BATCHES}" + (f" of {result.batch_size})" if result.batch_size else ")")
     return label + (f" ({result.precision})" if result.precision != "fp32" else "")
+
+
+def _routed_batch(result: Result) -> int | None:
+    """The evaluation batch where it changes the numbers (per-batch routing), else None."""
+    return result.batch_size if result.hyperparameters.get("routing") == "per-batch" else None
 
 
 def _hyperparameters(result: Result) -> str:
@@ -104,7 +111,7 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
     groups: dict[tuple, list[Result]] = {}
     for result in results:
         key = (result.protocol, result.method, json.dumps(result.hyperparameters, sort_keys=True),
-               result.checkpoint_family, result.precision, _tuning(result))
+               result.checkpoint_family, result.precision, _tuning(result), _routed_batch(result))
         groups.setdefault(key, []).append(result)
     rows: list[Result] = []
     for group in groups.values():
@@ -183,7 +190,7 @@ def latest_per_configuration(results: list[Result]) -> list[Result]:
     def key(result: Result, hyperparameters: dict[str, Any], with_defaults: bool) -> tuple:
         # precision changes the numbers, so a bf16 run is a row of its own beside the fp32 one
         return (result.protocol, result.method, json.dumps(hyperparameters, sort_keys=True), result.seed, with_defaults,
-                result.precision, _tuning(result))
+                result.precision, _tuning(result), _routed_batch(result))
 
     latest: dict[tuple, Result] = {}
     for result in results:  # records are in append order, so later ones win

@@ -102,6 +102,7 @@ def test_run_under_t_switch_protocol_records_its_values(protocol_runs):
     assert record["hyperparameters"] == {"keep": 0.5, "merge_func": "sum", "scaling": 0.3}
     assert record["schema_version"] == 4
     assert record["examples"] == {"markers-a": 96, "markers-b": 96, "markers-c": 96}  # tiny's whole test splits
+    assert record["batch_size"] == 256  # the protocol's evaluation batch (no --batch-size given)
 
 
 def test_an_explicit_hp_is_recorded_as_an_override(protocol_runs):
@@ -183,9 +184,24 @@ def test_the_leaderboard_groups_rows_by_protocol(tmp_path):
     first, second = page[original:tswitch], page[tswitch:]
     assert "| 90.00 " in first and "| 20.00 " not in first  # each row only under its own protocol
     assert "| 20.00 " in second and "| 90.00 " not in second
-    assert "| auto-switch (uses single-task batches) " in second
+    assert "| auto-switch (uses single-task batches) | no (batch) " in second
     # the same configuration under two protocols is two rows, never one replacing the other
     assert page.count("| task-arithmetic ") == 2
+
+
+def test_per_batch_rows_name_their_batch_and_are_keyed_by_it():
+    from mergebench.sweep import keyed_batch_size
+
+    routed = {"alpha": 0.5, "routing": "per-batch"}
+    result = make_result(method="auto-switch", hyperparameters=routed, dynamic=True, protocol="t-switch-cvpr2025",
+                         batch_size=256)
+    assert keyed_batch_size(routed, 256) == 256 and keyed_batch_size({"routing": "per-input"}, 256) is None
+    assert result_key(result) != result_key(make_result(method="auto-switch", hyperparameters=routed, dynamic=True,
+                                                        protocol="t-switch-cvpr2025", batch_size=64))
+    assert result_key(make_result(batch_size=256)) == result_key(make_result(batch_size=64))  # no routing: same run
+    from mergebench.table import results_table
+
+    assert "auto-switch (uses single-task batches of 256)" in results_table([result])
 
 
 def test_the_configuration_key_includes_the_protocol():
@@ -205,6 +221,7 @@ def test_a_test_cap_scores_exactly_the_first_n_examples(tiny_bert, tmp_path):
     capped = Protocol("capped", "the first 37 test examples", {}, {"tiny": Setting(cap, "this test")})
     result = run("pretrained", "tiny-bert", protocol=capped, batch_size=16, results_dir=tmp_path)
     assert result.protocol == "capped" and result.examples == {task: cap for task in result.metrics}
+    assert result.batch_size == 16
     # independent: the pretrained encoder and each head over the split's first 37 examples, in one batch
     from safetensors.torch import load_file
 
@@ -218,8 +235,8 @@ def test_a_test_cap_scores_exactly_the_first_n_examples(tiny_bert, tmp_path):
         with torch.no_grad():
             predicted = task.head()(encoder(**first)).argmax(-1)
         assert result.metrics[task.name] == pytest.approx((predicted == targets[:cap]).sum().item() / cap, abs=1e-12)
-    full = run("pretrained", "tiny-bert", batch_size=16, results_dir=None)
-    assert full.protocol == "original" and set(full.examples.values()) == {96}
+    full = run("pretrained", "tiny-bert", results_dir=None)
+    assert full.protocol == "original" and set(full.examples.values()) == {96} and full.batch_size == 64
 
 
 def test_the_readme_table_of_differences_is_the_protocols():
