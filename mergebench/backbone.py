@@ -9,9 +9,10 @@ tensor by tensor (bounded memory) and nothing is ever unpickled.
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -64,6 +65,29 @@ class Backbone(abc.ABC):
     def build_encoder(self) -> nn.Module:
         """A fresh encoder module (weights are loaded by the caller); its output are the features."""
 
+    def encoder_holding(self, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """The encoder whose parameters and buffers are the tensors of ``state`` (every key,
+        strict), in eval mode. Its parameters are built on the meta device, so no random
+        initialisation runs and no memory is written only to be overwritten, and the state's
+        tensors become the module's (no copy; one whose dtype differs from the module's is
+        cast, as ``load_state_dict`` would). Buffers outside the state (non-persistent ones,
+        e.g. position ids) are built as usual. An encoder that cannot be built that way is
+        built and loaded the plain way."""
+        try:
+            with _parameters_on_meta():
+                encoder = self.build_encoder()
+        except Exception:  # a constructor that computes with its parameters: the plain way below
+            encoder = None
+        if encoder is not None:
+            expected = encoder.state_dict(keep_vars=True)
+            state = {key: _as_dtype(value, expected[key]) if key in expected else value for key, value in state.items()}
+            encoder.load_state_dict(state, strict=True, assign=True)
+            if not any(t.is_meta for t in (*encoder.parameters(), *encoder.buffers())):
+                return encoder.eval()
+        encoder = self.build_encoder()
+        encoder.load_state_dict(dict(state), strict=True)
+        return encoder.eval()
+
     def is_merged(self, key: str, dtype: torch.dtype | None) -> bool:
         """Which tensors merging methods touch: every floating-point tensor (dtype None: not floating)."""
         return dtype is not None
@@ -78,3 +102,26 @@ class Backbone(abc.ABC):
     def task(self, name: str) -> Task:
         self.check_task(name)
         return next(task for task in self.tasks if task.name == name)
+
+
+def _as_dtype(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return value.to(like.dtype) if value.dtype != like.dtype and like.is_floating_point() else value
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside register their parameters on the meta device (their
+    initialisation then costs nothing), buffers stay real: the technique of accelerate's
+    ``init_empty_weights``. Not thread-safe: it patches ``nn.Module.register_parameter``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and type(param) is nn.Parameter and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register

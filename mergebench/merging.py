@@ -17,6 +17,13 @@ from mergebench.pool import ModelPool
 Combine = Callable[[str, list[torch.Tensor]], torch.Tensor]
 
 
+# merge_elementwise works on slices of this many entries: a multiple of 32 (torch's
+# vectorised reductions over the rows of a stack process 32 columns at a time from the
+# start of the tensor, so every slice is reduced in the order the whole tensor would be),
+# small enough that the K task vectors of a slice stay in the CPU cache.
+CHUNK = 1 << 16
+
+
 def merge_task_vectors(pool: ModelPool, combine: Combine, desc: str = "merging") -> dict[str, torch.Tensor]:
     """theta = theta_pre + combine(key, [tau_1..tau_K]) for every merged tensor;
     other tensors (integer buffers) keep their pretrained values."""
@@ -29,6 +36,38 @@ def merge_task_vectors(pool: ModelPool, combine: Combine, desc: str = "merging")
             state[key] = (pre + delta.to(pre.dtype)).contiguous()
         else:
             state[key] = pre
+    return state
+
+
+def merge_elementwise(pool: ModelPool, combine: Callable[[torch.Tensor], torch.Tensor],
+                      desc: str = "merging") -> dict[str, torch.Tensor]:
+    """theta = theta_pre + combine(stack) for every merged tensor, where ``combine`` maps the
+    (K, m) stack of the task vectors of m entries to their m merged values, each entry on its
+    own (a mean, a weighted sum): the same as ``merge_task_vectors`` with
+    ``combine(key, taus) = f(torch.stack(taus))``, bit for bit, but applied to consecutive
+    slices of the flattened tensors. The checkpoints are read in place (memory-mapped), each
+    task vector slice is written straight into one reused stack, so the merge costs one
+    read of the checkpoints and the merged model's memory, not K whole-tensor copies."""
+    merged_keys = set(pool.merged_keys)
+    state: dict[str, torch.Tensor] = {}
+    stack = None
+    for key in tqdm(pool.keys(), desc=desc, unit="tensor", leave=False):
+        pre = pool.pretrained(key)
+        if key not in merged_keys:
+            state[key] = pre
+            continue
+        finetuned = [pool.finetuned(task, key).reshape(-1) for task in pool.tasks]
+        flat = pre.reshape(-1)
+        if stack is None or stack.dtype != flat.dtype:
+            stack = torch.empty(len(finetuned), CHUNK, dtype=flat.dtype)
+        out = torch.empty_like(flat)
+        for start in range(0, flat.numel(), CHUNK):
+            base = flat[start:start + CHUNK]
+            taus = stack[:, :len(base)] if len(base) == CHUNK else stack.new_empty(len(finetuned), len(base))
+            for row, theta in zip(taus, finetuned):
+                torch.sub(theta[start:start + CHUNK], base, out=row)
+            torch.add(base, combine(taus).to(base.dtype), out=out[start:start + CHUNK])
+        state[key] = out.view(pre.shape)
     return state
 
 

@@ -89,10 +89,9 @@ class StaticMerged(Merged):
 
 
 def load_encoder(backbone: Backbone, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """The backbone's encoder holding ``state`` (every key), in eval mode."""
-    encoder = backbone.build_encoder()
-    encoder.load_state_dict(dict(state), strict=True)
-    return encoder.eval()
+    """The backbone's encoder holding ``state`` (every key), in eval mode: its parameters are
+    the state's tensors, built without initialisation (``Backbone.encoder_holding``)."""
+    return backbone.encoder_holding(state)
 
 
 def serialize_state(state: Mapping[str, torch.Tensor]) -> bytes:

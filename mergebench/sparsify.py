@@ -64,14 +64,49 @@ def magnitude_threshold(magnitudes: torch.Tensor, keep: float) -> float:
     return float(magnitudes.kthvalue(k).values)
 
 
+_THRESHOLD_SLICE = 1 << 16  # entries of one tensor read at a time by trim_thresholds
+
+
 def trim_thresholds(pool: ModelPool, keep: float) -> list[float]:
     """Per task, the magnitude of the k-th largest entry of its whole task vector (TIES
-    trims over all merged tensors at once, as the authors do)."""
-    thresholds = []
-    for task in tqdm(pool.tasks, desc="ties: trim thresholds", leave=False):
-        magnitudes = torch.cat([pool.task_vector(task, key).abs().flatten().float() for key in pool.merged_keys])
-        thresholds.append(magnitude_threshold(magnitudes, keep))
-    return thresholds
+    trims over all merged tensors at once, as the authors do): exactly
+    ``magnitude_threshold`` of the concatenated float32 magnitudes, found without
+    concatenating or sorting them. Non-negative float32 values order like their bit
+    patterns as integers, so a first pass over the tensors (in slices) counts the
+    magnitudes per upper 16 bits, which locates the bin holding the k-th value, and a
+    second pass counts the lower 16 bits of the entries in that bin, which gives the value:
+    two reads of the checkpoints and K * 2^16 counters, never the task vector."""
+    sizes = [pool.pretrained(key).numel() for key in pool.merged_keys]
+    n = sum(sizes)
+    if n == 0:
+        raise ValueError("TIES needs at least one merged tensor to take its trim threshold over")
+    rank = min(max(n - int(n * keep), 1), n)  # 1-based, from the smallest, as magnitude_threshold
+    tasks = list(pool.tasks)
+    high = torch.zeros(len(tasks), 1 << 15, dtype=torch.int64)  # sign bit 0: 2^15 upper halves
+
+    def magnitude_bits(key: str):
+        pre = pool.pretrained(key).reshape(-1)
+        finetuned = [pool.finetuned(task, key).reshape(-1) for task in tasks]
+        for start in range(0, pre.numel(), _THRESHOLD_SLICE):
+            base = pre[start:start + _THRESHOLD_SLICE]
+            for k, theta in enumerate(finetuned):
+                yield k, (theta[start:start + _THRESHOLD_SLICE] - base).abs_().float().view(torch.int32)
+
+    for key in tqdm(pool.merged_keys, desc="ties: trim thresholds", leave=False):
+        for k, bits in magnitude_bits(key):
+            high[k] += torch.bincount(bits >> 16, minlength=1 << 15)
+    below = high.cumsum(1)
+    bins = (below < rank).sum(1)  # the upper half of each task's k-th smallest magnitude
+    rest = rank - torch.where(bins > 0, below.gather(1, (bins - 1).clamp(min=0).unsqueeze(1)).squeeze(1), 0)
+    low = torch.zeros(len(tasks), 1 << 16, dtype=torch.int64)
+    for key in pool.merged_keys:
+        for k, bits in magnitude_bits(key):
+            inside = bits[(bits >> 16) == bins[k]]
+            if len(inside):
+                low[k] += torch.bincount(inside & 0xFFFF, minlength=1 << 16)
+    lows = (low.cumsum(1) < rest.unsqueeze(1)).sum(1)
+    patterns = ((bins << 16) | lows).to(torch.int32)
+    return [float(value) for value in patterns.view(torch.float32)]
 
 
 def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:

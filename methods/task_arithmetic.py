@@ -3,10 +3,8 @@ models with task arithmetic", ICLR 2023). lambda = 0.3 is the value the T-Switch
 EMR-Merging and AdaMerging papers use for 8 ViT tasks."""
 from __future__ import annotations
 
-import torch
-
 from mergebench.hyperparameters import Float
-from mergebench.merging import merge_task_vectors
+from mergebench.merging import merge_elementwise
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
 
@@ -17,5 +15,5 @@ class TaskArithmetic(Method):
 
     def merge(self, pool, exemplars=None):
         scaling = float(self.hparams["scaling"])
-        state = merge_task_vectors(pool, lambda key, taus: scaling * torch.stack(taus).sum(0), desc=self.name)
+        state = merge_elementwise(pool, lambda taus: scaling * taus.sum(0), desc=self.name)
         return StaticMerged(pool.backbone, state)

@@ -2,9 +2,7 @@
 the 'Weight Averaging' baseline of the T-Switch and Auto-FlexSwitch tables)."""
 from __future__ import annotations
 
-import torch
-
-from mergebench.merging import merge_task_vectors
+from mergebench.merging import merge_elementwise
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
 
@@ -14,5 +12,5 @@ class WeightAveraging(Method):
 
     def merge(self, pool, exemplars=None):
         # mean of the fine-tuned weights == pretrained + mean of the task vectors
-        state = merge_task_vectors(pool, lambda key, taus: torch.stack(taus).mean(0), desc=self.name)
+        state = merge_elementwise(pool, lambda taus: taus.mean(0), desc=self.name)
         return StaticMerged(pool.backbone, state)
