@@ -70,6 +70,7 @@ def command_run(args: argparse.Namespace) -> int:
     from mergebench.table import results_table
 
     # every name and value of every method is checked before any work starts
+    args.backbone = backbone_option(args)
     methods = method_names(args.method)
     check_seed(args.seed)
     if args.batch_size is not None:
@@ -134,13 +135,14 @@ def command_merge(args: argparse.Namespace) -> int:
     from mergebench.registry import BACKBONES
     from mergebench.runner import resolve
 
+    args.backbone = backbone_option(args)
     methods = method_names(args.method)
     if len(methods) != 1:
         raise UnknownNameError(f"--method {args.method!r}: merge writes one method's model; name one")
     BACKBONES.get(args.backbone)
     out = check_out(args.out, args.overwrite)  # before any work
     plan = resolve(methods[0], args.backbone, seed=args.seed, hyperparameters=parse_hyperparameters(args.hp),
-                   checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+                   checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir, protocol=args.protocol)
     merge_and_export(plan, out, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
@@ -182,7 +184,14 @@ def command_sweep(args: argparse.Namespace) -> int:
             raise HyperparameterError(f"--grid {key} is given twice")
         grid[key] = values
     skipped: list[str] = []
-    configurations = plan_sweep(method_names(args.method), name_list(args.backbone), list(args.seed), grid,
+    backbones = name_list(args.backbone or "")
+    if args.suite_config:  # its backbone joins the listed ones
+        from mergebench.suite_config import register_suite_config
+
+        backbones = list(dict.fromkeys([*backbones, register_suite_config(args.suite_config)]))
+    elif not backbones:
+        raise HyperparameterError("--backbone or --suite-config is required")
+    configurations = plan_sweep(method_names(args.method), backbones, list(args.seed), grid,
                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                 data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped,
                                 protocols=name_list(args.protocol))
@@ -258,6 +267,7 @@ def command_prepare(args: argparse.Namespace) -> int:
     from mergebench.manifest import prepare_checkpoints
     from mergebench.registry import BACKBONES, SUITES
 
+    args.backbone = backbone_option(args)
     backbone_cls = BACKBONES.get(args.backbone)
     device = resolve_device(args.device)  # an absent device is refused before any work
     if args.install_data:
@@ -352,6 +362,29 @@ def command_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_suite_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--suite-config", metavar="FILE",
+                        help="a suite file (TOML) naming your own pretrained and fine-tuned checkpoints and each task's "
+                             "data: registered as a suite and backbone of its name (README: Bring your own suite)")
+
+
+def backbone_option(args: argparse.Namespace) -> str:
+    """``--backbone``, or the backbone a ``--suite-config`` file registers (checked before any work)."""
+    from mergebench.errors import HyperparameterError
+
+    if getattr(args, "suite_config", None):
+        from mergebench.suite_config import register_suite_config
+
+        name = register_suite_config(args.suite_config)
+        if args.backbone and args.backbone != name:
+            raise HyperparameterError(f"--backbone {args.backbone!r} is not the backbone of --suite-config "
+                                      f"{args.suite_config} ({name!r}); give one of them")
+        return name
+    if not args.backbone:
+        raise HyperparameterError("--backbone or --suite-config is required")
+    return args.backbone
+
+
 def add_location_options(parser: argparse.ArgumentParser) -> None:
     """Where a backbone finds checkpoints and datasets it would otherwise fetch from a hub."""
     parser.add_argument("--checkpoint-dir", default=os.environ.get("MERGEBENCH_CHECKPOINT_DIR"),
@@ -383,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "method's, `mergebench list --method NAME` one method's (type, default, bounds, "
                                 "meaning); names and backbones: `mergebench list`")
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
-    run.add_argument("--backbone", required=True)
+    run.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
+    add_suite_config_option(run)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     run.add_argument("--results-dir", default="results")
@@ -400,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="a static merge is a transformers folder (AutoModel.from_pretrained(DIR)) with the "
                                   "task heads in heads.safetensors; a dynamic one its artifacts; both mergebench.json")
     merge.add_argument("--method", required=True)
-    merge.add_argument("--backbone", required=True)
+    merge.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
+    add_suite_config_option(merge)
     merge.add_argument("--seed", type=int, default=0)
+    merge.add_argument("--protocol", default="original",
+                       help="the named published setting of hyperparameters (default original), as for run")
     merge.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     merge.add_argument("--out", required=True, metavar="DIR", help="the folder to write (refused if not empty)")
     merge.add_argument("--overwrite", action="store_true", help="replace what a non-empty --out holds")
@@ -412,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="each configuration is resolved before any work; those already recorded in "
                                   "--results-dir are skipped, so a rerun resumes a crashed or interrupted sweep")
     sweep.add_argument("--method", required=True, help="method names, separated by commas")
-    sweep.add_argument("--backbone", required=True, help="backbone names, separated by commas")
+    sweep.add_argument("--backbone", help="backbone names, separated by commas (and/or --suite-config)")
+    add_suite_config_option(sweep)
     sweep.add_argument("--seed", type=int_list, default=(0,), help="seeds, separated by commas (default 0)")
     sweep.add_argument("--grid", type=grid_option, action="append", default=[], metavar="KEY=V1,V2",
                        help="values of one hyperparameter (repeatable); each method takes the keys it declares")
@@ -439,7 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=command_list)
 
     prepare = sub.add_parser("prepare", help="build data caches and fine-tuned checkpoints of a backbone")
-    prepare.add_argument("--backbone", required=True)
+    prepare.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
+    add_suite_config_option(prepare)
     prepare.add_argument("--install-data", action="store_true", help="apt-get install the system data packages first")
     prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
     prepare.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",

@@ -45,6 +45,10 @@ class Registry(Generic[T]):
                 importlib.import_module(f"{self._package}.{module.name}")
         for entry_point in entry_points(group=self._group):
             entry_point.load()  # importing the module registers its plugins
+        if self._group == "mergebench.tasks":  # suite files a parent process registered (sweep workers)
+            from mergebench.suite_config import register_from_environment
+
+            register_from_environment()
 
     def get(self, name: str) -> T:
         self._load_plugins()
@@ -67,7 +71,10 @@ METHODS: Registry = Registry("method", "mergebench.methods", "mergebench.methods
 BACKBONES: Registry = Registry("backbone", "mergebench.tasks", "mergebench.tasks")
 SUITES: Registry = Registry("suite", "mergebench.tasks", "mergebench.tasks")  # the same plugins register both
 
+SUITE_KINDS: Registry = Registry("suite kind", "mergebench.tasks", "mergebench.tasks")  # suite-file builders
+
 register_backbone = BACKBONES.register
+register_suite_kind = SUITE_KINDS.register  # name -> builder(SuiteConfig) registering a suite from a file
 
 
 def register_suite(suite: T) -> T:

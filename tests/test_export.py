@@ -61,6 +61,7 @@ def test_the_metadata_names_the_sources_with_their_hashes(tiny_bert, tmp_path):
     assert main(["merge", "--method", "weight-averaging", "--backbone", "tiny-bert", "--out", str(out)]) == 0
     metadata = json.loads((out / "mergebench.json").read_text())
     assert metadata["method"] == "weight-averaging" and metadata["backbone"] == "tiny-bert"
+    assert metadata["protocol"] == "original"
     assert metadata["mergebench_version"] == mergebench.__version__
     checkpoints = {"pretrained": tiny_bert.pretrained_checkpoint(),
                    **{task: tiny_bert.finetuned_checkpoint(task) for task in tiny_bert.task_names}}

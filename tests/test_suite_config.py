@@ -1,0 +1,185 @@
+"""Suite files: a suite of tiny BERT sequence classifiers and data files written here is
+registered, prepared, merged and evaluated like a built-in suite; every bad input named in
+one line with its key and file."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mergebench.cli import main
+from mergebench.errors import MergebenchError
+from mergebench.suite_config import ENVIRONMENT, SuiteConfigError, register_suite_config
+
+WORDS = ["good", "bad", "fine", "awful", "red", "blue", "green", "cat", "dog", "sun", "rain", "tree"]
+
+
+@pytest.fixture(autouse=True)
+def no_inherited_suite_files(monkeypatch):
+    """What a test registers is not passed on to processes started by later tests."""
+    monkeypatch.setenv(ENVIRONMENT, "")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> Path:
+    """A pretrained tiny BERT (with tokenizer), two fine-tuned sequence classifiers (2 and 3
+    labels), a RoBERTa classifier, and data files for both tasks."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("suite-files")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    pretrained = BertModel(config)
+    pretrained.save_pretrained(root / "pretrained")
+    tokenizer.save_pretrained(root / "pretrained")
+    for task, labels in (("sentiment", ["negative", "positive"]), ("colour", ["red", "green", "blue"])):
+        settings = {**config.to_dict(), "id2label": dict(enumerate(labels)),
+                    "label2id": {name: i for i, name in enumerate(labels)}}
+        model = BertForSequenceClassification(BertConfig(**settings))
+        model.bert.load_state_dict(pretrained.state_dict())
+        with torch.no_grad():  # "fine-tuning": a task-specific change of every encoder weight
+            for parameter in model.bert.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        model.save_pretrained(root / task)
+    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=32, num_labels=2))
+    roberta.save_pretrained(root / "roberta")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 24), ("test", 16)):
+        words = rng.choice(WORDS, size=(n, 4))
+        sentiment = np.arange(n) % 2
+        lines = [f"{' '.join(w)},{y}" for w, y in zip(words, sentiment)]
+        (data / f"sentiment-{split}.csv").write_text("sentence,label\n" + "\n".join(lines) + "\n")
+        colours = np.array(["red", "green", "blue"])[np.arange(n) % 3]
+        rows = [{"text": " ".join(w), "colour": c} for w, c in zip(words, colours)]
+        (data / f"colour-{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def write_suite(folder: Path, stem: str, **changes) -> Path:
+    """``<stem>.toml`` in the checkpoints' folder naming the suite ``stem``; ``changes`` replace
+    or (value None) drop lines."""
+    lines = {
+        "name": f'name = "{stem}"',
+        "pretrained": 'pretrained = "./pretrained"',
+        "max_length": "max_length = 16",
+        "sentiment": '[tasks.sentiment]\ncheckpoint = "./sentiment"\ntrain = "data/sentiment-train.csv"\n'
+                     'test = "data/sentiment-test.csv"\ntext = "sentence"\nlabel = "label"',
+        "colour": '[tasks.colour]\ncheckpoint = "./colour"\ntrain = "data/colour-train.jsonl"\n'
+                  'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"\nmetric = "accuracy"',
+    }
+    for key, value in changes.items():
+        if value is None:
+            lines.pop(key)
+        else:
+            lines[key] = value
+    path = folder / f"{stem}.toml"
+    path.write_text("\n".join(lines.values()) + "\n")
+    return path
+
+
+def test_a_suite_file_runs_like_a_built_in_suite(checkpoints, tmp_path, capsys):
+    from transformers import BertForSequenceClassification
+
+    from mergebench.registry import BACKBONES
+
+    suite = write_suite(checkpoints, "my-suite")
+    results = tmp_path / "results"
+    assert main(["run", "--suite-config", str(suite), "--method", "pretrained,task-arithmetic",
+                 "--results-dir", str(results)]) == 0
+    records = [json.loads(line) for line in (results / "my-suite.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["pretrained", "task-arithmetic"]
+    assert all(r["suite"] == "my-suite" and set(r["metrics"]) == {"sentiment", "colour"} for r in records)
+    assert records[0]["checkpoint_manifest"] is not None
+
+    # the "pretrained" row: each task's own fine-tuned classifier on the pretrained encoder,
+    # computed here with transformers alone
+    backbone = BACKBONES.get("my-suite")()
+    for task, column, text in (("sentiment", "label", "sentence"), ("colour", "colour", "text")):
+        import pandas as pd
+
+        classifier = BertForSequenceClassification.from_pretrained(str(checkpoints / task)).eval()
+        pre = BertForSequenceClassification.from_pretrained(str(checkpoints / "pretrained"),
+                                                            num_labels=classifier.config.num_labels).eval()
+        pre.classifier.load_state_dict(classifier.classifier.state_dict())
+        path = checkpoints / "data" / (f"{task}-test.csv" if task == "sentiment" else f"{task}-test.jsonl")
+        frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=True)
+        encoded = backbone.tokenizer(frame[text].tolist(), padding=True, return_tensors="pt")
+        with torch.no_grad():
+            predictions = pre(**encoded).logits.argmax(1).numpy()
+        labels = frame[column].to_numpy() if task == "sentiment" else \
+            np.array([classifier.config.label2id[c] for c in frame[column]])
+        assert records[0]["metrics"][task] == pytest.approx(float(np.mean(predictions == labels)))
+
+
+def test_a_suite_file_merges_and_exports(checkpoints, tmp_path):
+    import mergebench
+
+    suite = write_suite(checkpoints, "export-suite")
+    out = tmp_path / "merged"
+    assert main(["merge", "--suite-config", str(suite), "--method", "t-switch", "--out", str(out)]) == 0
+    metadata = json.loads((out / "mergebench.json").read_text())
+    assert metadata["backbone"] == "export-suite" and "[tasks.colour]" in metadata["suite_config"]["text"]
+    model = mergebench.load(out)
+    inputs = model.merged.backbone.task("colour").exemplars(4, seed=0, split="test")
+    assert model(task="colour", **inputs).shape == (4, 3)
+
+
+@pytest.mark.parametrize("stem, changes, match", [
+    ("typo", {"max_length": "max_lenght = 16"}, r"typo\.toml: unknown key 'max_lenght'; valid keys: name, kind,"),
+    ("task-typo", {"colour": '[tasks.colour]\ncheckpoint = "./colour"\ntrain = "data/colour-train.jsonl"\n'
+                             'test = "data/colour-test.jsonl"\ntext = "text"\nlabels = "colour"'},
+     r"task-typo\.toml: unknown key 'tasks\.colour\.labels'; valid keys: checkpoint, dataset"),
+    ("no-tasks", {"sentiment": None, "colour": None}, r"no-tasks\.toml: missing key 'tasks'"),
+    ("no-checkpoint", {"colour": '[tasks.colour]\ntrain = "data/colour-train.jsonl"\ntest = "data/colour-test.jsonl"\n'
+                                 'text = "text"\nlabel = "colour"'},
+     r"no-checkpoint\.toml: missing key 'tasks\.colour\.checkpoint'"),
+    ("missing-folder", {"colour": '[tasks.colour]\ncheckpoint = "./colour-v2"\ntrain = "data/colour-train.jsonl"\n'
+                                  'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'},
+     r"missing-folder\.toml: tasks\.colour\.checkpoint: checkpoint folder .*colour-v2 does not exist"),
+    ("missing-column", {"colour": '[tasks.colour]\ncheckpoint = "./colour"\ntrain = "data/colour-train.jsonl"\n'
+                                  'test = "data/colour-test.jsonl"\ntext = "sentence"\nlabel = "colour"'},
+     r"missing-column\.toml: tasks\.colour\.text: column 'sentence' is not in .*colour-train\.jsonl; its columns: "
+     r"text, colour"),
+    ("other-architecture", {"colour": '[tasks.colour]\ncheckpoint = "./roberta"\ntrain = "data/colour-train.jsonl"\n'
+                                      'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'},
+     r"other-architecture\.toml: tasks\.colour\.checkpoint: .*roberta is a 'roberta' model, the pretrained model "
+     r".*pretrained a 'bert' one: architectures differ"),
+    ("label-count", {"colour": '[tasks.colour]\ncheckpoint = "./sentiment"\ntrain = "data/colour-train.jsonl"\n'
+                               'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'},
+     r"label-count\.toml: tasks\.colour\.label: label 'red' in .*colour-train\.jsonl does not fit the head of "
+     r".*sentiment: 2 outputs, classes negative, positive"),
+    ("label-range", {"sentiment": '[tasks.sentiment]\ncheckpoint = "./colour"\ntrain = "data/sentiment-train.csv"\n'
+                                  'test = "data/sentiment-test.csv"\ntext = "sentence"\nlabel = "label"'},
+     r"label-range\.toml: tasks\.sentiment\.label: the data has 2 distinct labels, the head of .*colour has 3 outputs"),
+    ("bad-name", {"name": 'name = "my suite"'}, r"bad-name\.toml: name: 'my suite' is not a plain name"),
+])
+def test_bad_suite_files_are_named_with_their_key(checkpoints, stem, changes, match):
+    with pytest.raises(SuiteConfigError, match=match):
+        register_suite_config(write_suite(checkpoints, stem, **changes))
+
+
+def test_a_hub_id_fails_fast_offline(checkpoints, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = write_suite(checkpoints, "hub", pretrained='pretrained = "someone/not-cached-model"')
+    with pytest.raises(MergebenchError, match=r"someone/not-cached-model.*offline mode: HF_HUB_OFFLINE"):
+        register_suite_config(suite)
+
+
+def test_the_cli_names_a_bad_file_in_one_line(checkpoints, capsys):
+    suite = write_suite(checkpoints, "cli-typo", max_length="max_lenght = 16")
+    assert main(["run", "--suite-config", str(suite), "--method", "task-arithmetic", "--no-save"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "unknown key 'max_lenght'" in error and "cli-typo.toml" in error
+    assert main(["run", "--method", "task-arithmetic", "--no-save"]) == 2
+    assert "--backbone or --suite-config" in capsys.readouterr().err
