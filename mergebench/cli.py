@@ -87,7 +87,8 @@ def command_run(args: argparse.Namespace) -> int:
         try:
             plans.append(resolve(name, args.backbone, seed=args.seed, hyperparameters=per_method[name],
                                  batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir,
-                                 device=args.device, precision=args.precision, protocol=protocol))
+                                 device=args.device, precision=args.precision, protocol=protocol,
+                                 workers=args.num_workers))
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
     if not plans:
@@ -194,7 +195,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     configurations = plan_sweep(method_names(args.method), backbones, list(args.seed), grid,
                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                 data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped,
-                                protocols=name_list(args.protocol))
+                                protocols=name_list(args.protocol), workers=args.num_workers)
     for message in skipped:
         print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
     if args.select_on is not None:  # one record per (method, backbone, seed): the point best on validation
@@ -399,7 +400,11 @@ def add_evaluation_options(parser: argparse.ArgumentParser, device_help: str) ->
                         help="evaluation batch (default: the protocol's, 64 unless it sets one)")
     parser.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}", help=device_help)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                        help="evaluation under autocast at this precision (fp16: not on the CPU)")
+                        help="evaluation and the forward passes of data-dependent methods under autocast at this "
+                             "precision (fp16: not on the CPU)")
+    parser.add_argument("--num-workers", type=int, default=None, metavar="N",
+                        help="DataLoader processes that build evaluation batches (default: 0 on the CPU, up to 4 "
+                             "beside a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from mergebench.evaluate import evaluate
 from mergebench.exemplars import draw_exemplars
 from mergebench.manifest import prepare_checkpoints
 from mergebench.errors import HyperparameterError, NonFiniteError
-from mergebench.memory import PeakMemory
+from mergebench.memory import PeakMemory, check_fits
 from mergebench.method import Merged, Method
 from mergebench.pool import ModelPool
 from mergebench.protocols import Protocol, get_protocol, resolve_hyperparameters
@@ -86,6 +86,12 @@ def check_seed(seed: Any) -> int:
     return seed
 
 
+def check_workers(workers: Any) -> int | None:
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise HyperparameterError(f"--num-workers {workers!r} is not allowed; expected an integer >= 0")
+    return workers
+
+
 def check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HyperparameterError(f"--batch-size {batch_size!r} is not allowed; expected an integer >= 1")
@@ -109,6 +115,7 @@ class RunPlan:
     precision: str = "fp32"  # evaluation's autocast precision: fp32, bf16 or fp16
     protocol: Protocol = get_protocol(None)  # the named setting the method's values come from
     overrides: tuple[str, ...] = ()  # hyperparameters set explicitly over the protocol
+    workers: int | None = None  # evaluation's DataLoader processes (None: mergebench.loading.default_workers)
 
     @property
     def test_limit(self) -> int | None:
@@ -132,6 +139,7 @@ def resolve(
     device: str = "cpu",
     precision: str = "fp32",
     protocol: str | Protocol | None = None,
+    workers: int | None = None,
 ) -> RunPlan:
     """Check every name and value before any work: unknown names and bad values raise
     UnknownNameError / HyperparameterError, a method that cannot merge the backbone's tasks
@@ -153,7 +161,7 @@ def resolve(
     if results_dir is not None:
         results_dir = check_writable(Path(results_dir))
     return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit,
-                   resolved_device, precision, protocol, tuple(hyperparameters or {}))
+                   resolved_device, precision, protocol, tuple(hyperparameters or {}), check_workers(workers))
 
 
 def load_pool(backbone: Backbone, tasks: list[str] | None = None) -> ModelPool:
@@ -181,7 +189,7 @@ def timed_merge(method: Method, pool: ModelPool, exemplars: dict[str, Any] | Non
 
 def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int,
                    device: torch.device | str = "cpu", precision: str = "fp32", *, test_limit: int | None = None,
-                   scored: dict[str, int] | None = None) -> tuple[dict[str, float], float]:
+                   scored: dict[str, int] | None = None, workers: int | None = None) -> tuple[dict[str, float], float]:
     """The metric of every task on its test split (its first ``test_limit`` examples, in the
     split's order, when given), evaluated on ``device`` under ``precision``, and the wall
     seconds it took (moving the model to the device included). ``scored``, when given, gets
@@ -189,7 +197,7 @@ def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_s
     start = time.perf_counter()
     merged.to(device)
     limited = [backbone.task(task).limited(test_limit) for task in tasks]
-    metrics = evaluate(merged, limited, batch_size, precision)
+    metrics = evaluate(merged, limited, batch_size, precision, workers)
     if scored is not None:
         scored.update({task.name: task.test_scored for task in limited})
     return metrics, time.perf_counter() - start
@@ -246,12 +254,13 @@ def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = Non
     with load_pool(backbone, tasks) as pool, PeakMemory() as peak:
         seed_everything(plan.seed)
         exemplars = exemplars_for(method, backbone, tasks, plan.seed)
+        check_fits(method, pool, plan.device)  # a method that cannot fit says so before it starts
         try:
             merged, merge_seconds = timed_merge(method, pool, exemplars)
             storage = merged.storage_bytes()
             scored: dict[str, int] = {}
             metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision,
-                                                   test_limit=plan.test_limit, scored=scored)
+                                                   test_limit=plan.test_limit, scored=scored, workers=plan.workers)
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
         manifest = pool.manifest_sha256
