@@ -51,3 +51,8 @@ class RecordError(MergebenchError, ValueError):
 
 class ResultsWriteError(MergebenchError, OSError):
     """A result that could not be written; the message says where it was saved instead."""
+
+
+class InsufficientMemoryError(MergebenchError, MemoryError):
+    """A method whose estimated footprint exceeds the memory free where it would run,
+    refused before it starts (``mergebench.memory.check_fits``)."""

@@ -9,14 +9,25 @@ from tqdm.auto import tqdm
 
 from mergebench.device import autocast, to_cpu_float, to_device
 from mergebench.errors import NonFiniteError
+from mergebench.loading import default_workers
 from mergebench.method import Merged
 from mergebench.task import Task
 
 
-def evaluate_task(merged: Merged, task: Task, batch_size: int = 64, precision: str = "fp32") -> float:
+def evaluate_task(merged: Merged, task: Task, batch_size: int = 64, precision: str = "fp32",
+                  workers: int | None = None) -> float:
     """The task's metric on its test split. ``Task.score`` reads the raw outputs of the
-    whole split (logits or scores; logits and boxes for detection's mAP)."""
-    return score_split(merged, task, task.batches("test", batch_size), "test", precision)
+    whole split (logits or scores; logits and boxes for detection's mAP). The batches are
+    built by ``workers`` DataLoader processes (None: ``default_workers`` of the device) and
+    pinned in memory on CUDA, so the device is not kept waiting for decoding or tokenising."""
+    return score_split(merged, task, evaluation_batches(merged, task, batch_size, workers), "test", precision)
+
+
+def evaluation_batches(merged: Merged, task: Task, batch_size: int, workers: int | None = None) -> Iterable[tuple[Any, Any]]:
+    """The task's test batches for a model on its device (see ``evaluate_task``)."""
+    device = getattr(merged, "device", torch.device("cpu"))
+    workers = default_workers(device) if workers is None else workers
+    return task.batches("test", batch_size, workers=workers, pin_memory=device.type == "cuda")
 
 
 def score_split(merged: Merged, task: Task, batches: Iterable[tuple[Any, Any]], split: str,
@@ -55,6 +66,8 @@ def all_finite(output: Any) -> bool:
     return True
 
 
-def evaluate(merged: Merged, tasks: Sequence[Task], batch_size: int = 64, precision: str = "fp32") -> dict[str, float]:
-    """Task name -> its metric on the test split, in the order of ``tasks``."""
-    return {task.name: evaluate_task(merged, task, batch_size, precision) for task in tasks}
+def evaluate(merged: Merged, tasks: Sequence[Task], batch_size: int = 64, precision: str = "fp32",
+             workers: int | None = None) -> dict[str, float]:
+    """Task name -> its metric on the test split, in the order of ``tasks`` (``workers``: see
+    ``evaluate_task``)."""
+    return {task.name: evaluate_task(merged, task, batch_size, precision, workers) for task in tasks}

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mergebench.loading import split_batches
 from mergebench.metrics import METRICS
 
 # Capabilities (``Task.capabilities``, ``Method.requires``)
@@ -44,9 +45,23 @@ class TaskData(abc.ABC):
     def head(self, task: str) -> nn.Module:
         """The task's fixed head (encoder features -> outputs), which no method merges."""
 
-    @abc.abstractmethod
     def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
-        """(inputs, targets) batches of a split ("train" or "test"), in a fixed order."""
+        """(inputs, targets) batches of a split ("train" or "test"), in a fixed order: by
+        default ``batch`` over consecutive positions; a suite that reads only in order overrides it."""
+        size = self.split_size(task, split)
+        if size is None:
+            raise NotImplementedError(f"{type(self).__name__} reads no batches of task {task!r}")
+        for start in range(0, size, batch_size):
+            yield self.batch(task, split, start, start + batch_size)
+
+    def split_size(self, task: str, split: str) -> int | None:
+        """How many examples a split has, for a suite that reads batches by position (``batch``),
+        which evaluation's DataLoader workers then build; None: it reads only in order."""
+        return None
+
+    def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
+        """The (inputs, targets) batch of examples start..stop-1 of a split (``split_size``)."""
+        raise NotImplementedError(f"{type(self).__name__} reads batches only in order")
 
     @abc.abstractmethod
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
@@ -105,8 +120,12 @@ class Task:
     def head(self) -> nn.Module:
         return self._data().head(self.name)
 
-    def batches(self, split: str, batch_size: int) -> Iterator[Batch]:
-        batches = self._data().batches(self.name, split, batch_size)
+    def batches(self, split: str, batch_size: int, *, workers: int = 0, pin_memory: bool = False) -> Iterator[Batch]:
+        """The split's batches in order; with ``workers`` or ``pin_memory`` through a DataLoader
+        (``mergebench.loading``), the same batches."""
+        limit = self.test_limit if split == "test" and self.test_scored is not None else None
+        batches = split_batches(self._data(), self.name, split, batch_size, workers=workers, pin_memory=pin_memory,
+                                limit=limit)
         if split == "test" and self.test_scored is not None:
             return self._counted(first_examples(batches, self.test_limit, self.name))
         return batches

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,10 +113,10 @@ def pixel_values(processor: Any, images: list) -> torch.Tensor:
     return processor(images=[image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
 
 
-def iterate_batches(dataset, processor: Any, batch_size: int) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        yield {"pixel_values": pixel_values(processor, rows["image"])}, torch.tensor(rows["label"], dtype=torch.long)
+def batch_of(dataset, processor: Any, start: int, stop: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Rows start..stop-1 of a dataset as (pixel values, labels)."""
+    rows = dataset[start:stop]
+    return {"pixel_values": pixel_values(processor, rows["image"])}, torch.tensor(rows["label"], dtype=torch.long)
 
 
 def sample_inputs(dataset, processor: Any, n: int, rng: np.random.Generator, batch_size: int = 64) -> dict[str, torch.Tensor]:

@@ -221,11 +221,12 @@ class TextTaskData(TaskData):
         head.load_state_dict(state)
         return head
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
-        examples = self.backbone.examples(task, split)
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            yield self.backbone.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
+    def split_size(self, task: str, split: str) -> int:
+        return len(self.backbone.examples(task, split))
+
+    def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
+        chunk = self.backbone.examples(task, split)[start:stop]
+        return self.backbone.tokenize([text for text, _ in chunk]), torch.tensor([label for _, label in chunk])
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         examples = self.backbone.examples(task, split)

@@ -55,7 +55,7 @@ import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -376,12 +376,13 @@ class GlueTaskData(TaskData):
         backbone.check_task(task)
         return backbone.head_from_state(load_file(str(backbone.require(backbone.root / f"{task}.head.safetensors"))))
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
-        spec, dataset = glue_task(task), self.backbone.data.split(task, split)
-        dtype = torch.float32 if spec.regression else torch.long
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start : start + batch_size]
-            yield self.tokenize(task, rows), torch.tensor(rows["label"], dtype=dtype)
+    def split_size(self, task: str, split: str) -> int:
+        return len(self.backbone.data.split(task, split))
+
+    def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
+        rows = self.backbone.data.split(task, split)[start:stop]
+        dtype = torch.float32 if glue_task(task).regression else torch.long
+        return self.tokenize(task, rows), torch.tensor(rows["label"], dtype=dtype)
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         dataset = self.backbone.data.split(task, split)

@@ -64,7 +64,7 @@ import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -529,13 +529,14 @@ class RF100TaskData(TaskData):
         encoded = self.backbone.processor(images=loaded, return_tensors="pt")
         return {"pixel_values": encoded["pixel_values"], "pixel_mask": encoded["pixel_mask"]}
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
-        """(pixels, image ids) batches, in image-id order."""
+    def split_size(self, task: str, split: str) -> int:
+        return len(self.coco(task, split).images)
+
+    def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
+        """(pixels, image ids) of images start..stop-1, in image-id order."""
         coco = self.coco(task, split)
-        images = coco.images
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            yield self.pixels(coco, chunk), torch.tensor([image["id"] for image in chunk])
+        chunk = coco.images[start:stop]
+        return self.pixels(coco, chunk), torch.tensor([image["id"] for image in chunk])
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         coco = self.coco(task, split)

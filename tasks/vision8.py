@@ -49,7 +49,7 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -311,8 +311,11 @@ class Vision8TaskData(TaskData):
         backbone.check_task(task)
         return backbone.head_from_state(load_file(str(backbone.require(backbone.head_path(task)))))
 
-    def batches(self, task: str, split: str, batch_size: int) -> Iterator[Batch]:
-        return _image_data.iterate_batches(self.backbone.dataset(task, split), self.backbone.processor, batch_size)
+    def split_size(self, task: str, split: str) -> int:
+        return len(self.backbone.dataset(task, split))
+
+    def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
+        return _image_data.batch_of(self.backbone.dataset(task, split), self.backbone.processor, start, stop)
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         rng = np.random.default_rng([seed, _stable_hash(task)])
