@@ -308,6 +308,8 @@ def protocol_table(name: str, methods: list[str] | None = None) -> str:
         rows, headers=["method", "hyperparameter", "value", "source"], disable_numparse=True)
     details = [[suite, f"the first {setting.value} test examples of each task", setting.source]
                for suite, setting in protocol.test_examples.items()]
+    details += [[suite, f"without {', '.join(setting.value)} (neither merged nor scored)", setting.source]
+                for suite, setting in protocol.left_out.items()]
     details.append(["any other suite" if details else "every suite", "every test example", "mergebench default"])
     batch = protocol.batch_size
     details.append(["every suite", f"batches of {protocol.eval_batch_size} (unless --batch-size)",

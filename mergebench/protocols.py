@@ -43,13 +43,20 @@ class Setting:
 class Protocol:
     """A named setting: ``methods`` maps method -> hyperparameter -> Setting; ``test_examples``
     maps suite -> Setting(N): that suite's tasks are scored on their first N test examples;
-    ``batch_size``: the evaluation batch (it decides what per-batch routing averages over)."""
+    ``batch_size``: the evaluation batch (it decides what per-batch routing averages over);
+    ``left_out`` maps suite -> Setting(task names) the protocol neither merges nor scores."""
 
     name: str
     description: str
     methods: Mapping[str, Mapping[str, Setting]]
     test_examples: Mapping[str, Setting] = field(default_factory=dict)
     batch_size: Setting | None = None
+    left_out: Mapping[str, Setting] = field(default_factory=dict)
+
+    def tasks_left_out(self, suite: str) -> tuple[str, ...]:
+        """The tasks of ``suite`` this protocol neither merges nor scores (e.g. GLUE's STS-B)."""
+        setting = self.left_out.get(suite)
+        return () if setting is None else tuple(setting.value)
 
     @property
     def eval_batch_size(self) -> int:
@@ -237,8 +244,8 @@ TSWITCH_CVPR2025 = Protocol(
 IVA1 = "Auto-FlexSwitch §IV-A1"
 AUTO_FLEXSWITCH_2026 = Protocol(
     "auto-flexswitch-2026",
-    "Auto-FlexSwitch (2026) §IV where it gives a value (its Tables II/VIII grid-searched baseline values are "
-    "not in the text mergebench has: those keep the original values, and the sources say so)",
+    "Auto-FlexSwitch (2026) §IV where it gives a value, GLUE without STS-B (its Tables II/VIII grid-searched "
+    "baseline values are not in the text mergebench has: those keep the original values, and the sources say so)",
     _table({
         "fisher": {"exemplars": (4096, f"{IVA1}: the original paper's sample size (Fisher authors' "
                                        "compute_fisher.py n_examples 4096)")},
@@ -270,6 +277,7 @@ AUTO_FLEXSWITCH_2026 = Protocol(
             "routing": ("per-input", "Auto-FlexSwitch §III-C5: each input routed on its own"),
         },
     }),
+    left_out={"glue": Setting(["stsb"], "Auto-FlexSwitch §IV-A3: seven GLUE classification tasks (no STS-B)")},
 )
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (ORIGINAL, TSWITCH_CVPR2025, AUTO_FLEXSWITCH_2026)}
@@ -330,6 +338,12 @@ def check_protocol(protocol: Protocol) -> None:
         _check_count(protocol, f"test_examples[{suite!r}]", setting.value)
     if protocol.batch_size is not None:
         _check_count(protocol, "batch_size", protocol.batch_size.value)
+    for suite, setting in protocol.left_out.items():
+        names = [task.name for task in SUITES.get(suite).tasks]
+        unknown = [name for name in setting.value if name not in names]
+        if unknown or not set(names) - set(setting.value):
+            raise HyperparameterError(f"protocol {protocol.name!r}: left_out[{suite!r}] = {setting.value!r} must name "
+                                      f"some, not all, of the suite's tasks: {', '.join(names)}")
 
 
 def _check_count(protocol: Protocol, what: str, value: Any) -> None:

@@ -122,6 +122,11 @@ class RunPlan:
         """The protocol's cap on the test examples scored per task of this backbone's suite."""
         return self.protocol.test_limit(self.backbone_class.suite)
 
+    def task_names(self, backbone: Backbone) -> list[str]:
+        """The backbone's tasks this run merges and scores: all, less those the protocol leaves out."""
+        left_out = self.protocol.tasks_left_out(self.backbone_class.suite)
+        return [task.name for task in backbone.tasks if task.name not in left_out]
+
     def make_backbone(self) -> Backbone:
         return self.backbone_class(checkpoint_dir=self.checkpoint_dir, data_dir=self.data_dir)
 
@@ -250,7 +255,7 @@ def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = Non
     receives the evaluated model and its pool (``run --save-merged`` exports it)."""
     method = plan.method
     backbone = plan.make_backbone()
-    tasks = [task.name for task in backbone.tasks]
+    tasks = plan.task_names(backbone)
     with load_pool(backbone, tasks) as pool, PeakMemory() as peak:
         seed_everything(plan.seed)
         exemplars = exemplars_for(method, backbone, tasks, plan.seed)

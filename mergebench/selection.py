@@ -86,13 +86,14 @@ def select(configurations: Sequence[Any], size: int, seed: int) -> Selection:
     for configuration in configurations:
         plan = configuration.plan
         backbone = plan.make_backbone()
-        tasks = [task.name for task in backbone.tasks]
+        tasks = plan.task_names(backbone)  # less those the protocol leaves out
         with load_pool(backbone, tasks) as pool:
             seed_everything(plan.seed)
             exemplars = exemplars_for(plan.method, backbone, tasks, plan.seed)
             merged, _ = timed_merge(plan.method, pool, exemplars)
         merged.to(plan.device)
-        metrics = validation_metrics(merged, backbone.tasks, size, seed, plan.batch_size, plan.precision)
+        metrics = validation_metrics(merged, [backbone.task(task) for task in tasks], size, seed, plan.batch_size,
+                                     plan.precision)
         averages.append((configuration, float(np.mean(list(metrics.values())))))
     best = max(range(len(averages)), key=lambda i: (averages[i][1], -i))
     return Selection(averages[best][0], averages[best][1], [(c.hyperparameters, a) for c, a in averages])

@@ -71,6 +71,38 @@ def test_a_wrong_protocol_value_fails_its_check(methods, error):
         check_protocol(Protocol("broken", "a table with a mistake", methods))
 
 
+@pytest.mark.parametrize("left_out, message", [
+    (["markers-z"], "must name some, not all"),
+    (["markers-a", "markers-b", "markers-c"], "must name some, not all"),
+])
+def test_a_bad_left_out_list_fails_its_check(left_out, message):
+    with pytest.raises(HyperparameterError, match=message):
+        check_protocol(Protocol("broken", "bad tasks", {}, left_out={"tiny": Setting(left_out, "test")}))
+
+
+def test_a_protocol_that_leaves_a_task_out_neither_merges_nor_scores_it(tiny_bert):
+    without = Protocol("without-c", "no markers-c", {}, left_out={"tiny": Setting(["markers-c"], "this test")})
+    result = run("task-arithmetic", "tiny-bert", protocol=without, results_dir=None)
+    assert list(result.metrics) == list(result.examples) == ["markers-a", "markers-b"]
+    # the merge is of two task vectors: theta_pre + 0.3 (tau_a + tau_b), recomputed from the checkpoints
+    from safetensors.torch import load_file
+
+    from mergebench.runner import exemplars_for, load_pool, resolve, timed_merge
+
+    plan = resolve("task-arithmetic", "tiny-bert", protocol=without)
+    backbone = plan.make_backbone()
+    with load_pool(backbone, plan.task_names(backbone)) as pool:
+        merged, _ = timed_merge(plan.method, pool, exemplars_for(plan.method, backbone, pool.tasks, 0))
+    pre = load_file(str(tiny_bert.pretrained_checkpoint()))
+    tuned = {t: load_file(str(tiny_bert.finetuned_checkpoint(t))) for t in ("markers-a", "markers-b")}
+    state = merged.encoder.state_dict()
+    keys = [k for k in pool.merged_keys if pre[k].is_floating_point()]
+    assert any(not torch.equal(tuned["markers-a"][k], pre[k]) for k in keys)
+    for key in keys:
+        expected = pre[key] + 0.3 * ((tuned["markers-a"][key] - pre[key]) + (tuned["markers-b"][key] - pre[key]))
+        assert torch.allclose(state[key], expected, atol=1e-6), key
+
+
 def test_a_bad_test_cap_fails_its_check():
     with pytest.raises(HyperparameterError, match=r"test_examples\['tiny'\] = 0"):
         check_protocol(Protocol("broken", "zero examples", {}, {"tiny": Setting(0, "none")}))
