@@ -264,14 +264,17 @@ class TwinMerged(RoutedMerged):
         self._weights: torch.Tensor | None = None  # (B, K) for the forward in progress
         modules = dict(self.encoder.named_modules())
         by_module: dict[str, list[str]] = {}
-        self.materialised_keys = []  # experts composed by materialising theta(x_b), one sample at a time
+        self.materialised_keys: list[str] = []  # experts composed by materialising theta(x_b), one sample at a time
         for key in self.expert_keys:
             name, module, attribute = module_part(modules, key)
             if hooked(module, attribute, len(self.factors[key]) == 1):
                 by_module.setdefault(name, []).append(key)
             else:
                 self.materialised_keys.append(key)
-        self._hooks = [modules[name].register_forward_hook(self._hook(name, keys)) for name, keys in by_module.items()]
+        self._hooked = by_module
+        self._hooks = {name: modules[name].register_forward_hook(self._hook(name, keys))
+                       for name, keys in by_module.items()}
+        self._fired: set[str] | None = None  # the hooked modules that ran, recorded on the first forward
 
     def stacked_factors(self, artifacts: Mapping[str, bytes]) -> dict[str, tuple[torch.Tensor, ...]]:
         """{key: (U, S, V)} stacked over the tasks, (K, out, r), (K, r), (K, in, r), or {key: (D,)}
@@ -325,6 +328,8 @@ class TwinMerged(RoutedMerged):
             weights = self._weights
             if weights is None:
                 return None
+            if self._fired is not None:
+                self._fired.add(name)
             h = args[0]
             if h.shape[0] != weights.shape[0]:
                 raise RuntimeError(f"twin-merging: {name} input batch {h.shape[0]} != routing batch {weights.shape[0]}")
@@ -382,7 +387,29 @@ class TwinMerged(RoutedMerged):
     @torch.no_grad()
     def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
         """One forward of the shared expert, each hooked module adding its inputs' experts;
-        with experts on other tensors, one forward per sample with those materialised."""
+        with experts on other tensors, one forward per sample with those materialised.
+        The first forward checks that every hooked module ran: a module whose parameters a
+        parent reads directly (``nn.MultiheadAttention``'s ``out_proj``, an embedding table
+        read as ``.weight``) never calls its hook, so its experts move to materialisation and
+        the batch is recomputed."""
+        if self._fired is None and self._hooked:
+            self._fired = set()
+            try:
+                output = self._compose(inputs, weights)
+                silent = [name for name in self._hooked if name not in self._fired]
+            finally:
+                self._fired = None
+            if not silent:
+                self._hooked = {}  # checked: no need to record again
+                return output
+            for name in silent:
+                self._hooks.pop(name).remove()
+                self.materialised_keys.extend(self._hooked.pop(name))
+            self.materialised_keys.sort()
+            self._hooked = {}
+        return self._compose(inputs, weights)
+
+    def _compose(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
         try:
             if not self.materialised_keys:
                 self._weights = weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -433,3 +434,44 @@ def test_convolution_hook_and_bare_parameter_equal_materialised_weights(tmp_path
                 params["scale"] = params["scale"] + weights[b, k] * d["scale.D"]
             reference = functional_call(ConvEncoder(), params, (x[b : b + 1],))
             assert torch.allclose(out[b : b + 1], reference, atol=1e-5)
+
+
+class DirectReadEncoder(nn.Module):
+    """A parent reads ``inner``'s parameters itself (as nn.MultiheadAttention does with its
+    out_proj): inner's forward, and so its hook, never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.outer = nn.Linear(4, 3)
+        self.register_buffer("count", torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.outer(torch.tanh(F.linear(x, self.inner.weight, self.inner.bias)))
+
+
+class DirectReadBackbone(StubBackbone):
+    def __init__(self, root, pretrained, finetuned):
+        super().__init__(root, pretrained, finetuned, FourFeatureData())
+
+    def build_encoder(self):
+        return DirectReadEncoder()
+
+
+def test_experts_of_a_module_whose_hook_never_runs_are_materialised(tmp_path):
+    generator = torch.Generator().manual_seed(9)
+    base = {k: v for k, v in DirectReadEncoder().state_dict().items() if v.is_floating_point()}
+    pretrained = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    finetuned = {t: {k: v + torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+                 for t in ("t1", "t2")}
+    with ModelPool(DirectReadBackbone(tmp_path, pretrained, finetuned)) as pool:
+        shared, artifacts = make_method("twin-merging", {"rank_rule": "fixed", "rank": 4}).build(pool)
+        merged = TwinMerged(pool, shared, artifacts)
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(10))
+        for k, task in enumerate(pool.tasks):  # full rank, one-hot: the fine-tuned model, from the first batch on
+            finetuned_encoder = DirectReadEncoder()
+            finetuned_encoder.load_state_dict(pool.finetuned_state(task))
+            weights = torch.zeros(3, 2)
+            weights[:, k] = 1.0
+            assert torch.allclose(merged.features({"x": x}, weights), finetuned_encoder(x), atol=1e-5)
+        assert merged.materialised_keys == ["inner.bias", "inner.weight"]
