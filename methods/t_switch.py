@@ -131,7 +131,10 @@ class AutoSwitch(Method):
         store = SwitchStore(pool.tasks, artifacts)
         extract = self.extractor(encoder, store)
         routed = routing_view(pool.backbone.tasks).routing_features
-        queries = [routed(features) for features in per_task_features(extract, exemplars, pool.tasks)]
+        encoder.to(self.device)  # the query features run on the run's device; the Merged starts on the CPU
+        queries = [routed(features) for features in per_task_features(extract, exemplars, pool.tasks, self.device,
+                                                                     self.precision)]
+        encoder.to("cpu")
         # the query features are stored beside the switches, and the router reads them back from there
         artifacts[QUERY_SET] = encode_query_set(torch.cat(queries), task_indices(queries), pool.tasks)
         return self.compose(pool.backbone, encoder, store, artifacts)
@@ -147,7 +150,14 @@ class AutoSwitch(Method):
         uniform = torch.full((len(store.tasks),), 1.0 / len(store.tasks))
         state = encoder.state_dict()
         averaged = {key: state[key] + store.combine(key, uniform) for key in store.keys()}
-        return lambda **inputs: functional_call(encoder, averaged, args=(), kwargs=inputs)
+
+        def extract(**inputs):
+            device = next(encoder.parameters()).device  # the averaged weights follow the encoder's device
+            if any(value.device != device for value in averaged.values()):
+                averaged.update({key: value.to(device) for key, value in averaged.items()})
+            return functional_call(encoder, averaged, args=(), kwargs=inputs)
+
+        return extract
 
     def compose(self, backbone, encoder, store: SwitchStore, artifacts: dict[str, bytes]) -> ComposedMerged:
         """The switches composed per input by the k-NN router over the stored query set."""

@@ -68,3 +68,33 @@ def test_bf16_changes_the_forward_passes_but_not_much(pool_and_exemplars, name):
     assert max(differences) > 0  # autocast was on for the forward passes
     # bf16 has 8 mantissa bits: each tensor stays within a few per cent of its own scale
     assert all(d <= 0.05 * max(s, 1e-3) for d, s in zip(differences, scales)), max(differences)
+
+
+def test_auto_switch_query_features_on_each_device(pool_and_exemplars, device, tiny_bert):
+    """The averaged query model's features are computed on the device, and its weights follow
+    the encoder when evaluation moves the model."""
+    pool, train, _ = pool_and_exemplars
+    batch, _ = next(iter(tiny_bert.tasks[0].batches("test", 16)))
+    outputs = []
+    for where in (None, device):
+        method = make_method("auto-switch", {"exemplars": 10, "query_model": "averaged"})
+        if where is not None:
+            method.device = where
+        merged = method.merge(pool, train)
+        outputs.append((merged.artifacts()["query_set.mbc"], merged.to(device).predict(
+            tiny_bert.tasks[0].name, {k: v.to(device) for k, v in batch.items()}).cpu()))
+    (query_cpu, out_cpu), (query_here, out_here) = outputs
+    if device.type == "cpu":
+        assert query_cpu == query_here and torch.equal(out_cpu, out_here)
+    else:
+        torch.testing.assert_close(out_here, out_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_evaluation_on_each_device_matches_the_cpu(pool_and_exemplars, device, tiny_bert):
+    from mergebench.evaluate import evaluate
+
+    pool, _, _ = pool_and_exemplars
+    merged = make_method("task-arithmetic").merge(pool)
+    on_cpu = evaluate(merged, tiny_bert.tasks, 32)
+    here = evaluate(merged.to(device), tiny_bert.tasks, 32, workers=0)
+    assert here == on_cpu if device.type == "cpu" else all(abs(here[t] - on_cpu[t]) <= 0.011 for t in here)
