@@ -55,6 +55,12 @@ class Backbone(abc.ABC):
     def prepare(self, force: bool = False) -> None:
         """Create whatever is missing (converted or locally fine-tuned checkpoints, data caches)."""
 
+    def data_manifest_hash(self) -> str | None:
+        """SHA-256 of the manifest that pins the evaluation data, for a suite that ships its data
+        (the mini suite): results on different data must never be ranked together. None: the
+        data is read from elsewhere, unpinned."""
+        return None
+
     def check_task(self, task: str) -> None:
         """KeyError naming the valid tasks unless the backbone has a checkpoint for ``task``."""
         if task not in self.task_names:

@@ -60,6 +60,7 @@ def test_cache_key_covers_the_data_manifest(minilm, tmp_path, monkeypatch):
     other = BACKBONES.get("minilm-l6")()
     assert other.data_manifest_hash() != committed
     assert other.root != default_root and other.root.parent == default_root.parent
+    assert BACKBONES.get("tiny-bert")(root=tmp_path / "tiny").data_manifest_hash() is None  # no pinned data
 
 
 def test_a_changed_committed_split_is_refused(tmp_path, monkeypatch):
