@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mergebench.errors import CorruptArtifactError
 from mergebench.registry import register_backbone, register_suite
 from mergebench.suite import Suite
 from mergebench.task import Task
@@ -95,6 +96,15 @@ class MiniLM(TextClassificationBackbone):
 
     def build_data(self, task: str) -> TextData:
         return self.data(task)
+
+    def prepare(self, force: bool = False) -> None:
+        """Check the committed splits (hashes and the no-overlap rules) before fine-tuning on them."""
+        problems = text_data.overlap_report(
+            {task: {s: self.examples(task, s) for s in text_data.SPLITS} for task in self.task_names})
+        if problems:
+            raise CorruptArtifactError(f"{self.committed_data}: the data breaks the no-overlap rules: "
+                                       + "; ".join(problems))
+        super().prepare(force)
 
     def new_model(self):
         from transformers import AutoModel

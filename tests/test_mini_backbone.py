@@ -79,3 +79,22 @@ def test_a_changed_committed_split_is_refused(tmp_path, monkeypatch):
 def test_checkpoints_missing_until_prepared(minilm):
     with pytest.raises(FileNotFoundError, match="mergebench prepare --backbone minilm-l6"):
         minilm.finetuned_checkpoint("fortune-topic")
+
+
+def test_prepare_refuses_data_that_breaks_the_overlap_rules(tmp_path, monkeypatch):
+    """A test text copied into another task's training split (manifest updated to match) is
+    refused before any fine-tuning."""
+    copy = tmp_path / "data"
+    shutil.copytree(mini.DATA_DIR, copy)
+    manifest = text_data.read_manifest(copy)
+    planted = text_data.read_split(copy, manifest, "bible-genre", "test")[0][0]
+    path = copy / "code-language.train.jsonl.gz"
+    raw = text_data.gzip.decompress(path.read_bytes()) + text_data.encode_split([(planted.upper(), 0)])
+    path.write_bytes(text_data.gzip.compress(raw))
+    manifest["tasks"]["code-language"]["splits"]["train"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    (copy / "manifest.json").write_text(text_data.json.dumps(manifest))
+    monkeypatch.setattr(mini.MiniLM, "committed_data", copy)
+    backbone = BACKBONES.get("minilm-l6")(root=tmp_path / "cache")
+    with pytest.raises(CorruptArtifactError, match="no-overlap rules: bible-genre and code-language: 1 shared texts"):
+        backbone.prepare()
+    assert not (tmp_path / "cache" / "pretrained.safetensors").exists()
