@@ -18,7 +18,8 @@ in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
   the authors' ``new_rank = int(density * len(S))``; their run script's ``mask_rate`` 0.9
   is density (``rank_ratio``) 0.1. A matrix whose r is 0 gets no expert. ``rank_rule``
   "fixed": r = min(``rank``, rows, cols). The T-Switch paper's Table 5 "discard 0.5" for
-  Twin-Merging is that mask rate (the one discard rate of the authors' method): rank_ratio 0.5.
+  Twin-Merging is read here as that mask rate, the one discard rate of the authors' method
+  (their shared expert, Task Arithmetic, discards nothing): rank_ratio 0.5.
 * Router: the authors' ``SimpleMLP`` (Linear d->2d, BatchNorm, LeakyReLU, Dropout
   0.5, Linear 2d->2d, BatchNorm, LeakyReLU, Dropout, Linear 2d->K) trained with
   cross-entropy to predict the task index of the exemplars from encoder features, on
@@ -53,8 +54,8 @@ theta(x_b) for one sample at a time.
 Storage (``artifacts()``), each a file of the checksummed container of
 ``mergebench.container``: the shared expert as a full state dict (``shared.mbc``;
 Twin-Merging keeps theta_s beside the pretrained model, which the router reads; the
-T-Switch paper's Table 2 charges it as large storage), the fp32 U, S, V factors of each
-task (``<task>.experts.mbc``) and the router's state dict with the feature
+T-Switch paper's Table 2 charges it as large storage), the fp32 U, S, V factors and dense
+1-D experts of each task (``<task>.experts.mbc``) and the router's state dict with the feature
 standardisation (``router.mbc``). Inference decodes the factors and the router from
 these bytes.
 """
@@ -332,7 +333,12 @@ class TwinMerged(RoutedMerged):
                 self._fired.add(name)
             h = args[0]
             if h.shape[0] != weights.shape[0]:
-                raise RuntimeError(f"twin-merging: {name} input batch {h.shape[0]} != routing batch {weights.shape[0]}")
+                if h.shape[0] != 1:
+                    raise RuntimeError(f"twin-merging: {name} input batch {h.shape[0]} != routing batch "
+                                       f"{weights.shape[0]}")
+                # an input shared by the batch (BERT's position ids, (1, N)): per-sample outputs
+                h = h.expand(weights.shape[0], *h.shape[1:])
+                output = output.expand(weights.shape[0], *output.shape[1:])
             w = weights.to(output.device, torch.float32)
             if isinstance(module, CONVOLUTIONS):  # channels first: sum_k w_k conv(h, E_k) + sum_k w_k b_k
                 delta = torch.zeros(output.shape, dtype=torch.float32, device=output.device)

@@ -246,12 +246,14 @@ def test_router_and_experts_are_read_back_from_their_checked_containers(pool):
 
 
 class MixedEncoder(nn.Module):
-    """Token ids -> Embedding (12x20) -> Linear 20->30 -> LayerNorm -> tanh -> Linear 30->20,
-    times a bare (4, 5) gate (no hook composes it: materialised per sample), mean over tokens."""
+    """Token ids -> Embedding (12x20) plus position Embedding (5x20) read with (1, N) ids as BERT
+    does -> Linear 20->30 -> LayerNorm -> tanh -> Linear 30->20, times a bare (4, 5) gate (no
+    hook composes it: materialised per sample), mean over tokens."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(12, 20)
+        self.pos = nn.Embedding(5, 20)
         self.up = nn.Linear(20, 30)
         self.norm = nn.LayerNorm(30)
         self.down = nn.Linear(30, 20)
@@ -259,7 +261,8 @@ class MixedEncoder(nn.Module):
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.down(torch.tanh(self.norm(self.up(self.emb(x)))))
+        h = self.emb(x) + self.pos(torch.arange(x.shape[1], device=x.device)[None])
+        h = self.down(torch.tanh(self.norm(self.up(h))))
         return (h * self.gate.reshape(-1)).mean(1)
 
 
@@ -287,15 +290,18 @@ def entry_shapes(artifacts, task="t1"):
 
 
 @pytest.mark.parametrize("hparams, ranks", [
-    ({}, {"emb.weight": 1, "up.weight": 2, "down.weight": 2}),  # int(0.1 x min): 12 -> 1, 20 -> 2; gate 4 -> 0
-    ({"rank_ratio": 0.5}, {"emb.weight": 6, "up.weight": 10, "down.weight": 10, "gate": 2}),
-    ({"rank_rule": "fixed", "rank": 3}, {"emb.weight": 3, "up.weight": 3, "down.weight": 3, "gate": 3}),
-    ({"rank_rule": "fixed", "rank": 16}, {"emb.weight": 12, "up.weight": 16, "down.weight": 16, "gate": 4}),
+    ({}, {"emb.weight": 1, "up.weight": 2, "down.weight": 2}),  # int(0.1 x min): 12 -> 1, 20 -> 2; 5, 4 -> 0
+    ({"rank_ratio": 0.5}, {"emb.weight": 6, "pos.weight": 2, "up.weight": 10, "down.weight": 10, "gate": 2}),
+    ({"rank_rule": "fixed", "rank": 3}, {"emb.weight": 3, "pos.weight": 3, "up.weight": 3, "down.weight": 3,
+                                         "gate": 3}),
+    ({"rank_rule": "fixed", "rank": 16}, {"emb.weight": 12, "pos.weight": 5, "up.weight": 16, "down.weight": 16,
+                                          "gate": 4}),
 ])
 def test_rank_rule_sets_the_stored_factor_shapes(mixed_pool, hparams, ranks):
     _, artifacts = make_method("twin-merging", hparams).build(mixed_pool)
     shapes = entry_shapes(artifacts)
-    rows_cols = {"emb.weight": (12, 20), "up.weight": (30, 20), "down.weight": (20, 30), "gate": (4, 5)}
+    rows_cols = {"emb.weight": (12, 20), "pos.weight": (5, 20), "up.weight": (30, 20), "down.weight": (20, 30),
+                 "gate": (4, 5)}
     for key, (rows, cols) in rows_cols.items():
         if key not in ranks:
             assert not any(entry.startswith(key + ".") for entry in shapes)  # rank 0: no expert
