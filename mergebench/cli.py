@@ -88,7 +88,7 @@ def command_run(args: argparse.Namespace) -> int:
             plans.append(resolve(name, args.backbone, seed=args.seed, hyperparameters=per_method[name],
                                  batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir,
                                  device=args.device, precision=args.precision, protocol=protocol,
-                                 workers=args.num_workers))
+                                 workers=args.num_workers, cache_mb=args.cache_mb))
         except NotApplicableError as error:  # reported, nothing recorded; the other methods still run
             print(f"mergebench: {error}; nothing recorded", file=sys.stderr)
     if not plans:
@@ -195,7 +195,8 @@ def command_sweep(args: argparse.Namespace) -> int:
     configurations = plan_sweep(method_names(args.method), backbones, list(args.seed), grid,
                                 batch_size=args.batch_size, checkpoint_dir=args.checkpoint_dir,
                                 data_dir=args.data_dir, device=args.device, precision=args.precision, skipped=skipped,
-                                protocols=name_list(args.protocol), workers=args.num_workers)
+                                protocols=name_list(args.protocol), workers=args.num_workers,
+                                cache_mb=args.cache_mb)
     for message in skipped:
         print(f"mergebench: {message}; left out of the sweep", file=sys.stderr)
     if args.select_on is not None:  # one record per (method, backbone, seed): the point best on validation
@@ -407,6 +408,9 @@ def add_evaluation_options(parser: argparse.ArgumentParser, device_help: str) ->
     parser.add_argument("--num-workers", type=int, default=None, metavar="N",
                         help="DataLoader processes that build evaluation batches (default: 0 on the CPU, up to 4 "
                              "beside a GPU)")
+    parser.add_argument("--cache-mb", type=float, default=None, metavar="MB",
+                        help="budget of a dynamic method's cache of composed weights, least recently used evicted "
+                             "(default: 2048)")
 
 
 def build_parser() -> argparse.ArgumentParser:

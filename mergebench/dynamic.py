@@ -30,6 +30,7 @@ class TaskVectorStore(abc.ABC):
     """The compressed per-task parts, in a form that is fast to combine."""
 
     tasks: list[str]
+    device: torch.device = torch.device("cpu")  # where ``combine`` runs and wants its weights
 
     @abc.abstractmethod
     def keys(self) -> list[str]:
@@ -38,6 +39,13 @@ class TaskVectorStore(abc.ABC):
     @abc.abstractmethod
     def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[k] * tau_hat_k[key] as a dense float tensor."""
+
+    def to(self, device: torch.device) -> "TaskVectorStore":
+        """Keep the parts on ``device`` (and set ``self.device``) so that ``combine`` runs there.
+        The default keeps them where they are (e.g. packed arrays on the host) and
+        ``ComposedMerged`` moves each composed tensor to the device; a store of tensors whose
+        ``combine`` works on any device overrides this."""
+        return self
 
 
 ROUTING_MODES = ("per-input", "per-batch")
@@ -130,34 +138,55 @@ class ComposedMerged(RoutedMerged):
         state = encoder.state_dict()
         self.pretrained = {key: state[key] for key in store.keys()}
         self.store = store
-        entry_bytes = sum(t.numel() * 4 for t in self.pretrained.values()) or 1
-        self.cache_size = max(1, cache_bytes // entry_bytes)  # how many merged weight sets fit the budget
         self._cache: OrderedDict[tuple[float, ...], dict[str, torch.Tensor]] = OrderedDict()
+        self.cache_used = 0  # bytes the cached weight sets hold now (never above cache_bytes)
+        self.cache_bytes = cache_bytes  # the budget of the cache (run --cache-mb)
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache_bytes
+
+    @cache_bytes.setter
+    def cache_bytes(self, budget: int) -> None:
+        """The merged-weight cache's budget in bytes; least recently used sets go first, and a
+        set larger than the whole budget is used without being kept."""
+        self._cache_bytes = int(budget)
+        self._evict()
+
+    def _evict(self) -> None:
+        while self._cache and self.cache_used > self._cache_bytes:
+            _, params = self._cache.popitem(last=False)
+            self.cache_used -= _nbytes(params)
 
     def clear_cache(self) -> None:
         """Forget every merged weight set (the next batch builds its weights again)."""
         self._cache.clear()
+        self.cache_used = 0
 
     def to(self, device: torch.device | str) -> "ComposedMerged":
-        """The encoder on ``device``; weights are still composed in float32 on the CPU and
-        each composed set moves there once (the cache holds them on the device)."""
+        """The encoder, the pretrained weights and the store (``TaskVectorStore.to``) on
+        ``device``: weights are composed there in float32 and the cache holds them there."""
         super().to(device)
+        self.pretrained = {key: value.to(self.device) for key, value in self.pretrained.items()}
+        self.store.to(self.device)
         self.clear_cache()
         return self
 
     def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
-        weights = weights.cpu()
-        key = tuple(weights.tolist())
+        key = tuple(weights.cpu().tolist())
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        params = {name: (self.pretrained[name] + self.store.combine(name, weights)).to(self.device)
+        weights = weights.to(getattr(self.store, "device", torch.device("cpu")))
+        params = {name: self.pretrained[name] + self.store.combine(name, weights).to(self.device)
                   for name in self.pretrained}
         self.materialisations += 1
-        self._cache[key] = params
-        if len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        size = _nbytes(params)
+        if size <= self._cache_bytes:
+            self._cache[key] = params
+            self.cache_used += size
+            self._evict()
         return params
 
     @torch.no_grad()
@@ -230,3 +259,6 @@ class KNNRouter:
             weights[i, votes.argmax()] = 1.0
         return weights
 
+
+def _nbytes(params: Mapping[str, torch.Tensor]) -> int:
+    return sum(value.numel() * value.element_size() for value in params.values())

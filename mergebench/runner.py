@@ -92,6 +92,13 @@ def check_workers(workers: Any) -> int | None:
     return workers
 
 
+def check_cache_mb(cache_mb: Any) -> float | None:
+    if cache_mb is not None and (isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float))
+                                 or not cache_mb >= 0 or cache_mb == float("inf")):
+        raise HyperparameterError(f"--cache-mb {cache_mb!r} is not allowed; expected a number of MiB >= 0")
+    return cache_mb
+
+
 def check_batch_size(batch_size: Any) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HyperparameterError(f"--batch-size {batch_size!r} is not allowed; expected an integer >= 1")
@@ -116,6 +123,7 @@ class RunPlan:
     protocol: Protocol = get_protocol(None)  # the named setting the method's values come from
     overrides: tuple[str, ...] = ()  # hyperparameters set explicitly over the protocol
     workers: int | None = None  # evaluation's DataLoader processes (None: mergebench.loading.default_workers)
+    cache_mb: float | None = None  # dynamic methods' merged-weight cache budget (None: ComposedMerged's default)
 
     @property
     def test_limit(self) -> int | None:
@@ -145,6 +153,7 @@ def resolve(
     precision: str = "fp32",
     protocol: str | Protocol | None = None,
     workers: int | None = None,
+    cache_mb: float | None = None,
 ) -> RunPlan:
     """Check every name and value before any work: unknown names and bad values raise
     UnknownNameError / HyperparameterError, a method that cannot merge the backbone's tasks
@@ -166,7 +175,8 @@ def resolve(
     if results_dir is not None:
         results_dir = check_writable(Path(results_dir))
     return RunPlan(method, backbone_class, seed, batch_size, results_dir, checkpoint_dir, data_dir, commit,
-                   resolved_device, precision, protocol, tuple(hyperparameters or {}), check_workers(workers))
+                   resolved_device, precision, protocol, tuple(hyperparameters or {}), check_workers(workers),
+                   check_cache_mb(cache_mb))
 
 
 def load_pool(backbone: Backbone, tasks: list[str] | None = None) -> ModelPool:
@@ -262,6 +272,8 @@ def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = Non
         check_fits(method, pool, plan.device)  # a method that cannot fit says so before it starts
         try:
             merged, merge_seconds = timed_merge(method, pool, exemplars)
+            if plan.cache_mb is not None and hasattr(merged, "cache_bytes"):  # a dynamic method's composed weights
+                merged.cache_bytes = int(plan.cache_mb * 2**20)
             storage = merged.storage_bytes()
             scored: dict[str, int] = {}
             metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision,
@@ -287,13 +299,15 @@ def run(
     data_dir: Path | None = None,
     device: str = "cpu",
     precision: str = "fp32",
+    protocol: str | Protocol | None = None,
+    workers: int | None = None,
+    cache_mb: float | None = None,
 ) -> Result:
     """resolve, execute and (with ``results_dir``) append the record. Every value is checked
     before any work; a run that fails records nothing."""
-    protocol: str | Protocol | None = None,
     plan = resolve(method_name, backbone_name, seed=seed, hyperparameters=hyperparameters, batch_size=batch_size,
                    results_dir=results_dir, checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
-                   precision=precision, protocol=protocol)
+                   precision=precision, protocol=protocol, workers=workers, cache_mb=cache_mb)
     result = execute(plan)
     if plan.results_dir is not None:
         append_result(plan.results_dir, result)

@@ -93,7 +93,8 @@ def grid_points(method: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]
 def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid: dict[str, list[Any]], *,
                batch_size: int | None = None, checkpoint_dir: Path | None = None, data_dir: Path | None = None,
                device: str = "cpu", precision: str = "fp32", skipped: list[str] | None = None,
-               protocols: list[str] | None = None, workers: int | None = None) -> list[Configuration]:
+               protocols: list[str] | None = None, workers: int | None = None,
+               cache_mb: float | None = None) -> list[Configuration]:
     """Every configuration resolved, each backbone prepared once; raises for the first bad
     name or value before any merge. A method not applicable to a backbone is left out
     (its message goes to ``skipped``); a grid key no selected method has is an error.
@@ -116,7 +117,7 @@ def plan_sweep(methods: list[str], backbones: list[str], seeds: list[int], grid:
             try:
                 plans.append(resolve(method, backbone, seed=seed, hyperparameters=point, batch_size=batch_size,
                                      checkpoint_dir=checkpoint_dir, data_dir=data_dir, device=device,
-                                     precision=precision, protocol=protocol, workers=workers))
+                                     precision=precision, protocol=protocol, workers=workers, cache_mb=cache_mb))
             except NotApplicableError as error:
                 if skipped is not None and str(error) not in skipped:
                     skipped.append(str(error))
