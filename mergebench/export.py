@@ -14,7 +14,8 @@ The folder (``FORMAT`` 1):
   checksummed containers (``artifacts/<name>``, what ``Merged.artifacts()`` stores and
   the run charged as storage);
 * both: every task's head in ``heads.safetensors``, keys ``<task>.<parameter>`` (the
-  head module's own state-dict names), and ``mergebench.json``: method, resolved
+  head module's own state-dict names), the backbone's transformers tokenizer or image
+  processor where it has one (``AutoTokenizer.from_pretrained(DIR)``), and ``mergebench.json``: method, resolved
   hyperparameters, seed, protocol, backbone, suite, tasks, how the encoder turns hidden
   states into features, the source checkpoints with their SHA-256 from the prepare
   manifest, the mergebench version, and the size and SHA-256 of every file written.
@@ -85,11 +86,8 @@ def library_model(encoder: nn.Module) -> tuple[nn.Module | None, str]:
 
     if isinstance(encoder, PreTrainedModel):
         return encoder, ""
-    for name, child in encoder.named_children():
-        if isinstance(child, PreTrainedModel):
-            return child, f"{name}."
     vision, projection = getattr(encoder, "vision_model", None), getattr(encoder, "visual_projection", None)
-    if vision is not None and projection is not None and hasattr(vision, "config"):
+    if vision is not None and projection is not None and hasattr(vision, "config"):  # the CLIP backbones
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
         config = CLIPVisionConfig(**{**vision.config.to_dict(), "projection_dim": projection.out_features})
@@ -97,6 +95,9 @@ def library_model(encoder: nn.Module) -> tuple[nn.Module | None, str]:
             model = CLIPVisionModelWithProjection(config)
         model.vision_model, model.visual_projection = vision, projection  # the same names as the encoder's keys
         return model, ""
+    for name, child in encoder.named_children():
+        if isinstance(child, PreTrainedModel):
+            return child, f"{name}."
     return None, ""
 
 
@@ -179,6 +180,10 @@ def export_merged(merged, method, pool, out: Path | str, *, overwrite: bool = Fa
                 else:
                     (staging / ARTIFACTS / name).write_bytes(artifact)
             metadata["artifacts"] = sorted(merged.artifacts())
+        for name in ("tokenizer", "processor"):  # what makes the inputs, where the backbone has one of transformers'
+            maker = getattr(backbone, name, None)
+            if hasattr(maker, "save_pretrained"):
+                maker.save_pretrained(str(staging))
         heads = {f"{task}.{key}": value.detach().cpu().contiguous()
                  for task in pool.tasks for key, value in merged.head(task).state_dict().items()}
         save_file(heads, str(staging / HEADS))

@@ -153,3 +153,25 @@ def test_run_save_merged_writes_after_evaluating(tiny_bert, tmp_path, capsys):
 def test_load_of_a_folder_without_an_export(tmp_path):
     with pytest.raises(FileNotFoundError, match="mergebench.json is missing"):
         mergebench.load(tmp_path)
+
+
+def test_a_clip_encoder_is_written_as_clip_vision_model_with_projection(tmp_path):
+    """The CLIP backbones' encoder (vision tower + projection) loads back as transformers'
+    CLIPVisionModelWithProjection, whose image_embeds are the encoder's features."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from mergebench.export import read_encoder_state, write_encoder
+    from mergebench.tasks._clip import CLIPImageEncoder
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=16, projection_dim=8)
+    encoder = CLIPImageEncoder(config).eval()
+    description = write_encoder(encoder, tmp_path)
+    pixels = torch.randn(3, 3, 32, 32)
+    loaded = CLIPVisionModelWithProjection.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).image_embeds, encoder(pixels))
+    state = read_encoder_state(tmp_path, description)
+    assert set(state) == set(encoder.state_dict())
+    assert all(torch.equal(state[key], value) for key, value in encoder.state_dict().items())

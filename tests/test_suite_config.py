@@ -49,9 +49,21 @@ def checkpoints(tmp_path_factory) -> Path:
             for parameter in model.bert.parameters():
                 parameter.add_(0.05 * torch.randn_like(parameter))
         model.save_pretrained(root / task)
-    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
-                                                             num_attention_heads=2, intermediate_size=32, num_labels=2))
-    roberta.save_pretrained(root / "roberta")
+    # a RoBERTa family too, whose classifier reads the hidden states itself (the BERT tokenizer's ids fit it)
+    roberta_config = RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, max_position_embeddings=40)
+    roberta = RobertaForSequenceClassification(roberta_config)
+    roberta.roberta.save_pretrained(root / "roberta-pretrained")
+    tokenizer.save_pretrained(root / "roberta-pretrained")
+    for task, labels in (("sentiment", ["negative", "positive"]), ("colour", ["red", "green", "blue"])):
+        settings = {**roberta_config.to_dict(), "id2label": dict(enumerate(labels)),
+                    "label2id": {name: i for i, name in enumerate(labels)}}
+        model = RobertaForSequenceClassification(RobertaConfig(**settings))
+        model.roberta.load_state_dict(roberta.roberta.state_dict())
+        with torch.no_grad():
+            for parameter in model.roberta.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        model.save_pretrained(root / f"roberta-{task}")
     rng = np.random.default_rng(0)
     data = root / "data"
     data.mkdir()
@@ -88,29 +100,37 @@ def write_suite(folder: Path, stem: str, **changes) -> Path:
     return path
 
 
-def test_a_suite_file_runs_like_a_built_in_suite(checkpoints, tmp_path, capsys):
-    from transformers import BertForSequenceClassification
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_a_suite_file_runs_like_a_built_in_suite(checkpoints, tmp_path, family):
+    import pandas as pd
+    from transformers import AutoModelForSequenceClassification
 
     from mergebench.registry import BACKBONES
 
-    suite = write_suite(checkpoints, "my-suite")
+    name, prefix = (f"my-{family}", "" if family == "bert" else "roberta-")
+    changes = {} if family == "bert" else {
+        "pretrained": 'pretrained = "./roberta-pretrained"',
+        "sentiment": '[tasks.sentiment]\ncheckpoint = "./roberta-sentiment"\ntrain = "data/sentiment-train.csv"\n'
+                     'test = "data/sentiment-test.csv"\ntext = "sentence"\nlabel = "label"',
+        "colour": '[tasks.colour]\ncheckpoint = "./roberta-colour"\ntrain = "data/colour-train.jsonl"\n'
+                  'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'}
+    suite = write_suite(checkpoints, name, **changes)
     results = tmp_path / "results"
+    assert main(["prepare", "--suite-config", str(suite)]) == 0
     assert main(["run", "--suite-config", str(suite), "--method", "pretrained,task-arithmetic",
                  "--results-dir", str(results)]) == 0
-    records = [json.loads(line) for line in (results / "my-suite.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (results / f"{name}.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["pretrained", "task-arithmetic"]
-    assert all(r["suite"] == "my-suite" and set(r["metrics"]) == {"sentiment", "colour"} for r in records)
+    assert all(r["suite"] == name and set(r["metrics"]) == {"sentiment", "colour"} for r in records)
     assert records[0]["checkpoint_manifest"] is not None
 
     # the "pretrained" row: each task's own fine-tuned classifier on the pretrained encoder,
     # computed here with transformers alone
-    backbone = BACKBONES.get("my-suite")()
+    backbone = BACKBONES.get(name)()
     for task, column, text in (("sentiment", "label", "sentence"), ("colour", "colour", "text")):
-        import pandas as pd
-
-        classifier = BertForSequenceClassification.from_pretrained(str(checkpoints / task)).eval()
-        pre = BertForSequenceClassification.from_pretrained(str(checkpoints / "pretrained"),
-                                                            num_labels=classifier.config.num_labels).eval()
+        classifier = AutoModelForSequenceClassification.from_pretrained(str(checkpoints / f"{prefix}{task}")).eval()
+        pre = AutoModelForSequenceClassification.from_pretrained(
+            str(checkpoints / f"{prefix}pretrained"), num_labels=classifier.config.num_labels).eval()
         pre.classifier.load_state_dict(classifier.classifier.state_dict())
         path = checkpoints / "data" / (f"{task}-test.csv" if task == "sentiment" else f"{task}-test.jsonl")
         frame = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=True)
@@ -122,7 +142,18 @@ def test_a_suite_file_runs_like_a_built_in_suite(checkpoints, tmp_path, capsys):
         assert records[0]["metrics"][task] == pytest.approx(float(np.mean(predictions == labels)))
 
 
+def test_a_suite_file_sweeps_with_validation_selection(checkpoints, tmp_path):
+    suite = write_suite(checkpoints, "sweep-suite")
+    results = tmp_path / "results"
+    assert main(["sweep", "--suite-config", str(suite), "--method", "ties", "--grid", "keep=0.2,0.5",
+                 "--select-on", "validation", "--validation-size", "8", "--results-dir", str(results)]) == 0
+    record, = [json.loads(line) for line in (results / "sweep-suite.jsonl").read_text().splitlines()]
+    assert record["suite"] == "sweep-suite" and len(record["selection"]["points"]) == 2
+
+
 def test_a_suite_file_merges_and_exports(checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
     import mergebench
 
     suite = write_suite(checkpoints, "export-suite")
@@ -133,6 +164,8 @@ def test_a_suite_file_merges_and_exports(checkpoints, tmp_path):
     model = mergebench.load(out)
     inputs = model.merged.backbone.task("colour").exemplars(4, seed=0, split="test")
     assert model(task="colour", **inputs).shape == (4, 3)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))  # the suite's tokenizer is exported beside the model
+    assert tokenizer("red cat")["input_ids"] == model.merged.backbone.tokenizer("red cat")["input_ids"]
 
 
 @pytest.mark.parametrize("stem, changes, match", [
@@ -151,9 +184,9 @@ def test_a_suite_file_merges_and_exports(checkpoints, tmp_path):
                                   'test = "data/colour-test.jsonl"\ntext = "sentence"\nlabel = "colour"'},
      r"missing-column\.toml: tasks\.colour\.text: column 'sentence' is not in .*colour-train\.jsonl; its columns: "
      r"text, colour"),
-    ("other-architecture", {"colour": '[tasks.colour]\ncheckpoint = "./roberta"\ntrain = "data/colour-train.jsonl"\n'
+    ("other-architecture", {"colour": '[tasks.colour]\ncheckpoint = "./roberta-colour"\ntrain = "data/colour-train.jsonl"\n'
                                       'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'},
-     r"other-architecture\.toml: tasks\.colour\.checkpoint: .*roberta is a 'roberta' model, the pretrained model "
+     r"other-architecture\.toml: tasks\.colour\.checkpoint: .*roberta-colour is a 'roberta' model, the pretrained model "
      r".*pretrained a 'bert' one: architectures differ"),
     ("label-count", {"colour": '[tasks.colour]\ncheckpoint = "./sentiment"\ntrain = "data/colour-train.jsonl"\n'
                                'test = "data/colour-test.jsonl"\ntext = "text"\nlabel = "colour"'},
