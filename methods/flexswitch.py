@@ -485,6 +485,16 @@ class FlexSwitch(Method):
         """The router, what it stores and what its training reached (FlexSwitch: the task identity, none)."""
         return None, {}, {}
 
+    def rebuild(self, pool, artifacts):
+        encoder = load_encoder(pool.backbone, pool.pretrained_state())
+        store = SwitchStore(pool.tasks, dict(artifacts), ".sass")
+        return ComposedMerged(pool.backbone, encoder, store, router=self.stored_router(pool, artifacts, encoder),
+                              artifacts=dict(artifacts), routing=self.hparams.get("routing", "per-input"))
+
+    def stored_router(self, pool, artifacts: Mapping[str, bytes], encoder: nn.Module) -> KNNRouter | None:
+        """The router read back from the stored artifacts (FlexSwitch: the task identity, none)."""
+        return None
+
 
 # --------------------------------------------------------------------------- routing
 
@@ -613,8 +623,16 @@ class AutoFlexSwitch(FlexSwitch):
         # what routing keeps beside the switches: L and the projected centres with their tasks; the
         # router reads them back from the stored bytes
         stored = encode_router(projection, centres @ projection.T, owners, pool.tasks, neighbours)
-        projection, projected, owners, neighbours = decode_router(stored, pool.tasks)
-        router = KNNRouter(lambda inputs: routed(encoder(**inputs)).to(projection.device) @ projection.T, projected, owners,
-                           len(pool.tasks), neighbours, by_parts=routing.routes_by_parts)
+        router = self.stored_router(pool, {ROUTER: stored}, encoder)
         record = {"seconds": round(time.perf_counter() - start, 2), "loss_start": history[0], "loss_end": history[-1]}
         return router, {ROUTER: stored}, {"metric": record}
+
+    def stored_router(self, pool, artifacts, encoder):
+        """k-NN over the stored projected centres, inputs projected by the stored metric L."""
+        if ROUTER not in artifacts:
+            raise CorruptArtifactError(f"missing Auto-FlexSwitch artifact {ROUTER}")
+        projection, projected, owners, neighbours = decode_router(artifacts[ROUTER], pool.tasks)
+        routing = routing_view(pool.backbone.tasks)
+        routed = routing.routing_features
+        return KNNRouter(lambda inputs: routed(encoder(**inputs)).to(projection.device) @ projection.T, projected, owners,
+                         len(pool.tasks), neighbours, by_parts=routing.routes_by_parts)

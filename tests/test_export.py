@@ -89,6 +89,8 @@ def test_t_switch_reloads_with_the_task_identity(tiny_bert, tmp_path):
 @pytest.mark.parametrize("method, hyperparameters", [
     ("auto-switch", {"exemplars": 12, "neighbours": 5}),
     ("twin-merging", {"exemplars": 12, "scope": "linear"}),
+    ("auto-flexswitch", {"exemplars": 12, "steps": 5, "batch_size": 8, "centres": 3, "neighbours": 3,
+                         "metric_epochs": 5}),
 ])
 def test_an_automatic_method_reloads_and_routes_each_input(tiny_bert, tmp_path, method, hyperparameters):
     out = tmp_path / method
@@ -106,9 +108,13 @@ def test_an_automatic_method_reloads_and_routes_each_input(tiny_bert, tmp_path, 
         torch.testing.assert_close(loaded(task=task, **inputs), merged.predict(task, inputs), rtol=1e-6, atol=1e-6)
 
 
-def test_emr_merging_reloads(tiny_bert, tmp_path):
-    out = tmp_path / "emr"
-    _, merged = run_and_save("emr-merging", out)
+@pytest.mark.parametrize("method, hyperparameters", [
+    ("emr-merging", {}),
+    ("flexswitch", {"exemplars": 12, "steps": 5, "batch_size": 8}),
+])
+def test_a_task_conditioned_method_reloads(tiny_bert, tmp_path, method, hyperparameters):
+    out = tmp_path / method
+    _, merged = run_and_save(method, out, **hyperparameters)
     loaded = mergebench.load(out)
     for task in tiny_bert.task_names:
         inputs, _ = next(iter(tiny_bert.task(task).batches("test", 32)))

@@ -216,3 +216,13 @@ def test_the_cli_names_a_bad_file_in_one_line(checkpoints, capsys):
     assert error.count("\n") == 0 and "unknown key 'max_lenght'" in error and "cli-typo.toml" in error
     assert main(["run", "--method", "task-arithmetic", "--no-save"]) == 2
     assert "--backbone or --suite-config" in capsys.readouterr().err
+
+
+def test_a_sweep_on_ray_workers_registers_the_suite_file_there(checkpoints, tmp_path):
+    pytest.importorskip("ray")  # the sweep's optional dependency (the `ray` extra)
+    suite = write_suite(checkpoints, "ray-suite")
+    results = tmp_path / "results"
+    assert main(["sweep", "--suite-config", str(suite), "--method", "task-arithmetic", "--grid", "scaling=0.2",
+                 "--results-dir", str(results)]) == 0
+    record, = [json.loads(line) for line in (results / "ray-suite.jsonl").read_text().splitlines()]
+    assert record["suite"] == "ray-suite" and record["hyperparameters"]["scaling"] == 0.2
