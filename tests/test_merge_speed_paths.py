@@ -147,3 +147,71 @@ def test_trim_threshold_of_tiny_tensors_and_a_zero_task_vector(tmp_path):
         # k = n - int(n * keep) of n = 3: keep 0.2 -> the 3rd smallest, 1.0; keep 0.5 -> the 2nd, 0.5
         assert trim_thresholds(pool, 0.2) == [1.0, 0.0]
         assert trim_thresholds(pool, 0.5) == [0.5, 0.0]
+
+
+# --- switch stores kept packed ----------------------------------------------------------------
+def dense_switches(artifacts: dict, tasks: list[str], suffix: str) -> dict[str, torch.Tensor]:
+    """The (K, ...) float32 stacks of the decoded switches, as the codec decodes them."""
+    from mergebench.container import decode_tensors
+
+    stacks: dict[str, torch.Tensor] = {}
+    for k, task in enumerate(tasks):
+        contents = decode_tensors(artifacts[task + suffix])
+        for key in contents:
+            dense = contents.compressed(key).to_dense()
+            stacks.setdefault(key, torch.zeros(len(tasks), *dense.shape))[k] = dense
+    return stacks
+
+
+def dense_combine(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    active = weights.nonzero().squeeze(1)
+    if len(active) == 1:
+        return weights[active[0]] * stack[active[0]]
+    return (weights @ stack.view(len(stack), -1)).view(stack.shape[1:])
+
+
+WEIGHTS = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25], [0.1, 0.0, 0.7, 0.2],
+           [0.3, 0.3, 0.0, 0.4], [0.0, 0.0, 0.0, 0.0], [1 / 3, 2 / 3, 0.0, 0.0]]
+
+
+def test_packed_t_switches_compose_as_the_dense_stacks_bit_for_bit(tmp_path):
+    from mergebench.methods.t_switch import encode_switches
+    from mergebench.switches import SwitchStore
+
+    pretrained, finetuned = random_states(4, seed=21)
+    finetuned["t2"]["seven"] = pretrained["seven"].clone()  # unchanged: that task stores nothing for it
+    with make_pool(tmp_path, pretrained, finetuned) as pool:
+        artifacts = encode_switches(pool, alpha=0.5)
+        tasks = pool.tasks
+    store = SwitchStore(tasks, artifacts)
+    stacks = dense_switches(artifacts, tasks, ".tswitch")
+    assert store.keys() == sorted(stacks)
+    dense_bytes = sum(stack.numel() * 4 for stack in stacks.values())
+    assert store.nbytes() < dense_bytes / 12  # 2 bits per entry instead of 32
+    for weights in map(torch.tensor, WEIGHTS):
+        for key, stack in stacks.items():
+            assert torch.equal(store.combine(key, weights), dense_combine(stack, weights)), (key, weights)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 7, 8])
+def test_packed_b_bit_switches_compose_as_the_dense_stacks_bit_for_bit(bits):
+    from mergebench.codecs import quantized_from_task_vector
+    from mergebench.container import encode_tensors
+    from mergebench.switches import SwitchStore
+
+    generator = torch.Generator().manual_seed(bits)
+    tasks = ["t0", "t1", "t2", "t3"]
+    artifacts = {}
+    for task in tasks:
+        tensors = {}
+        for key, shape in {"w": (33, 17), "b": (5,), "big": (70_003,)}.items():
+            tau = torch.randn(shape, generator=generator)
+            mask = torch.rand(shape, generator=generator) < 0.4
+            scale = float(torch.rand(1, generator=generator)) + 0.5
+            tensors[key] = quantized_from_task_vector(tau, mask, bits, "sass", scale=scale)
+        artifacts[task + ".sass"] = encode_tensors(tensors)
+    store = SwitchStore(tasks, artifacts, ".sass")
+    stacks = dense_switches(artifacts, tasks, ".sass")
+    for weights in map(torch.tensor, WEIGHTS):
+        for key, stack in stacks.items():
+            assert torch.equal(store.combine(key, weights), dense_combine(stack, weights)), (key, weights)
