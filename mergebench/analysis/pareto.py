@@ -29,8 +29,9 @@ def latest_records(results: list[Result], backbone: str) -> dict[str, Result]:
         hp = result.hyperparameters
         if result.method == "flexswitch":
             chosen[f"flexswitch ({hp.get('loss')})"] = result
-        elif result.method == "t-switch" and hp.get("format") == "sass":
-            chosen[f"t-switch α={hp.get('alpha')}"] = result
+        elif result.method == "t-switch" and hp.get("format") in ("sass", "ans"):
+            # the same switches entropy-coded (ans): the same accuracy at a smaller size
+            chosen[f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")] = result
     return dict(sorted(chosen.items()))
 
 
@@ -87,11 +88,13 @@ def run(backbone, options) -> list[Path]:
         rows_ = -(-len(tasks) // columns)
         figure, axes = plt.subplots(rows_, columns, figsize=(4.2 * columns, 3.4 * rows_), squeeze=False)
         for axis, task in zip(axes.flat, tasks):
-            switch = sorted((r for label, r in records.items() if label.startswith("t-switch")),
-                            key=lambda r: task_megabytes(r, task))
-            if switch:
-                axis.plot([task_megabytes(r, task) for r in switch], [100 * r.metrics[task] for r in switch],
-                          "o-", color="tab:gray", label="T-Switch (α 0.5→0.9)")
+            for coded, color, name in ((False, "tab:gray", "T-Switch, SASS"), (True, "tab:green", "T-Switch, ans")):
+                switch = sorted((r for label, r in records.items()
+                                 if label.startswith("t-switch") and label.endswith("(ans)") == coded),
+                                key=lambda r: task_megabytes(r, task))
+                if switch:
+                    axis.plot([task_megabytes(r, task) for r in switch], [100 * r.metrics[task] for r in switch],
+                              "o-", color=color, label=name)
             for marker, (label, result) in zip("s^Dv", flex.items()):
                 axis.plot(task_megabytes(result, task), 100 * result.metrics[task], marker, markersize=8, label=label)
             axis.set_title(task)
