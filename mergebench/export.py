@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mergebench.errors import CorruptArtifactError, HyperparameterError, MissingResourceError
+from mergebench.errors import CorruptArtifactError, HyperparameterError, MissingResourceError, NotApplicableError
 from mergebench.filehash import file_sha256
 
 FORMAT = 1
@@ -212,8 +212,20 @@ def sources(pool) -> dict[str, Any]:
             "finetuned": {task: describe(pool.backbone.finetuned_checkpoint(task)) for task in pool.tasks}}
 
 
+def check_exportable(method) -> None:
+    """NotApplicableError, before any work, for a dynamic method that cannot rebuild its model
+    from its artifacts (``individual``: the fine-tuned checkpoints themselves)."""
+    from mergebench.method import Method
+
+    if method.dynamic and type(method).rebuild is Method.rebuild:
+        raise NotApplicableError(f"method {method.name!r} cannot be exported: its model cannot be rebuilt from "
+                                 "stored artifacts")
+
+
 def saver(plan, out: Path | str, overwrite: bool = False) -> Callable[..., Path]:
-    """``(merged, pool) -> folder``: the export of a resolved run's merged model (``runner.execute``'s ``keep``)."""
+    """``(merged, pool) -> folder``: the export of a resolved run's merged model (``runner.execute``'s
+    ``keep``); a method that cannot be exported is refused here, before any work."""
+    check_exportable(plan.method)
     protocol = getattr(getattr(plan, "protocol", None), "name", None)
     extra = getattr(plan.backbone_class, "export_metadata", None)
 
@@ -229,6 +241,7 @@ def merge_and_export(plan, out: Path | str, overwrite: bool = False) -> Path:
     evaluated or recorded."""
     from mergebench.runner import exemplars_for, load_pool, seed_everything, timed_merge
 
+    check_exportable(plan.method)
     method = plan.method
     backbone = plan.make_backbone()
     tasks = [task.name for task in backbone.tasks]

@@ -181,3 +181,31 @@ def test_a_clip_encoder_is_written_as_clip_vision_model_with_projection(tmp_path
     state = read_encoder_state(tmp_path, description)
     assert set(state) == set(encoder.state_dict())
     assert all(torch.equal(state[key], value) for key, value in encoder.state_dict().items())
+
+
+def test_encoder_tensors_outside_the_transformers_model_go_beside_it(tmp_path):
+    """DETR's pattern: a transformers model plus a module of the encoder's own (its box MLP)."""
+    from transformers import BertConfig, BertModel
+
+    from mergebench.export import ENCODER_EXTRA, read_encoder_state, write_encoder
+
+    class Body(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=16), add_pooling_layer=False)
+            self.box = torch.nn.Linear(8, 4)
+
+    body = Body()
+    description = write_encoder(body, tmp_path)
+    assert description["prefix"] == "model." and set(load_file(str(tmp_path / ENCODER_EXTRA))) == {"box.weight",
+                                                                                                    "box.bias"}
+    state = read_encoder_state(tmp_path, description)
+    assert set(state) == set(body.state_dict())
+    assert all(torch.equal(state[key], value) for key, value in body.state_dict().items())
+
+
+def test_a_method_that_cannot_be_rebuilt_is_refused_before_any_work(tiny_bert, tmp_path, capsys):
+    out = tmp_path / "individual"
+    assert main(["merge", "--method", "individual", "--backbone", "tiny-bert", "--out", str(out)]) == 2
+    assert "method 'individual' cannot be exported" in capsys.readouterr().err and not out.exists()
