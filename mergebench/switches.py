@@ -43,7 +43,9 @@ class PackedSwitch:
         per = 8 // self.width
         shifts = self.width * np.arange(per, dtype=np.uint8)
         byte_table = table[(np.arange(256, dtype=np.uint8)[:, None] >> shifts) & ((1 << self.width) - 1)]
-        return byte_table[self.codes].reshape(-1)[:self.n]
+        # each byte's `per` values as one 8- or 16-byte item: a flat take, faster than a row gather
+        items = np.ascontiguousarray(byte_table).view(np.complex128 if per == 4 else np.int64).ravel()
+        return np.take(items, self.codes).view(np.float32)[:self.n]
 
 
 def _code_values(compressed: CompressedTensor, codes: np.ndarray) -> np.ndarray:
