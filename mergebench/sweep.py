@@ -142,8 +142,12 @@ class SweepReport:
     failed: list[tuple[Configuration, str]] = field(default_factory=list)
 
 
-def _execute(plan: RunPlan) -> Result:
-    """The body of one Ray task (module level, so workers import it rather than unpickle it)."""
+def _execute(plan: RunPlan, threads: int = 1) -> Result:
+    """The body of one Ray task (module level, so workers import it rather than unpickle it),
+    on as many torch threads as CPUs Ray gave it: runs side by side never oversubscribe the cores."""
+    import torch
+
+    torch.set_num_threads(threads)
     return execute(plan)
 
 
@@ -204,7 +208,8 @@ def run_sweep(configurations: Iterable[Configuration], results_dir: Path, *, cpu
     started = start_ray(address)
     try:
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_execute)
-        running = {task.remote(c.plan): c for c in pending}
+        threads = max(1, int(cpus_per_run))
+        running = {task.remote(c.plan, threads): c for c in pending}
         slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(cpus_per_run, 1e-9)))
         bar = tqdm(total=len(pending), desc="sweep", unit="run", disable=not progress, file=sys.stderr)
         try:

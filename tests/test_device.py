@@ -164,10 +164,12 @@ def test_every_device_gives_the_cpu_numbers(tiny_bert, device, method):
         assert math.isclose(here.metrics[task], value, abs_tol=0.011), task  # at most one example of 96 apart
 
 
-def test_the_device_check_runs_on_the_cpu_and_says_there_is_no_gpu(tiny_bert, no_cuda, capsys):
+def test_the_device_check_runs_on_the_cpu_and_fails_clearly_without_a_gpu(tiny_bert, no_cuda, capsys):
     from benchmarks.device_check import main as device_check
 
-    assert device_check(["--method", "pretrained", "--method", "t-switch"]) == 0
+    assert device_check(["--method", "pretrained", "--method", "t-switch"]) == 2  # default: cpu,cuda
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert device_check(["--devices", "cpu", "--method", "pretrained", "--method", "regmean"]) == 0
     out = capsys.readouterr().out
-    assert "no CUDA device on this machine" in out
+    assert "only the CPU was asked for" in out
     assert out.count("| cpu ") == 6  # two methods, three tasks, one device
