@@ -92,20 +92,24 @@ class PeakMemory:
 # --- will it fit? -------------------------------------------------------------------------
 # Every estimate counts weights only, in float32 (the merging arithmetic), from the tensor sizes
 # in the pretrained checkpoint's header: M = the whole encoder, T = its merged tensors, L = its
-# largest merged tensor, K = the tasks. Activations of one batch are left out, so a refusal means
-# the weights alone do not fit. Per method kind (host: RAM; device: the run's device, which is
-# RAM too on the CPU):
+# largest merged tensor, K = the tasks. Activations of one batch are left out and compressed
+# stores are counted at their smallest, so a refusal means the weights alone do not fit. Per
+# method kind (host: RAM; device: the run's device, which is RAM too on the CPU):
 #   static, streamed tensor by tensor     host 2M + K L   (merged state + the encoder holding it;
 #                                                          the K copies of one tensor)   device M
 #   fisher   host 2M + 4T (encoder, theta sums, Fisher sums, mask)   device 2M (encoder, gradients)
-#   regmean  host M + T + 16 (sum in^2 + in out) over the linear weights (float64 Grams and sums)
+#   regmean  host M + T + 8 (in^2 + in out) summed over the linear weights (float64 Grams and sums)
 #            device M
 #   adamerging, adamerging++   device K T + 2M + 2T (the K stacked task vectors, the pretrained
 #            weights and encoder, one merged copy and its gradient)   host 2M
-#   dynamic (switches, masks, experts)   device K T + M + T (dense per-task stores, the encoder,
-#            one composed weight set; an upper bound for compressed stores)   host M
+#   dynamic (switches, masks, experts)   device M + 2T + K T / 16 (the encoder, the pretrained
+#            copy of the switched tensors, one composed set, the K parts at 2 bits per entry:
+#            T-Switch's packed ternary codes, the smallest form of any store here)   host M
+#   flexswitch, auto-flexswitch   as dynamic, and while one task trains on the device its
+#            gates hold tau and the 4 quantised levels: device M + 6T + K T / 16
 _STATIC = "static"
-KINDS = {"fisher": "fisher", "regmean": "regmean", "adamerging": "adamerging", "adamerging++": "adamerging"}
+KINDS = {"fisher": "fisher", "regmean": "regmean", "adamerging": "adamerging", "adamerging++": "adamerging",
+         "flexswitch": "flexswitch", "auto-flexswitch": "flexswitch"}
 
 
 def checkpoint_sizes(path: Path, merged_keys: set[str]) -> tuple[int, int, int]:
@@ -146,15 +150,17 @@ def estimate_footprint(method: Any, pool: Any) -> tuple[int, int]:
     keys = set(pool.merged_keys)
     m, t, largest = checkpoint_sizes(path, keys)
     k = len(pool.tasks)
-    kind = "dynamic" if getattr(method, "dynamic", False) else KINDS.get(getattr(method, "name", ""), _STATIC)
+    kind = KINDS.get(getattr(method, "name", ""), "dynamic" if getattr(method, "dynamic", False) else _STATIC)
     if kind == "fisher":
         return 2 * m + 4 * t, 2 * m
     if kind == "regmean":
         return m + t + linear_gram_bytes(path, keys), m
     if kind == "adamerging":
         return 2 * m, k * t + 2 * m + 2 * t
+    if kind == "flexswitch":
+        return m, m + 6 * t + k * t // 16
     if kind == "dynamic":
-        return m, k * t + m + t
+        return m, m + 2 * t + k * t // 16
     return 2 * m + k * largest, m
 
 

@@ -37,7 +37,8 @@ def test_the_estimate_per_method_kind(tiny_bert, pool):
     grams = sum(8 * (i * i + i * o) for o, i in shapes)
     assert estimate_footprint(make_method("regmean"), pool) == (m + t + grams, m)
     assert estimate_footprint(make_method("adamerging"), pool) == (2 * m, k * t + 2 * m + 2 * t)
-    assert estimate_footprint(make_method("t-switch"), pool) == (m, k * t + m + t)
+    assert estimate_footprint(make_method("t-switch"), pool) == (m, m + 2 * t + k * t // 16)
+    assert estimate_footprint(make_method("flexswitch"), pool) == (m, m + 6 * t + k * t // 16)
 
 
 def test_too_little_memory_is_refused_with_the_sizes(pool):
