@@ -72,9 +72,15 @@ def git_commit(here: Path | None = None) -> str | None:
         return None
 
 
-def make_method(name: str, hyperparameters: dict[str, Any] | None = None, seed: int = 0) -> Method:
-    """The method with its hyperparameters checked (HyperparameterError before any work)."""
+def make_method(name: str, hyperparameters: dict[str, Any] | None = None, seed: int = 0,
+                explicit: Any = None) -> Method:
+    """The method with its hyperparameters checked (HyperparameterError before any work).
+    ``explicit``: the names the user set (``Method.overrides``); None: all of ``hyperparameters``.
+    A protocol's values are not the user's: a method that adapts a default to a backbone
+    (FlexSwitch's loss on a detector) still may."""
     method = METHODS.get(name)(**(hyperparameters or {}))
+    if explicit is not None:
+        method.overrides = {key: method.hparams[key] for key in explicit}
     method.seed = check_seed(seed)
     return method
 
@@ -165,7 +171,8 @@ def resolve(
     commit = git_commit()  # the code that runs is the code at the start, whatever is committed meanwhile
     protocol = get_protocol(protocol)
     declared = METHODS.get(method_name).hyperparameters
-    method = make_method(method_name, resolve_hyperparameters(protocol, method_name, hyperparameters, declared), seed)
+    method = make_method(method_name, resolve_hyperparameters(protocol, method_name, hyperparameters, declared), seed,
+                         explicit=list(hyperparameters or {}))
     batch_size = check_batch_size(protocol.eval_batch_size if batch_size is None else batch_size)
     resolved_device = resolve_device(device)
     precision = check_precision(precision, resolved_device)

@@ -50,6 +50,18 @@ def test_every_protocol_resolves_for_every_method(protocol):
         assert method.hparams == expected, (protocol, name)
 
 
+def test_protocol_values_are_not_the_users_overrides():
+    from mergebench.runner import resolve
+
+    plan = resolve("flexswitch", "detr-r50")  # original sets loss=kl; on a detector the default becomes mse
+    assert plan.method.overrides == {} and plan.overrides == ()
+    assert plan.method.resolved_hyperparameters(plan.backbone_class)["loss"] == "mse"
+    with pytest.raises(HyperparameterError, match="use loss=mse"):  # the user's own kl is refused before any work
+        resolve("flexswitch", "detr-r50", hyperparameters={"loss": "kl"})
+    explicit = resolve("flexswitch", "tiny-bert", hyperparameters={"loss": "kl"})
+    assert explicit.method.overrides == {"loss": "kl"} and explicit.overrides == ("loss",)
+
+
 def test_t_switch_table_5_values():
     table = get_protocol("t-switch-cvpr2025")
     assert table.values("ties") == {"keep": 0.5, "scaling": 0.3, "merge_func": "sum"}
