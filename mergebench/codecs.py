@@ -671,9 +671,10 @@ def _constriction():
 
 
 def _grid(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view the ans mask model reads: (shape[0], rest) for a matrix or more, (1, n) otherwise."""
+    """The 2-D view the ans mask model reads: (shape[0], rest) for a matrix or more, (1, n) for a
+    vector (and for a column, (n, 1), whose rows would be one bit each)."""
     n = int(math.prod(shape))
-    if len(shape) >= 2 and shape[0] > 0:
+    if len(shape) >= 2 and shape[0] > 0 and n // int(shape[0]) > 1:
         return int(shape[0]), n // int(shape[0])
     return 1, n
 
@@ -705,7 +706,8 @@ def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """The cheapest mask model: orientation (0: rows, 1: columns), the bucket of every line
     and the u16 keep rate of every bucket. Lines (rows or columns) are sorted by keep rate and
     cut into 2^j equal-count buckets (j = 0..4); the cost of each candidate is its exact code
-    length under the quantised bucket rates plus the bucket indices and rates it stores."""
+    length under the quantised bucket rates (with the zero bits that pad each line to whole
+    bytes) plus the bucket indices and rates it stores."""
     best = None
     for orient, axis in ((0, 1), (1, 0)):
         k = np.count_nonzero(mask2d, axis=axis)
@@ -721,7 +723,8 @@ def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
             kb = np.bincount(bucket, weights=k, minlength=buckets)
             nb = np.bincount(bucket, minlength=buckets).astype(np.float64) * width
             p = _quantised_rate(kb, nb).astype(np.float64) / _RATE_ONE
-            cost = float((_xlog2(kb, p) + _xlog2(nb - kb, 1.0 - p)).sum()) + lines * j + 16 * buckets
+            pad = np.bincount(bucket, minlength=buckets).astype(np.float64) * ((-width) % 8)
+            cost = float((_xlog2(kb, p) + _xlog2(nb - kb + pad, 1.0 - p)).sum()) + lines * j + 16 * buckets
             if best is None or cost < best[0]:
                 best = (cost, orient, bucket.astype(np.uint8), _quantised_rate(kb, nb))
         if mask2d.shape[0] == 1 or mask2d.shape[1] == 1:

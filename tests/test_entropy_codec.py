@@ -119,6 +119,16 @@ def test_size_within_2_percent_of_the_iid_bound_on_bernoulli_masks(alpha, bits):
     assert np.mean(ratios) >= 0.99  # (a bound: no coder is far below it)
 
 
+@pytest.mark.parametrize("shape", [(1 << 14, 1), (1 << 14, 1, 1), (1 << 11, 12), (12, 1 << 11), (1 << 14,)])
+def test_lines_not_a_whole_number_of_bytes_cost_no_more_than_the_bound(shape):
+    """A column (n, 1) or rows of 12 entries: the byte padding of each line must not be paid for."""
+    rng = np.random.default_rng(21)
+    mask = rng.random(shape) < 0.5
+    n, k = mask.size, int(mask.sum())
+    codes = rng.integers(0, 2, k)
+    assert _ct(mask, codes, 1).payload_bits <= 1.02 * (n * _h2(k / n) + k)
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.9, 0.99])
 def test_skewed_values_are_coded_near_their_own_entropy(alpha):
     """Non-uniform 4-bit codes cost their empirical entropy, well below 4 bits each."""
