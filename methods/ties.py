@@ -11,7 +11,7 @@ The three steps are ``mergebench.sparsify``'s (AdaMerging++ uses them too).
   An exact zero sum takes the majority sign; the authors take it over the whole
   model, we take it per tensor (it only decides exact ties, bounded memory).
 * Disjoint merge (``merge_func``): "mean" (default), the mean of the trimmed values that
-  agree with the elected sign, as the TIES paper (Eq. "disjoint merge") and its
+  agree with the elected sign, as the TIES paper (Algorithm 1, "Disjoint Merge") and its
   ``disjoint_merge(..., "dis-mean")`` define it; "sum", their sum ("dis-sum"), what the ViT
   tables of AdaMerging, EMR-Merging and T-Switch run (the AdaMerging authors'
   ``main_ties_merging.py``: ``merge_func = "dis-sum"``) and FusionBench's shipped

@@ -59,7 +59,7 @@ def test_list_method_prints_that_methods_hyperparameters(capsys):
     assert main(["list", "--method", "ties"]) == 0
     out = capsys.readouterr().out
     rows = [line.split()[:2] for line in out.splitlines()[3:]]
-    assert rows == [["ties", "keep"], ["ties", "scaling"]]
+    assert rows == [["ties", "keep"], ["ties", "scaling"], ["ties", "merge_func"]]
     assert main(["list", "--method", "pretrained"]) == 0
     assert capsys.readouterr().out.strip() == "pretrained: no hyperparameters"
 

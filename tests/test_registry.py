@@ -97,7 +97,7 @@ def test_registered_method_is_found_by_name(isolated_methods):
 
 def test_default_hyperparameters():
     method = make_method("ties")
-    assert method.hparams == {"keep": 0.2, "scaling": 0.3}
+    assert method.hparams == {"keep": 0.2, "scaling": 0.3, "merge_func": "mean"}
     assert make_method("dare").hparams == {"drop_rate": 0.5, "scaling": 0.3}
     assert make_method("weight-averaging").hparams == {}
 
@@ -106,7 +106,7 @@ def test_hyperparameter_override_does_not_touch_defaults():
     cls = METHODS.get("ties")
     defaults = cls.defaults()
     method = make_method("ties", {"keep": 0.5})
-    assert method.hparams == {"keep": 0.5, "scaling": 0.3}
+    assert method.hparams == {"keep": 0.5, "scaling": 0.3, "merge_func": "mean"}
     assert cls.defaults() == defaults
     assert make_method("ties").hparams["keep"] == 0.2  # a later instance sees the defaults again
     method.hparams["scaling"] = 9.0
@@ -127,7 +127,7 @@ def test_unknown_hyperparameter_lists_valid_ones():
     message = str(info.value)
     assert "'ties'" in message
     assert "kepp" in message
-    assert "valid: keep, scaling" in message
+    assert "valid: keep, merge_func, scaling" in message
     assert isinstance(info.value, ValueError)
 
 
