@@ -16,12 +16,18 @@ method runs in its own subprocess, so peaks do not mix. Per method:
   the resident size just before (the kernel may drop mapped pages meanwhile, so this
   can be below the heap growth). The heap growth is also given as a multiple of one
   model (the fp32 bytes of the merged tensors);
-* extra storage: ``Merged.storage_bytes()``, the bytes of the serialized artifacts.
+* extra storage: ``Merged.storage_bytes()``, the bytes of the serialized artifacts;
+* for a dynamic method that composes weights (``ComposedMerged``), the CPU seconds of
+  composing one weight vector after the merge: one-hot on one task, and 1/K on all K;
+* the machine's 1-minute load average when the method finished (the machine may be
+  shared: CPU seconds are robust to that, wall seconds are not).
 
 Methods that need exemplars get synthetic images (``--exemplars`` per task).
 
     OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py --records benchmarks/vit_b32_merge.json \\
         --output benchmarks/vit_b32_merge.md
+    OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py --tasks 16 --methods t-switch,auto-switch \\
+        --records benchmarks/vit_b32_merge_k16.json --output benchmarks/vit_b32_merge_k16.md
 """
 from __future__ import annotations
 
@@ -106,6 +112,14 @@ def worker(method_name: str, root: Path, num_tasks: int, exemplars_per_task: int
             merge_cpu = time.process_time() - cpu
         storage = merged.storage_bytes()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        compose = {}
+        if hasattr(merged, "merged_parameters"):  # composing one weight vector: one task, then all K at 1/K
+            for name, weights in (("one", torch.eye(len(pool.tasks))[0]), ("all", torch.full((len(pool.tasks),), 1 / len(pool.tasks)))):
+                merged.clear_cache()
+                cpu = time.process_time()
+                merged.merged_parameters(weights)
+                compose[name] = time.process_time() - cpu
+            merged.clear_cache()
         task = pool.tasks[0]
         inputs, _ = next(backbone.task(task).batches("test", 2))
         logits = merged.predict(task, inputs)  # the merged model works
@@ -114,7 +128,7 @@ def worker(method_name: str, root: Path, num_tasks: int, exemplars_per_task: int
         "method": method_name, "hyperparameters": method.hparams, "merge_seconds": merge_seconds, "merge_cpu_seconds": merge_cpu,
         "validate_seconds": validate_seconds, "model_bytes": model_bytes, "storage_bytes": storage,
         "anon_before": before["RssAnon"], "anon_peak": sampler.peak, "rss_before": before["VmRSS"], "rss_peak": peak_rss,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "compose_cpu_seconds": compose, "load_average": os.getloadavg()[0],
     }
 
 
@@ -131,7 +145,7 @@ def table(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["method"], "failed: " + r["error"], *[""] * 7])
+            rows.append([r["method"], "failed: " + r["error"], *[""] * 9])
             continue
         model = r["model_bytes"]
         anon = r["anon_peak"] - r["anon_before"]
@@ -140,10 +154,13 @@ def table(results: list[dict]) -> str:
             r["method"], f"{r['merge_cpu_seconds']:.1f}", f"{r['merge_seconds']:.1f}", f"{r['validate_seconds']:.1f}",
             f"{anon / MB:,.0f}", f"{anon / model:.2f}", f"{rss / MB:,.0f}",
             f"{r['storage_bytes'] / MB:.1f}" if r["storage_bytes"] else "-",
+            "/".join(f"{r['compose_cpu_seconds'][k]:.2f}" for k in ("one", "all")) if r.get("compose_cpu_seconds") else "-",
+            f"{r['load_average']:.1f}" if "load_average" in r else "?",
             ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "-",
         ])
     return tabulate(rows, headers=["method", "merge CPU s", "merge wall s", "validate s", "peak heap MB", "heap / model",
-                                   "peak RSS MB (incl. mapped checkpoints)", "extra storage MB", "hyperparameters"],
+                                   "peak RSS MB (incl. mapped checkpoints)", "extra storage MB",
+                                   "compose CPU s (1 task / all K)", "load", "hyperparameters"],
                     tablefmt="github", disable_numparse=True)
 
 
@@ -185,7 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"{title}\n\n{table(results)}\n"
     print(text)
     if args.output:
-        command = "OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py" + (f" --records {args.records}" if args.records else "") \
+        command = "OMP_NUM_THREADS=1 python benchmarks/vit_b32_merge.py" + (f" --tasks {args.tasks}" if args.tasks != 8 else "") \
+            + (f" --records {args.records}" if args.records else "") \
             + f" --output {args.output}"
         rerun = " (the rows come from the records file; `--methods NAME` reruns one)" if args.records else ""
         write_atomically(args.output, lambda tmp: tmp.write_text(f"`{command}`{rerun}\n\n{text}"))
