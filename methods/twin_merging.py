@@ -530,9 +530,10 @@ class TwinMerging(Method):
 
     def router_training_features(self, pool: ModelPool, shared: Mapping[str, torch.Tensor],
                                  exemplars: Mapping[str, Any]) -> list[torch.Tensor]:
-        """Per task, what the router reads from its exemplars (an encoder of its own, freed
-        before the merged model builds its encoders)."""
+        """Per task, what the router reads from its exemplars (an encoder of its own on the
+        run's device, freed before the merged model builds its encoders), as CPU float32."""
         state = shared if self.hparams["router_features"] == "shared" else pool.pretrained_state()
-        encoder = load_encoder(pool.backbone, state)
+        device = getattr(self, "device", torch.device("cpu"))
+        encoder = load_encoder(pool.backbone, state).to(device)
         return per_task_features(lambda **inputs: routing_input(pool.backbone, encoder(**inputs)), exemplars,
-                                 pool.tasks)
+                                 pool.tasks, device, getattr(self, "precision", "fp32"))
