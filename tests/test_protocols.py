@@ -293,3 +293,13 @@ def test_the_readme_table_of_differences_is_the_protocols():
     rows = {(method, name): chosen for method, name, chosen in differences()}
     assert rows[("ties", "merge_func")][1].value == "sum" and rows[("ties", "merge_func")][0].value == "mean"
     assert ("task-arithmetic", "scaling") not in rows  # 0.3 under every protocol: not a difference
+
+
+def test_old_records_get_todays_defaults_only_while_the_method_still_declares_what_they_name():
+    from mergebench.table import latest_per_configuration
+
+    old_ties = make_result(method="ties", hyperparameters={"keep": 0.2, "scaling": 0.3})
+    old_twin = make_result(method="twin-merging", hyperparameters={"rank": 16, "router_steps": 500}, dynamic=True)
+    shown = {r.method: r.hyperparameters for r in latest_per_configuration([old_ties, old_twin])}
+    assert shown["ties"] == {**METHODS.get("ties").defaults(), "keep": 0.2, "scaling": 0.3}
+    assert shown["twin-merging"] == {"rank": 16, "router_steps": 500}  # router_steps is gone: nothing filled in

@@ -265,8 +265,9 @@ def test_committed_leaderboard_shows_each_configuration_once():
     configurations = [(r["Method"], r["Hyperparameters"]) for r in rows]
     assert len(configurations) == len(set(configurations))
     assert [r["Avg"] for r in rows if r["Method"] == "auto-switch"] == ["76.01", "77.08"]
-    # the two t-switch rows at 82.67 are two storage formats, and say so
-    assert sorted(r["Hyperparameters"] for r in rows if r["Avg"] == "82.67") == ["alpha=0.5, format=sass",
+    # the three t-switch rows at 82.67 are three storage formats, and say so
+    assert sorted(r["Hyperparameters"] for r in rows if r["Avg"] == "82.67") == ["alpha=0.5, format=ans",
+                                                                                "alpha=0.5, format=sass",
                                                                                 "alpha=0.5, format=tswitch"]
     (reusing,) = [r for r in rows if r["Method"] == "auto-flexswitch"]
     assert reusing["Merge (s)"] == "2447.5 (reused)"
