@@ -109,8 +109,8 @@ def command_run(args: argparse.Namespace) -> int:
             result = execute(plan, keep=keep)
             results.append(result)
             family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
-            print(f"{result.method}: average {100 * result.average:.2f}  (merge {result.merge_seconds:.1f}s, "
-                  f"eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
+            print(f"{result.method}: average {100 * result.average:.2f}  (protocol {result.protocol}, merge "
+                  f"{result.merge_seconds:.1f}s, eval {result.eval_seconds:.1f}s{family})", file=sys.stderr)
             if not args.no_save:
                 try:  # each record as soon as it exists, so a later failure loses nothing
                     append_result(Path(args.results_dir), result)

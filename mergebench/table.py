@@ -282,7 +282,7 @@ def leaderboard_markdown(results_dir: Path) -> str:
         "Rows are grouped by protocol (the named setting of hyperparameters and evaluation they ran "
         "under, `mergebench list --protocol NAME`); rows of different protocols are not comparable and "
         "are never ranked together. A hyperparameter marked * was set explicitly over the protocol. "
-        f"'({SINGLE_TASK_BATCHES})': routing averaged over a batch drawn from one task, as the T-Switch "
+        f"'({SINGLE_TASK_BATCHES} of N)': routing averaged over an evaluation batch of N inputs of one task, as the T-Switch "
         "authors' code evaluates Auto-Switch; not automatic in deployment.",
     ]
     by_backbone: dict[tuple[str, str], list[Result]] = {}
