@@ -1,4 +1,4 @@
-"""The ``mergebench`` command line: run, merge, sweep, list, prepare, leaderboard, analyze."""
+"""The ``mergebench`` command line: run, merge, sweep, list, prepare, leaderboard, results, analyze."""
 from __future__ import annotations
 
 import argparse
@@ -324,11 +324,56 @@ def protocol_table(name: str, methods: list[str] | None = None) -> str:
 
 
 def command_leaderboard(args: argparse.Namespace) -> int:
+    """leaderboard.md and, beside it, each backbone's figure; without matplotlib the table
+    alone, saying why."""
     from mergebench.cache import write_atomically
     from mergebench.table import leaderboard_markdown
 
-    output = write_atomically(Path(args.output), lambda tmp: tmp.write_text(leaderboard_markdown(Path(args.results_dir))))
-    print(f"wrote {output}")
+    output, figure_dir = Path(args.output), None
+    if not args.no_plot:
+        from mergebench.figure import plots_unavailable
+
+        reason = plots_unavailable()
+        if reason:
+            print(f"mergebench: figures skipped: {reason}; writing the table alone", file=sys.stderr)
+        else:
+            figure_dir = output.parent
+    text = leaderboard_markdown(Path(args.results_dir), figure_dir)
+    output = write_atomically(output, lambda tmp: tmp.write_text(text))
+    print(f"wrote {output}" + (" and its figures" if figure_dir is not None else ""))
+    return 0
+
+
+def command_results(args: argparse.Namespace) -> int:
+    """The records as a table of data (mergebench.results.to_frame) in CSV, JSON or markdown."""
+    from mergebench.errors import MergebenchError
+    from mergebench.results import iter_records, to_frame
+
+    located = list(iter_records(Path(args.results_dir)))
+    chosen = [(where, r) for where, r in located if args.backbone in (None, r.backbone)
+              and args.method in (None, r.method)]
+    if not chosen:
+        have = sorted({r.backbone for _, r in located})
+        wanted = " and ".join(f"{name} {value!r}" for name, value in (("backbone", args.backbone),
+                                                                       ("method", args.method)) if value)
+        raise MergebenchError(f"--results-dir {args.results_dir}: no records" + (f" of {wanted}" if wanted else "")
+                              + (f" (backbones with records: {', '.join(have)})" if have else ""))
+    if args.latest:  # the leaderboard's rows: newest per configuration, seeds averaged
+        from mergebench.table import by_protocol, latest_per_configuration, mean_over_seeds
+
+        groups: dict[tuple, list] = {}
+        for _, result in chosen:
+            groups.setdefault((result.backbone, result.checkpoint_family or ""), []).append(result)
+        frame = to_frame([row for records in groups.values()
+                          for _, rows in by_protocol(mean_over_seeds(latest_per_configuration(records))) for row in rows])
+    else:
+        frame = to_frame([r for _, r in chosen], where=[where for where, _ in chosen])
+    if args.format == "csv":
+        sys.stdout.write(frame.to_csv(index=False))
+    elif args.format == "json":
+        print(frame.to_json(orient="records", force_ascii=False))
+    else:
+        print(frame.to_markdown(index=False))
     return 0
 
 
@@ -500,7 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
     board = sub.add_parser("leaderboard", help="regenerate leaderboard.md from results/")
     board.add_argument("--results-dir", default="results")
     board.add_argument("--output", default="leaderboard.md")
+    board.add_argument("--no-plot", action="store_true", help="write the table only (no figures, no matplotlib needed)")
     board.set_defaults(func=command_leaderboard)
+
+    results = sub.add_parser("results", help="the result records as a table of data (CSV, JSON or markdown)")
+    results.add_argument("--backbone", help="only this backbone's records (default: all)")
+    results.add_argument("--method", help="only this method's records")
+    results.add_argument("--format", choices=("csv", "json", "markdown"), default="csv")
+    results.add_argument("--latest", action="store_true",
+                         help="the leaderboard's rows: the newest record per configuration, seeds averaged")
+    results.add_argument("--results-dir", default="results")
+    results.set_defaults(func=command_results)
 
     analyze = sub.add_parser("analyze", help="the papers' task-vector analyses: tables and figures")
     analyze.add_argument("analysis", choices=ANALYSIS_NAMES)

@@ -384,31 +384,102 @@ def iter_records(results_dir: Path) -> Iterator[tuple[str, Result]]:
     """``("file:line", record)`` for every record under ``results_dir``, in file and append
     order; anything malformed raises RecordError naming file, line and field."""
     for path in sorted(Path(results_dir).glob("*.jsonl")):
-        for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
-            where = f"{path}:{number}"
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
-                                  f"{error.start + 1})") from None
-            if not text.strip():
-                continue
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise RecordError(f"{where}: not a valid result record ({error})") from None
-            if not isinstance(data, dict):
-                raise RecordError(f"{where}: not a valid result record (a JSON {type(data).__name__}, not an object)")
-            try:
-                check_record(data)
-                if data["backbone"] != path.stem:
-                    _fail("backbone", f"{data['backbone']!r} does not belong in {path.name} "
-                                      f"(records of a backbone sit in {data['backbone']}.jsonl)")
-            except RecordError as error:
-                raise RecordError(f"{where}: {error}") from None
-            yield where, Result.from_dict(data)
+        yield from _iter_file(path)
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Result]]:
+    """``iter_records`` of one ``<backbone>.jsonl`` file."""
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RecordError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                              f"{error.start + 1})") from None
+        if not text.strip():
+            continue
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecordError(f"{where}: not a valid result record ({error})") from None
+        if not isinstance(data, dict):
+            raise RecordError(f"{where}: not a valid result record (a JSON {type(data).__name__}, not an object)")
+        try:
+            check_record(data)
+            if data["backbone"] != path.stem:
+                _fail("backbone", f"{data['backbone']!r} does not belong in {path.name} "
+                                  f"(records of a backbone sit in {data['backbone']}.jsonl)")
+        except RecordError as error:
+            raise RecordError(f"{where}: {error}") from None
+        yield where, Result.from_dict(data)
 
 
 def load_results(results_dir: Path) -> list[Result]:
     """Every record under ``results_dir``; a malformed one is an error naming file, line and field."""
     return [result for _, result in iter_records(results_dir)]
+
+
+# --- as a table of data ---------------------------------------------------------------------
+
+# the record's own fields, in the frame's column order (metrics, hyperparameters, examples and
+# versions are flattened around them; diagnostics, free-form and nested, are left out)
+_FRAME_FIELDS = ("method", "backbone", "suite", "checkpoint_family", "protocol", "overrides", "seed",
+                 "average", "extra_storage_bytes", "merge_seconds", "training_seconds", "reused", "eval_seconds",
+                 "peak_rss_bytes", "exemplars_per_task", "uses_test_inputs", "automatic", "dynamic", "reference",
+                 "device", "precision", "batch_size", "selection", "created", "git_commit", "checkpoint_manifest",
+                 "schema_version")
+
+
+def _frame_row(result: Result) -> dict[str, Any]:
+    row: dict[str, Any] = {name: getattr(result, name) for name in _FRAME_FIELDS}
+    row["overrides"] = ",".join(result.overrides or ())  # a plain cell: CSV and markdown keep it readable
+    row["selection"] = json.dumps(result.selection, sort_keys=True) if result.selection else None
+    row.update({f"metric.{task}": value for task, value in result.metrics.items()})
+    seeds = getattr(result, "seeds", None)  # a row of several seeds (mergebench.table.SeedMean)
+    if seeds is not None:
+        row["seeds"] = len(seeds) or 1
+        row["average_std"] = result.average_std if len(seeds) > 1 else None
+        row.update({f"std.{task}": value for task, value in result.metrics_std.items()})
+    row.update({f"hp.{name}": value for name, value in result.hyperparameters.items()})
+    row.update({f"examples.{task}": count for task, count in (result.examples or {}).items()})
+    row.update({f"version.{package}": version for package, version in result.versions.items()})
+    return row
+
+
+def to_frame(results: list[Result], where: list[str] | None = None):
+    """A pandas DataFrame of ``results``, one row each: the record's fields, then per task
+    ``metric.<task>`` (fractions, as recorded), each hyperparameter as ``hp.<name>``,
+    ``examples.<task>`` and ``version.<package>``; with ``where``, the ``file:line`` of each.
+    Rows of several seeds (the leaderboard's) add ``seeds``, ``average_std`` and ``std.<task>``.
+    Columns keep the first record's task order; a value a record lacks is missing (NaN/None)."""
+    import pandas as pd  # lazily: reading records and the command line need no pandas
+
+    rows = [_frame_row(result) for result in results]
+    if where is not None:
+        for row, place in zip(rows, where, strict=True):
+            row["where"] = place
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    first = [name for name in _FRAME_FIELDS if name != "average"]
+    groups = [first[:first.index("seed") + 1], [c for c in columns if c.startswith("metric.")], ["average"],
+              [c for c in ("seeds", "average_std") if c in columns], [c for c in columns if c.startswith("std.")],
+              first[first.index("seed") + 1:], [c for c in columns if c.startswith("hp.")],
+              [c for c in columns if c.startswith("examples.")], [c for c in columns if c.startswith("version.")],
+              ["where"] if where is not None else []]
+    ordered = [name for group in groups for name in group]
+    frame = pd.DataFrame.from_records(rows, columns=ordered) if rows else pd.DataFrame(columns=ordered)
+    if "seeds" in frame:
+        frame["seeds"] = frame["seeds"].fillna(1).astype(int)  # a row of its own is one seed
+    return frame
+
+
+def load(path: Path | str):
+    """Every record of a results file or folder as a pandas DataFrame (``to_frame``), with
+    the ``where`` (file:line) of each; a malformed record raises RecordError like the leaderboard."""
+    path = Path(path)
+    if path.is_file():
+        located = list(_iter_file(path))
+    elif path.is_dir():
+        located = list(iter_records(path))
+    else:
+        raise RecordError(f"{path}: no such results file or folder")
+    return to_frame([result for _, result in located], where=[place for place, _ in located])

@@ -13,7 +13,7 @@ from tabulate import tabulate
 from mergebench.errors import RecordError
 from mergebench.protocols import PROTOCOLS
 from mergebench.registry import BACKBONES, METHODS
-from mergebench.results import NO_PROTOCOL, Result, iter_records
+from mergebench.results import NO_PROTOCOL, Result, iter_records, to_frame
 
 MB = 1_000_000
 
@@ -262,10 +262,12 @@ def protocol_heading(name: str | None) -> list[str]:
     return [f"### Protocol: {name}", "", f"_{PROTOCOLS[name].description}._"]
 
 
-def leaderboard_markdown(results_dir: Path) -> str:
+def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> str:
     """The leaderboard of every record under ``results_dir``. A malformed or contradictory
     record is refused (RecordError naming file:line, field and reason); records of a method
-    or backbone that is not registered are shown, marked, after the registered ones."""
+    or backbone that is not registered are shown, marked, after the registered ones. With
+    ``figure_dir``, each backbone's figure (``mergebench.figure``, drawn from its rows as a
+    DataFrame) is written there and embedded under its heading by file name."""
     located = list(iter_records(Path(results_dir)))
     lines = [
         "# mergebench leaderboard",
@@ -300,6 +302,13 @@ def leaderboard_markdown(results_dir: Path) -> str:
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
         lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})"]
+        if figure_dir is not None:
+            from mergebench.figure import figure_name, write_figure  # lazily: matplotlib
+
+            shown = to_frame([row for _, rows in by_protocol(latest) for row in rows])
+            name = figure_name(backbone, family)
+            write_figure(shown, Path(figure_dir) / name, f"{backbone}{unknown} (suite: {latest[0].suite}{checkpoints})")
+            lines += ["", f"![{backbone}: average metric against extra storage]({name})"]
         for protocol, rows in by_protocol(latest):
             lines += ["", *protocol_heading(protocol), "", results_table(rows, known_methods=known_methods)]
         lines += ["", versions_line(latest), "", devices_line(latest)]
