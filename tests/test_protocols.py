@@ -303,3 +303,17 @@ def test_old_records_get_todays_defaults_only_while_the_method_still_declares_wh
     shown = {r.method: r.hyperparameters for r in latest_per_configuration([old_ties, old_twin])}
     assert shown["ties"] == {**METHODS.get("ties").defaults(), "keep": 0.2, "scaling": 0.3}
     assert shown["twin-merging"] == {"rank": 16, "router_steps": 500}  # router_steps is gone: nothing filled in
+
+
+def test_a_sweep_takes_protocols_as_one_more_axis_and_its_grid_overrides_them(tiny_bert):
+    from mergebench.sweep import plan_sweep
+
+    both = plan_sweep(["ties"], ["tiny-bert"], [0], {}, protocols=["original", "t-switch-cvpr2025"])
+    assert [c.plan.protocol.name for c in both] == ["original", "t-switch-cvpr2025"]
+    assert [c.hyperparameters["merge_func"] for c in both] == ["mean", "sum"]
+    assert len({c.key for c in both}) == 2 and "protocol t-switch-cvpr2025" in both[1].label
+    (tuned,) = plan_sweep(["ties"], ["tiny-bert"], [0], {"scaling": [0.4]}, protocols=["t-switch-cvpr2025"])
+    assert tuned.plan.overrides == ("scaling",)
+    assert tuned.hyperparameters == {"keep": 0.5, "scaling": 0.4, "merge_func": "sum"}
+    with pytest.raises(UnknownNameError, match="valid protocols"):
+        plan_sweep(["ties"], ["tiny-bert"], [0], {}, protocols=["cvpr"])
