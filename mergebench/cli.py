@@ -106,7 +106,7 @@ def command_run(args: argparse.Namespace) -> int:
     results, unsaved = [], []
     try:
         for plan in plans:
-            result = execute(plan, keep=keep)
+            result = execute(plan, keep=keep) if keep is not None else execute(plan)
             results.append(result)
             family = f", {result.checkpoint_family} checkpoints" if result.checkpoint_family else ""
             print(f"{result.method}: average {100 * result.average:.2f}  (protocol {result.protocol}, merge "
@@ -411,7 +411,14 @@ def command_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_suite_config_option(parser: argparse.ArgumentParser) -> None:
+def add_backbone_options(parser: argparse.ArgumentParser) -> None:
+    """``--backbone NAME`` or ``--suite-config FILE``: one of them is required."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--backbone", help="a registered backbone (`mergebench list`)")
+    add_suite_config_option(group)
+
+
+def add_suite_config_option(parser) -> None:
     parser.add_argument("--suite-config", metavar="FILE",
                         help="a suite file (TOML) naming your own pretrained and fine-tuned checkpoints and each task's "
                              "data: registered as a suite and backbone of its name (README: Bring your own suite)")
@@ -472,8 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "method's, `mergebench list --method NAME` one method's (type, default, bounds, "
                                 "meaning); names and backbones: `mergebench list`")
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
-    run.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
-    add_suite_config_option(run)
+    add_backbone_options(run)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     run.add_argument("--results-dir", default="results")
@@ -490,8 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="a static merge is a transformers folder (AutoModel.from_pretrained(DIR)) with the "
                                   "task heads in heads.safetensors; a dynamic one its artifacts; both mergebench.json")
     merge.add_argument("--method", required=True)
-    merge.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
-    add_suite_config_option(merge)
+    add_backbone_options(merge)
     merge.add_argument("--seed", type=int, default=0)
     merge.add_argument("--protocol", default="original",
                        help="the named published setting of hyperparameters (default original), as for run")
@@ -533,8 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=command_list)
 
     prepare = sub.add_parser("prepare", help="build data caches and fine-tuned checkpoints of a backbone")
-    prepare.add_argument("--backbone", help="a registered backbone (or give --suite-config)")
-    add_suite_config_option(prepare)
+    add_backbone_options(prepare)
     prepare.add_argument("--install-data", action="store_true", help="apt-get install the system data packages first")
     prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
     prepare.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
