@@ -34,7 +34,7 @@ from mergebench.results import Result, append_result, check_writable
 PACKAGES = ("mergebench", "torch", "transformers", "tokenizers", "safetensors", "numpy", "scikit-learn", "datasets",
             "open_clip_torch", "timm", "pycocotools", "Pillow")
 # files a run itself writes: changes to them do not make the code that ran "dirty"
-RUN_OUTPUTS = ("results", "leaderboard.md")
+RUN_OUTPUTS = ("results", "leaderboard.md", "leaderboard-*.png")
 
 
 def seed_everything(seed: int) -> None:

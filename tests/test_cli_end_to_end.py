@@ -129,7 +129,8 @@ def test_leaderboard_from_the_run(cli_run, tmp_path, capsys):
     for row in rows:
         cells = dict(zip(header, row))
         assert cells["Avg"] == f"{100 * cli_run['records'][row[0]]['average']:.2f}"
-    assert [p.name for p in tmp_path.iterdir()] == ["leaderboard.md"]  # no temp file left
+    # the figure beside it, and no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leaderboard-tiny-bert.png", "leaderboard.md"]
 
 
 # --- errors: exit code 2 and a message on stderr, before any work ---------------------------

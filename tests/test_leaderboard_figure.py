@@ -107,3 +107,23 @@ def test_without_matplotlib_the_table_is_written_and_the_figure_said_skipped(tmp
     assert "figures skipped: matplotlib is not installed" in capsys.readouterr().err
     assert (tmp_path / "leaderboard.md").read_text() == leaderboard_markdown(tmp_path / "results")
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_redrawn_figure_does_not_mark_the_code_dirty(tmp_path):
+    import subprocess
+
+    from mergebench.runner import git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "leaderboard-tiny-bert.png").write_bytes(b"one")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "files")
+    (tmp_path / "leaderboard-tiny-bert.png").write_bytes(b"two")
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path).endswith("-dirty")
