@@ -212,12 +212,13 @@ def register(config: SuiteConfig) -> str:
     a name already taken is refused."""
     from mergebench.registry import BACKBONES, SUITE_KINDS, SUITES
 
+    taken = set(BACKBONES.names()) | set(SUITES.names())  # loads the plugins and the files of $MERGEBENCH_SUITE_CONFIGS
     if config.name in _registered:
         if _registered[config.name] != config.fingerprint:
             raise config.error(f"another suite file already registered the name {config.name!r} in this process",
                                "name")
         return config.name
-    if config.name in BACKBONES.names() or config.name in SUITES.names():
+    if config.name in taken:
         raise config.error(f"{config.name!r} is a built-in suite or backbone; choose another name", "name")
     try:
         build = SUITE_KINDS.get(config.kind)

@@ -4,6 +4,8 @@ one line with its key and file."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +168,12 @@ def test_a_suite_file_merges_and_exports(checkpoints, tmp_path):
     assert model(task="colour", **inputs).shape == (4, 3)
     tokenizer = AutoTokenizer.from_pretrained(str(out))  # the suite's tokenizer is exported beside the model
     assert tokenizer("red cat")["input_ids"] == model.merged.backbone.tokenizer("red cat")["input_ids"]
+    # a fresh process knows nothing of the suite: load registers it from the file text the export kept
+    script = ("import sys, mergebench; model = mergebench.load(sys.argv[1]); "
+              "print(model.merged.backbone.name, *model.tasks)")
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["export-suite", "sentiment", "colour"]
 
 
 @pytest.mark.parametrize("stem, changes, match", [
