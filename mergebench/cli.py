@@ -281,6 +281,13 @@ def command_prepare(args: argparse.Namespace) -> int:
     print("\n" + protocols_listing())
     backbone = backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
     backbone.prepare_device = device
+    if args.allow_pickle:
+        if not hasattr(backbone, "allow_pickle"):
+            from mergebench.errors import MergebenchError
+
+            raise MergebenchError(f"--allow-pickle: {args.backbone} reads no pickled checkpoints (the open_clip "
+                                  "checkpoints of the CLIP backbones are the ones released as pickled modules)")
+        backbone.allow_pickle = True
     prepare_checkpoints(backbone, force=args.force)
 def protocols_listing() -> str:
     """Each protocol's name and what it is (``mergebench list --protocol NAME``: its values)."""
@@ -543,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
     prepare.add_argument("--device", default="cpu", metavar="{auto,cpu,cuda,cuda:N,mps}",
                          help="where local fine-tuning runs (checkpoints are written as CPU float32)")
+    prepare.add_argument("--allow-pickle", action="store_true",
+                         help="unpickle open_clip checkpoints released as pickled modules (this runs code from the "
+                              "files: only for files you trust); converted once to safetensors in the cache")
     add_location_options(prepare)
     prepare.set_defaults(func=command_prepare)
 

@@ -110,12 +110,15 @@ PICKLED_MODULE_HELP = (
     "file and open_clip is installed:\n"
     "  python -c \"import torch, sys; m = torch.load(sys.argv[1], weights_only=False); "
     "torch.save(m.state_dict(), sys.argv[2])\" finetuned.pt finetuned_state.pt\n"
-    "and put the state dict in its place (a .pt state dict or a .safetensors file)."
+    "and put the state dict in its place (a .pt state dict or a .safetensors file). Or let mergebench "
+    "do it: `mergebench prepare ... --allow-pickle` unpickles it (open_clip_torch installed; this runs "
+    "code from the file) and keeps a safetensors copy in the cache."
 )
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors file or a .pt file read with ``weights_only=True``."""
+def read_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors file or a .pt file read with ``weights_only=True``;
+    a pickled module only with ``allow_pickle`` (``unpickled_state_dict``), else refused."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -126,6 +129,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if allow_pickle:
+            return unpickled_state_dict(path)
         raise CheckpointError(
             f"{path} is not a plain state dict: torch.load(weights_only=True) refused it, it holds pickled "
             f"objects. {PICKLED_MODULE_HELP}"
@@ -137,6 +142,46 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors. {PICKLED_MODULE_HELP}")
     return loaded
+
+
+def unpickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint released as a pickled module (task_vectors' ``ImageEncoder``
+    around an open_clip ``CLIP``, as EMR-Merging and T-Switch reuse them), read once with
+    ``torch.load(weights_only=False)`` and kept as safetensors in the cache under the file's
+    SHA-256, so later reads unpickle nothing. Unpickling runs code from the file: only on the
+    user's ``--allow-pickle``, with a warning. The pickled classes must be importable:
+    open_clip's from ``open_clip_torch``, task_vectors' own (``src.modeling``) from its checkout."""
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from mergebench.cache import cache_dir, write_safetensors
+    from mergebench.filehash import file_sha256
+
+    converted = cache_dir() / "unpickled" / f"{file_sha256(path)}.safetensors"
+    if converted.is_file():
+        return load_file(str(converted))
+    warnings.warn(f"--allow-pickle: unpickling {path}, which runs code from the file; use it only on files you "
+                  f"trust (its tensors are kept as {converted}, so this happens once)", stacklevel=2)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as error:
+        raise CheckpointError(
+            f"{path}: unpickling needs the module {error.name!r}, which is not installed: open_clip's classes come "
+            "from open_clip_torch (pip install open_clip_torch), the task_vectors ImageEncoder from a checkout of "
+            "mlfoundations/task_vectors on PYTHONPATH (its src.modeling)") from error
+    if isinstance(loaded, nn.Module):
+        state = loaded.state_dict()
+    elif isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        state = loaded["state_dict"]
+    else:
+        state = loaded
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: unpickled a {type(loaded).__name__}, neither a torch module nor a state dict "
+                              "of tensors")
+    # clone: tensors sharing storage (tied weights) cannot be written to one safetensors file as views
+    write_safetensors(converted, {key: value.detach().clone() for key, value in state.items()})
+    return load_file(str(converted))
 
 
 def open_clip_to_hf(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:

@@ -342,6 +342,9 @@ class CLIPBackbone(Vision8Backbone):
     """Pretrained CLIP image encoder + one fine-tuned encoder per task; zero-shot heads."""
 
     open_clip_arch: ClassVar[str]  # task_vectors' model name: its checkpoint folder
+    # `prepare --allow-pickle`: open_clip checkpoints released as pickled modules are unpickled
+    # (once, into the cache as safetensors); otherwise they are refused and nothing is unpickled
+    allow_pickle: bool = False
 
     # --- the open_clip family ------------------------------------------------------------
     def _open_clip_root(self) -> Path | None:
@@ -403,7 +406,7 @@ class CLIPBackbone(Vision8Backbone):
                 encoder = self._encoder_from_config(config.to_dict())
                 if "open_clip:pretrained" in found:
                     path = found["open_clip:pretrained"]
-                    _clip.load_encoder_state(encoder, _clip.open_clip_to_hf(_clip.read_state_dict(path), str(path)), str(path))
+                    _clip.load_encoder_state(encoder, _clip.open_clip_to_hf(_clip.read_state_dict(path, self.allow_pickle), str(path)), str(path))
                 else:
                     encoder.vision_model.load_state_dict(clip.vision_model.state_dict())
                     encoder.visual_projection.load_state_dict(clip.visual_projection.state_dict())
@@ -421,7 +424,7 @@ class CLIPBackbone(Vision8Backbone):
             if source.is_dir():
                 state = self._hf_finetuned_state(source, pretrained)
             else:
-                state = _clip.open_clip_to_hf(_clip.read_state_dict(source), str(source))
+                state = _clip.open_clip_to_hf(_clip.read_state_dict(source, self.allow_pickle), str(source))
             _clip.load_encoder_state(encoder, state, str(source))
             write_safetensors(self.root / f"{task}.safetensors", encoder.state_dict(), float32=True)
 
