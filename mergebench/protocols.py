@@ -3,8 +3,9 @@
 A number in a paper's table comes from one setting (a discard rate, a merge function, an
 exemplar count, which test examples were scored); a row of mergebench is only comparable with
 it under the same one. A protocol names such a setting: per method, each hyperparameter value
-with its source (table, section or file), and the evaluation details (here: scoring only the
-first N test examples of a suite's tasks, in the split's order). A run resolves its method as
+with its source (table, section or file), and the evaluation details: scoring only the first
+N test examples of a suite's tasks (in the split's order), the evaluation batch (what
+per-batch routing averages over) and tasks of a suite left out. A run resolves its method as
 class defaults <- protocol values <- explicit ``--hp`` values; the record stores the protocol
 and which names were set explicitly over it (``overrides``), and the leaderboard never ranks
 rows of different protocols as one list.
