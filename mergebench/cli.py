@@ -232,6 +232,9 @@ def command_list(args: argparse.Namespace) -> int:
 
     from mergebench.registry import BACKBONES, METHODS, SUITES
 
+    if args.protocol:
+        print(protocol_table(args.protocol, [args.method] if args.method else None))
+        return 0
     if args.method:
         cls = METHODS.get(args.method)
         print(hyperparameter_table([(args.method, cls)]) if cls.hyperparameters else f"{args.method}: no hyperparameters")
@@ -247,48 +250,10 @@ def command_list(args: argparse.Namespace) -> int:
     rows = [[name, ", ".join(task.name for task in suite.tasks), ", ".join(suite_backbones(suite)), suite.description]
             for name, suite in SUITES.items()]
     print("\nSuites\n" + tabulate(rows, headers=["suite", "tasks", "backbones", "description"]))
+    print("\n" + protocols_listing())
     return 0
 
 
-def suite_backbones(suite) -> list[str]:
-    """The suite's backbones, each with the tasks it has no checkpoints for (e.g. "mamba-130m (no stsb)")."""
-    from mergebench.registry import BACKBONES
-
-    names = []
-    for name in suite.backbones:
-        missing = suite.missing(BACKBONES.get(name))
-        names.append(f"{name} (no {', '.join(missing)})" if missing else name)
-    return names
-    if args.protocol:
-        print(protocol_table(args.protocol, [args.method] if args.method else None))
-        return 0
-
-
-def command_prepare(args: argparse.Namespace) -> int:
-    from mergebench.device import resolve_device
-    from mergebench.manifest import prepare_checkpoints
-    from mergebench.registry import BACKBONES, SUITES
-
-    args.backbone = backbone_option(args)
-    backbone_cls = BACKBONES.get(args.backbone)
-    device = resolve_device(args.device)  # an absent device is refused before any work
-    if args.install_data:
-        for command in SUITES.get(backbone_cls.suite).system_commands:
-            if os.geteuid() != 0:
-                command = ["sudo", *command]
-            print("+ " + shlex.join(command), file=sys.stderr)
-            subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    print("\n" + protocols_listing())
-    backbone = backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
-    backbone.prepare_device = device
-    if args.allow_pickle:
-        if not hasattr(backbone, "allow_pickle"):
-            from mergebench.errors import MergebenchError
-
-            raise MergebenchError(f"--allow-pickle: {args.backbone} reads no pickled checkpoints (the open_clip "
-                                  "checkpoints of the CLIP backbones are the ones released as pickled modules)")
-        backbone.allow_pickle = True
-    prepare_checkpoints(backbone, force=args.force)
 def protocols_listing() -> str:
     """Each protocol's name and what it is (``mergebench list --protocol NAME``: its values)."""
     from tabulate import tabulate
@@ -326,6 +291,41 @@ def protocol_table(name: str, methods: list[str] | None = None) -> str:
                                                   disable_numparse=True)
 
 
+def suite_backbones(suite) -> list[str]:
+    """The suite's backbones, each with the tasks it has no checkpoints for (e.g. "mamba-130m (no stsb)")."""
+    from mergebench.registry import BACKBONES
+
+    names = []
+    for name in suite.backbones:
+        missing = suite.missing(BACKBONES.get(name))
+        names.append(f"{name} (no {', '.join(missing)})" if missing else name)
+    return names
+
+
+def command_prepare(args: argparse.Namespace) -> int:
+    from mergebench.device import resolve_device
+    from mergebench.manifest import prepare_checkpoints
+    from mergebench.registry import BACKBONES, SUITES
+
+    args.backbone = backbone_option(args)
+    backbone_cls = BACKBONES.get(args.backbone)
+    device = resolve_device(args.device)  # an absent device is refused before any work
+    if args.install_data:
+        for command in SUITES.get(backbone_cls.suite).system_commands:
+            if os.geteuid() != 0:
+                command = ["sudo", *command]
+            print("+ " + shlex.join(command), file=sys.stderr)
+            subprocess.run(command, check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    backbone = backbone_cls(checkpoint_dir=args.checkpoint_dir, data_dir=args.data_dir)
+    backbone.prepare_device = device
+    if args.allow_pickle:
+        if not hasattr(backbone, "allow_pickle"):
+            from mergebench.errors import MergebenchError
+
+            raise MergebenchError(f"--allow-pickle: {args.backbone} reads no pickled checkpoints (the open_clip "
+                                  "checkpoints of the CLIP backbones are the ones released as pickled modules)")
+        backbone.allow_pickle = True
+    prepare_checkpoints(backbone, force=args.force)
     print(f"{args.backbone}: ready")
     return 0
 
@@ -488,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", required=True, help="method name, or several separated by commas")
     add_backbone_options(run)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--protocol", default="original",
+                     help="the named published setting of hyperparameters and evaluation (default original; "
+                          "`mergebench list` names them); --hp overrides it and is recorded as an override")
     run.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="override a hyperparameter")
     run.add_argument("--results-dir", default="results")
     run.add_argument("--no-save", action="store_true", help="print the table but write no record")
@@ -522,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--seed", type=int_list, default=(0,), help="seeds, separated by commas (default 0)")
     sweep.add_argument("--grid", type=grid_option, action="append", default=[], metavar="KEY=V1,V2",
                        help="values of one hyperparameter (repeatable); each method takes the keys it declares")
+    sweep.add_argument("--protocol", default="original",
+                       help="protocol names, separated by commas (default original); grid values override them")
     sweep.add_argument("--cpus-per-run", type=float, default=1, help="CPUs Ray reserves for each run (default 1)")
     sweep.add_argument("--gpus-per-run", type=float, default=0, help="GPUs Ray reserves for each run (default 0)")
     sweep.add_argument("--address", help="a running Ray cluster (default: start Ray on this machine's cores)")
@@ -534,14 +539,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--validation-seed", type=int, default=0,
                        help="seed of the validation split (default 0)")
     add_evaluation_options(sweep, "where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
-    run.add_argument("--protocol", default="original",
-                     help="the named published setting of hyperparameters and evaluation (default original; "
-                          "`mergebench list` names them); --hp overrides it and is recorded as an override")
     add_location_options(sweep)
     sweep.set_defaults(func=command_sweep)
 
     lst = sub.add_parser("list", help="registered methods with their hyperparameters, backbones and suites")
     lst.add_argument("--method", help="only this method's hyperparameters")
+    lst.add_argument("--protocol", help="this protocol's values and their sources (with --method: that method's)")
     lst.set_defaults(func=command_list)
 
     prepare = sub.add_parser("prepare", help="build data caches and fine-tuned checkpoints of a backbone")
@@ -583,8 +586,6 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--rescale-random", action="store_true", help="pulse: C3 rescales by 1/(1 - alpha) as DARE")
     analyze.add_argument("--bits", type=int_list, default=(1,), help="sass: value bit-widths (default 1)")
     analyze.add_argument("--batch-size", type=int, default=64)
-    sweep.add_argument("--protocol", default="original",
-                       help="protocol names, separated by commas (default original); grid values override them")
     analyze.add_argument("--no-cache", action="store_true", help="evaluate every point again (no analysis cache)")
     analyze.add_argument("--no-plot", action="store_true", help="write the tables only (no matplotlib needed)")
     analyze.add_argument("--results-dir", default="results", help="pareto: the result records to read")
@@ -602,7 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     from mergebench.errors import MergebenchError
 
     args = build_parser().parse_args(argv)
-    lst.add_argument("--protocol", help="this protocol's values and their sources (with --method: that method's)")
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # the command, as recorded by `analyze`
     try:
         return args.func(args)

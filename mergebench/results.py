@@ -72,6 +72,9 @@ class Result:
     overrides: list[str] = field(default_factory=list)  # hyperparameters set explicitly over the protocol
     examples: dict[str, int] | None = None  # task -> test examples scored (null in records before version 4)
     batch_size: int | None = None  # the evaluation batch (per-batch routing averages over it); null: not recorded
+    # SHA-256 of the manifest pinning the evaluation data, for suites that ship their data (mini):
+    # rows scored on different data are never ranked together; null where the data is not pinned
+    data_manifest: str | None = None
 
     def __post_init__(self) -> None:
         if self.training_seconds is None:
@@ -123,7 +126,7 @@ _NON_NEGATIVE_INTS = ("extra_storage_bytes", "peak_rss_bytes", "exemplars_per_ta
 _NON_NEGATIVE_FLOATS = ("merge_seconds", "eval_seconds", "training_seconds")
 _BOOLS = ("automatic", "dynamic", "uses_test_inputs", "reference", "reused")
 _OPTIONAL_STRINGS = ("checkpoint_family", "git_commit")
-_OPTIONAL = ("selection",)  # fields a record of any version may leave out
+_OPTIONAL = ("selection", "data_manifest")  # fields a record of any version may leave out
 _RELATIVE_TOLERANCE = 1e-9
 
 
@@ -265,9 +268,10 @@ def check_record(data: Mapping[str, Any]) -> None:
         _fail("device", f"{data['device']!r} is not a non-empty string")
     if data.get("precision", "fp32") not in PRECISIONS:
         _fail("precision", f"{data['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    manifest = data.get("checkpoint_manifest")
-    if manifest is not None and not (isinstance(manifest, str) and re.fullmatch(r"[0-9a-f]{64}", manifest)):
-        _fail("checkpoint_manifest", f"{manifest!r} is not a SHA-256 hex digest")
+    for name in ("checkpoint_manifest", "data_manifest"):
+        manifest = data.get(name)
+        if manifest is not None and not (isinstance(manifest, str) and re.fullmatch(r"[0-9a-f]{64}", manifest)):
+            _fail(name, f"{manifest!r} is not a SHA-256 hex digest")
     created = data.get("created", "")
     if not isinstance(created, str):
         _fail("created", f"{created!r} is not a string")
@@ -427,7 +431,7 @@ _FRAME_FIELDS = ("method", "backbone", "suite", "checkpoint_family", "protocol",
                  "average", "extra_storage_bytes", "merge_seconds", "training_seconds", "reused", "eval_seconds",
                  "peak_rss_bytes", "exemplars_per_task", "uses_test_inputs", "automatic", "dynamic", "reference",
                  "device", "precision", "batch_size", "selection", "created", "git_commit", "checkpoint_manifest",
-                 "schema_version")
+                 "data_manifest", "schema_version")
 
 
 def _frame_row(result: Result) -> dict[str, Any]:

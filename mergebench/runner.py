@@ -252,6 +252,7 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
         reference=method.reference,
         checkpoint_family=backbone.checkpoint_family,
         checkpoint_manifest=manifest,
+        data_manifest=backbone.data_manifest_hash(),
         diagnostics=merged.diagnostics(),
         versions=package_versions(),
         git_commit=plan.commit,

@@ -78,6 +78,7 @@ BAD_WRITES = [
     (dict(training_seconds=9.0), r"training_seconds: 9\.0 differs from merge_seconds \(0\.25\) though nothing was reused"),
     (dict(training_seconds=0.1, reused=True), r"training_seconds: 0\.1 is less than merge_seconds"),
     (dict(checkpoint_manifest="abc"), r"checkpoint_manifest: 'abc' is not a SHA-256 hex digest"),
+    (dict(data_manifest="ABC"), r"data_manifest: 'ABC' is not a SHA-256 hex digest"),
     (dict(metrics={}, average=0.0), r"metrics: not a non-empty object"),
 ]
 
@@ -287,3 +288,19 @@ def test_default_inference_tolerates_a_few_header_bytes():
                       average=0.7)
     (kept,) = latest_per_configuration([old, new])
     assert kept.hyperparameters == {"alpha": 0.5, "format": "tswitch"} and kept.extra_storage_bytes == 12_381_500
+
+
+
+def test_a_run_records_the_hash_of_the_data_it_was_scored_on(tiny_bert, monkeypatch):
+    """A run records the manifest hash of the data its backbone ships (mini), none otherwise,
+    and the record round-trips through the strict reader."""
+    from mergebench.registry import BACKBONES
+    from mergebench.runner import run
+
+    mini_digest = BACKBONES.get("minilm-l6")().data_manifest_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", mini_digest)
+    assert run("task-arithmetic", "tiny-bert", results_dir=None).data_manifest is None
+    monkeypatch.setattr(type(tiny_bert), "data_manifest_hash", lambda self: mini_digest)
+    result = run("task-arithmetic", "tiny-bert", results_dir=None)
+    assert result.data_manifest == mini_digest
+    assert strict_loads(result.to_json())["data_manifest"] == mini_digest
