@@ -244,7 +244,7 @@ def merge_and_export(plan, out: Path | str, overwrite: bool = False) -> Path:
     check_exportable(plan.method)
     method = plan.method
     backbone = plan.make_backbone()
-    tasks = [task.name for task in backbone.tasks]
+    tasks = plan.task_names(backbone)  # a protocol may leave tasks out (auto-flexswitch-2026: GLUE without STS-B)
     with load_pool(backbone, tasks) as pool:
         seed_everything(plan.seed)
         exemplars = exemplars_for(method, backbone, tasks, plan.seed)
