@@ -285,29 +285,41 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
         "under, `mergebench list --protocol NAME`); rows of different protocols are not comparable and "
         "are never ranked together. A hyperparameter marked * was set explicitly over the protocol. "
         f"'({SINGLE_TASK_BATCHES} of N)': routing averaged over an evaluation batch of N inputs of one task, as the T-Switch "
-        "authors' code evaluates Auto-Switch; not automatic in deployment.",
+        "authors' code evaluates Auto-Switch; not automatic in deployment. Results scored on different "
+        "pinned data (the manifest of a suite's shipped splits) are in sections of their own.",
     ]
-    by_backbone: dict[tuple[str, str], list[Result]] = {}
+    by_backbone: dict[tuple[str, str, str], list[Result]] = {}
     first_of_backbone: dict[str, tuple[str, Result]] = {}
     for where, result in located:  # results of different checkpoint families are never mixed
         first_where, first = first_of_backbone.setdefault(result.backbone, (where, result))
         if result.suite != first.suite:
             raise RecordError(f"{where}: suite: {result.suite!r} contradicts {first_where}, which records suite "
                               f"{first.suite!r} for backbone {result.backbone!r}")
-        by_backbone.setdefault((result.backbone, result.checkpoint_family or ""), []).append(result)
+        # nor are results scored on different pinned data (the mini suite's versions)
+        by_backbone.setdefault((result.backbone, result.checkpoint_family or "", result.data_manifest or ""),
+                               []).append(result)
     known_backbones, known_methods = set(BACKBONES.names()), set(METHODS.names())
-    registered_first = sorted(by_backbone.items(), key=lambda item: (item[0][0] not in known_backbones, item[0]))
-    for (backbone, family), records in registered_first:
+    pinned = {(backbone, family) for backbone, family, data in by_backbone if data}
+    registered_first = sorted(by_backbone.items(),
+                              key=lambda item: (item[0][0] not in known_backbones, item[0][:2], not item[0][2], item[0]))
+    for (backbone, family, data), records in registered_first:
         latest = mean_over_seeds(latest_per_configuration(records))
         checkpoints = f", checkpoints: {family}" if family else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
-        lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints})"]
+        if data:
+            data_label = f", data: manifest {data[:12]}"
+        elif (backbone, family) in pinned:
+            data_label = ", data: not pinned (recorded before runs named the data manifest)"
+        else:
+            data_label = ""
+        lines += ["", f"## {backbone}{unknown} (suite: {latest[0].suite}{checkpoints}{data_label})"]
         if figure_dir is not None:
             from mergebench.figure import figure_name, write_figure  # lazily: matplotlib
 
             shown = to_frame([row for _, rows in by_protocol(latest) for row in rows])
-            name = figure_name(backbone, family)
-            write_figure(shown, Path(figure_dir) / name, f"{backbone}{unknown} (suite: {latest[0].suite}{checkpoints})")
+            name = figure_name(backbone, "-".join(part for part in (family, data[:12]) if part))
+            write_figure(shown, Path(figure_dir) / name,
+                         f"{backbone}{unknown} (suite: {latest[0].suite}{checkpoints}{', data ' + data[:12] if data else ''})")
             lines += ["", f"![{backbone}: average metric against extra storage]({name})"]
         for protocol, rows in by_protocol(latest):
             lines += ["", *protocol_heading(protocol), "", results_table(rows, known_methods=known_methods)]

@@ -304,3 +304,17 @@ def test_a_run_records_the_hash_of_the_data_it_was_scored_on(tiny_bert, monkeypa
     result = run("task-arithmetic", "tiny-bert", results_dir=None)
     assert result.data_manifest == mini_digest
     assert strict_loads(result.to_json())["data_manifest"] == mini_digest
+
+
+def test_leaderboard_never_ranks_rows_scored_on_different_data_together(tmp_path):
+    """Rows with another data manifest, or none, get a section of their own."""
+    v2 = "ab" * 32
+    append_result(tmp_path, make_result(average=0.9))
+    append_result(tmp_path, make_result(average=0.6, data_manifest=v2))
+    markdown = leaderboard_markdown(tmp_path)
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings == ["## tiny-bert (suite: tiny, data: manifest abababababab)",
+                        "## tiny-bert (suite: tiny, data: not pinned (recorded before runs named the data manifest))"]
+    pinned, unpinned = markdown.split("## tiny-bert")[1:]
+    assert "60.00" in pinned and "90.00" not in pinned
+    assert "90.00" in unpinned and "60.00" not in unpinned
