@@ -101,6 +101,8 @@ _FLEXSWITCH = {
     "decay_every": (10, "Auto-FlexSwitch §IV-A1: ... every 10 steps"),
     "bit_widths": ([1, 2, 4, 8], "Auto-FlexSwitch §III-C3: W = {1, 2, 4, 8}"),
     "reuse_training": (True, "ours (a cache of trained switches; changes no number)"),
+    "format": ("sass", "Auto-FlexSwitch §III-D / Eq. 16: the SASS grouped-COO storage (ans, ours, changes no "
+                       "accuracy)"),
 }
 
 ORIGINAL = Protocol(
@@ -172,7 +174,8 @@ ORIGINAL = Protocol(
             "alpha": (0.5, "T-Switch paper Table 5: discard ratio 0.5"),
             "exemplars": (100, "T-Switch paper Table 5: N = 100"),
             "neighbours": (10, "Auto-FlexSwitch §IV-B: stable at C = 10 neighbours"),
-            "query_model": ("pretrained", "Auto-FlexSwitch Eq. 5: pretrained features f_ex(x; Theta)"),
+            "query_model": ("averaged", "T-Switch §3.3 (Auto-Switch's own paper): query features under theta + "
+                                        "the averaged switches (Eq. 4), which it finds makes tasks easier to tell apart"),
             "routing": ("per-input", "T-Switch Eq. 8 / Auto-FlexSwitch Eq. 5: each input its own k-NN weights"),
         },
         "flexswitch": dict(_FLEXSWITCH),

@@ -109,13 +109,14 @@ class TSwitch(Method):
 @register_method("auto-switch")
 class AutoSwitch(Method):
     # N = 100 exemplars per task (the papers' exemplar-set size), C = 10 neighbours (best in their ablation).
-    # query_model: "pretrained" (Auto-FlexSwitch Eq. 5) or "averaged", the CVPR paper's choice: features
-    # under theta + (1/K) sum_k tau_hat_k, which it found makes tasks easier to tell apart.
+    # query_model: "averaged" (default), the CVPR paper's choice (§3.3): features under
+    # theta + (1/K) sum_k tau_hat_k, which it found makes tasks easier to tell apart; or
+    # "pretrained", the plain encoder as Auto-FlexSwitch's Eq. 5 routes.
     hyperparameters = {
         "alpha": Float(0.5, "alpha: the fraction of smallest-magnitude entries deactivated per tensor", 0.0, 1.0, high_open=True),
         "exemplars": Int(100, "N: unlabelled training inputs per task in its query set", 1),
         "neighbours": Int(10, "C: nearest query features that vote for the task weights", 1),
-        "query_model": Choice("pretrained", ("pretrained", "averaged"),
+        "query_model": Choice("averaged", ("averaged", "pretrained"),
                               "features of the query set: pretrained encoder or the averaged switches"),
         "routing": Choice("per-input", ROUTING_MODES, "per-input: each input its own k-NN weights (Eq. 8); "
                           "per-batch: their batch mean (authors' code; uses single-task batches)"),

@@ -72,7 +72,7 @@ def switched_task_vector(tau: torch.Tensor) -> torch.Tensor:
 
 def test_per_batch_weights_are_the_batch_mean_and_predict_as_a_static_merge(pool):
     queries = exemplars()
-    hp = {"alpha": 0.0, "exemplars": 8, "neighbours": 5}
+    hp = {"alpha": 0.0, "exemplars": 8, "neighbours": 5, "query_model": "pretrained"}  # knn_weights: pretrained features
     per_input = make_method("auto-switch", hp).merge(pool, queries)
     per_batch = make_method("auto-switch", {**hp, "routing": "per-batch"}).merge(pool, queries)
     probe = torch.cat([queries["t1"]["x"][:3], queries["t3"]["x"][:3], torch.zeros(1, 4)])
