@@ -14,7 +14,9 @@ FlexSwitch learns, per task k and per parameter tensor l with a task vector tau:
   (Eq. 11), the outputs being the task head's logits.
 After training: hard mask M > 0.5, bit-width argmax w (Eq. 15), tau~ = softplus(kappa)
 M_hard (.) Q(tau; b), stored per tensor in the SASS grouped-COO format with the group size of
-Eq. 17 (``mergebench.codecs``); storage is the size of those files.
+Eq. 17 (``mergebench.codecs``); storage is the size of those files. ``format`` stores the same
+mask and codes in another layout that holds b-bit values ("ans": entropy-coded, "indep"), which
+changes the bytes and no value.
 
 Auto-FlexSwitch routes per input (§III-C5): K-means (E centres) over each task's query set of
 pretrained features, a low-rank projection L (r x e) trained on Eq. 19, and k-NN over the
@@ -45,7 +47,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
@@ -73,6 +75,9 @@ from mergebench.switches import SwitchStore
 from mergebench.task import OUTPUT_PER_INPUT, routing_view
 
 LOSSES = ("kl", "mse", "cka")
+# the codec layouts that hold b-bit BAS codes (the tswitch layout holds signs only); sass first,
+# the paper's storage (§III-D)
+SWITCH_FORMATS = ("sass", "ans", "indep")
 DEFAULT_LAMBDA = {"kl": 1.0, "mse": 1.0, "cka": 10.0}
 
 
@@ -384,11 +389,18 @@ def read_cached_switch(path: Path, key: str) -> tuple[dict[str, CompressedTensor
     return {name: contents.compressed(name) for name in contents}, record
 
 
+def stored_as(tensors: Mapping[str, CompressedTensor], fmt: str) -> bytes:
+    """The container of one task's switches with every tensor laid out as ``fmt``: the same
+    shape, mask, codes and parameters (the cache keeps SASS; the layout is chosen at storing)."""
+    return encode_tensors({key: t if t.fmt == fmt else replace(t, fmt=fmt) for key, t in tensors.items()})
+
+
 def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Tensor], settings: FlexSwitchSettings,
                    seed: int, encoder: nn.Module, reuse: bool, device: torch.device = torch.device("cpu"),
-                   precision: str = "fp32") -> tuple[bytes, dict[str, Any], float | None]:
-    """One task's SASS artifact, its training record and, when the switch was read back from
-    the cache instead of trained, the seconds its training originally took (else None).
+                   precision: str = "fp32", fmt: str = "sass") -> tuple[bytes, dict[str, Any], float | None]:
+    """One task's artifact (its switches laid out as ``fmt``), its training record and, when
+    the switch was read back from the cache instead of trained, the seconds its training
+    originally took (else None).
 
     Every training is cached under $MERGEBENCH_CACHE/flexswitch as one container holding the
     switches and the training record, keyed by :func:`training_key`; with ``reuse`` such an
@@ -404,26 +416,29 @@ def trained_switch(pool: ModelPool, task: str, exemplars: Mapping[str, torch.Ten
                           stacklevel=2)
         else:
             stats = {**record, "seconds": round(record["seconds"], 2), **switch_statistics(tensors)}
-            return encode_tensors(tensors), {**stats, "reused": True}, record["seconds"]
+            return stored_as(tensors, fmt), {**stats, "reused": True}, record["seconds"]
     trained = train_flexswitch(pool, task, exemplars, settings, seed, encoder, device, precision)
     record = {"seconds": trained.seconds, "final_loss": trained.final_loss,
               "final_preservation": trained.final_preservation}
     write_artifact(path, trained.tensors, {"content": CACHE_CONTENT, "key": key, **record})
     stats = {**record, "seconds": round(trained.seconds, 2), **switch_statistics(trained.tensors)}
-    return encode_tensors(trained.tensors), {**stats, "reused": False}, None
+    return stored_as(trained.tensors, fmt), {**stats, "reused": False}, None
 
 
 def train_switches(pool: ModelPool, exemplars: Mapping[str, Any], hparams: Mapping[str, Any], seed: int,
                    encoder: nn.Module, device: torch.device = torch.device("cpu"),
                    precision: str = "fp32") -> tuple[dict[str, bytes], dict[str, Any], float | None]:
-    """The switches of every task, trained or read back from the cache: their SASS artifacts,
-    each task's training record, and the original cost of the ones read back (None: none was)."""
+    """The switches of every task, trained or read back from the cache: their artifacts
+    (``<task>.<format>``), each task's training record, and the original cost of the ones read
+    back (None: none was). The format is not part of the training key: one trained switch
+    serves every layout."""
     settings = FlexSwitchSettings.from_hparams(hparams)
+    fmt = str(hparams["format"])
     artifacts, training, reused = {}, {}, []
     for k, task in enumerate(tqdm(pool.tasks, desc="flexswitch: training", unit="task")):
-        artifacts[f"{task}.sass"], training[task], seconds = trained_switch(
+        artifacts[f"{task}.{fmt}"], training[task], seconds = trained_switch(
             pool, task, exemplars[task], settings, seed * 1000 + k, encoder, bool(hparams["reuse_training"]),
-            device, precision)
+            device, precision, fmt)
         if seconds is not None:
             reused.append(seconds)
     return artifacts, training, sum(reused) if reused else None
@@ -444,6 +459,9 @@ FLEXSWITCH_HPARAMS = {
     "decay_every": Int(10, "steps between two temperature decays", 1),
     "bit_widths": IntList([1, 2, 4, 8], "W: the candidate bit-widths of the values", choices=(1, 2, 4, 8)),
     "reuse_training": Bool(True, "load a switch trained earlier on the same inputs and settings from the cache"),
+    "format": Choice("sass", SWITCH_FORMATS, "the storage layout of the switches (same values in every layout): "
+                     "sass, the paper's grouped COO (§III-D); ans, entropy-coded mask and codes; indep, a "
+                     "dense b-bit code per entry"),
 }
 
 
@@ -473,7 +491,7 @@ class FlexSwitch(Method):
         encoder = load_encoder(pool.backbone, pool.pretrained_state()).requires_grad_(False).to(self.device)
         artifacts, training, reused = train_switches(pool, exemplars, hparams, self.seed, encoder, self.device,
                                                      self.precision)
-        store = SwitchStore(pool.tasks, artifacts, ".sass")
+        store = SwitchStore(pool.tasks, artifacts, f".{hparams['format']}")
         router, routing_artifacts, routing_record = self.routing(pool, exemplars, encoder)
         encoder.to("cpu")
         return ComposedMerged(pool.backbone, encoder, store, router=router, artifacts={**artifacts, **routing_artifacts},
@@ -487,7 +505,7 @@ class FlexSwitch(Method):
 
     def rebuild(self, pool, artifacts):
         encoder = load_encoder(pool.backbone, pool.pretrained_state())
-        store = SwitchStore(pool.tasks, dict(artifacts), ".sass")
+        store = SwitchStore(pool.tasks, dict(artifacts), f".{self.hparams['format']}")
         return ComposedMerged(pool.backbone, encoder, store, router=self.stored_router(pool, artifacts, encoder),
                               artifacts=dict(artifacts), routing=self.hparams.get("routing", "per-input"))
 
