@@ -28,7 +28,7 @@ from safetensors import safe_open
 
 from mergebench.backbone import Backbone
 from mergebench.cache import cache_dir, write_json
-from mergebench.errors import CheckpointError
+from mergebench.errors import CheckpointError, MissingResourceError
 from mergebench.filehash import file_sha256
 
 MANIFEST_NAME = "checkpoint-manifest.json"
@@ -146,9 +146,19 @@ def mismatch(file: Path, entry: Entry) -> str | None:
 
 
 def rebuilds_checkpoints(backbone: Backbone) -> bool:
-    """Whether the backbone's ``prepare`` rebuilds one deleted checkpoint by itself, locally
-    (a class attribute ``rebuilds_checkpoints``; suites that convert downloads do not)."""
+    """Whether the backbone's ``prepare`` builds its checkpoints by itself, locally, from data
+    that ships or installs with it (a class attribute ``rebuilds_checkpoints``; suites that
+    convert downloads do not): then a run prepares it when it is not prepared yet, and
+    ``mergebench prepare`` rebuilds one deleted or corrupt checkpoint."""
     return bool(getattr(backbone, "rebuilds_checkpoints", False))
+
+
+def is_prepared(backbone: Backbone) -> bool:
+    """Whether every checkpoint file exists (not whether it is intact: the manifest checks that)."""
+    try:
+        return all(Path(file).exists() for file in checkpoint_files(backbone))
+    except MissingResourceError:  # a PreparedBackbone names a missing file this way
+        return False
 
 
 def integrity_error(backbone: Backbone, problems: Iterable[str]) -> CheckpointError:
@@ -213,8 +223,13 @@ def prepare_checkpoints(backbone: Backbone, force: bool = False, repair: bool = 
     finite) and recorded. A bad file is deleted and rebuilt where ``repair`` is set and the
     backbone rebuilds single files (the locally fine-tuned suites); otherwise it is a
     CheckpointError naming the file and ``--force``. Runs pass ``repair=False``: a corrupt
-    checkpoint stops the run rather than being rebuilt under it.
+    checkpoint stops the run rather than being rebuilt under it, but a backbone that prepares
+    locally and is not prepared yet is prepared (one line on stderr says so), so that install
+    and run are the only two commands; any other backbone's ``prepare`` says what is missing.
     """
+    if not repair and rebuilds_checkpoints(backbone) and not is_prepared(backbone):
+        print(f"mergebench: {backbone.name} is not prepared yet; preparing it now, once, from its local data "
+              f"(what `mergebench prepare --backbone {backbone.name}` does)", file=sys.stderr, flush=True)
     recorded = None if force else _recorded(backbone)
     stamps: dict[str, tuple | None] = {}  # by manifest name: the files as verified before prepare
     if recorded is not None:

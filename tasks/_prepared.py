@@ -17,8 +17,9 @@ class PreparedBackbone(Backbone):
 
     root: Path  # where `prepare` writes (set by the subclass, or a property)
     prepare_hint: ClassVar[str] = ""  # said after the `prepare` command in a missing-file error
-    # whether prepare() rebuilds a deleted checkpoint by itself, locally: then `mergebench prepare`
-    # replaces a corrupt one (mergebench.manifest); suites converting downloads need --force
+    # whether prepare() builds the checkpoints by itself, locally, from data that ships or installs
+    # with it: then a run prepares it when it is not prepared yet, and `mergebench prepare` replaces
+    # a corrupt one (mergebench.manifest); suites converting downloads need --force
     rebuilds_checkpoints: ClassVar[bool] = False
 
     def pretrained_checkpoint(self) -> Path:
