@@ -72,6 +72,10 @@ class Result:
     overrides: list[str] = field(default_factory=list)  # hyperparameters set explicitly over the protocol
     examples: dict[str, int] | None = None  # task -> test examples scored (null in records before version 4)
     batch_size: int | None = None  # the evaluation batch (per-batch routing averages over it); null: not recorded
+    # the seeded bootstrap 95 % interval over test examples (mergebench.bootstrap.suite_interval):
+    # {"method", "level", "resamples", "seed", "average": [lo, hi] | null, "tasks": {task: [lo, hi] | null}};
+    # null in records written before it
+    interval: dict[str, Any] | None = None
     # SHA-256 of the manifest pinning the evaluation data, for suites that ship their data (mini):
     # rows scored on different data are never ranked together; null where the data is not pinned
     data_manifest: str | None = None
@@ -126,7 +130,7 @@ _NON_NEGATIVE_INTS = ("extra_storage_bytes", "peak_rss_bytes", "exemplars_per_ta
 _NON_NEGATIVE_FLOATS = ("merge_seconds", "eval_seconds", "training_seconds")
 _BOOLS = ("automatic", "dynamic", "uses_test_inputs", "reference", "reused")
 _OPTIONAL_STRINGS = ("checkpoint_family", "git_commit")
-_OPTIONAL = ("selection", "data_manifest")  # fields a record of any version may leave out
+_OPTIONAL = ("selection", "data_manifest", "interval")  # fields a record of any version may leave out
 _RELATIVE_TOLERANCE = 1e-9
 
 
@@ -169,6 +173,42 @@ def _check_protocol_fields(data: Mapping[str, Any]) -> None:
     for task, count in examples.items():
         if not _is_int(count) or count < 1:
             _fail(f"examples.{task}", f"{count!r} is not a positive integer")
+
+
+def _check_bounds(bounds: Any, estimate: float, name: str) -> None:
+    """[lo, hi]: finite numbers in [-1, 1] around ``estimate``, or null."""
+    if bounds is None:
+        return
+    if not (isinstance(bounds, list) and len(bounds) == 2 and all(_is_number(v) for v in bounds)):
+        _fail(name, f"{bounds!r} is not [low, high] or null")
+    low, high = bounds
+    if not -1.0 <= low <= estimate <= high <= 1.0:
+        _fail(name, f"{bounds!r} is not an interval within [-1, 1] around its estimate {estimate!r}")
+
+
+def _check_interval(data: Mapping[str, Any]) -> None:
+    """interval: null, or the bootstrap's level, resamples, seed and [lo, hi] bounds of the
+    average and of exactly the metrics' tasks, each around its recorded value."""
+    interval = data.get("interval")
+    if interval is None:
+        return
+    if not isinstance(interval, dict):
+        _fail("interval", f"a JSON {type(interval).__name__}, not an object or null")
+    if not isinstance(interval.get("method"), str):
+        _fail("interval.method", f"{interval.get('method')!r} is not a string")
+    level = interval.get("level")
+    if not _is_number(level) or not 0 < level < 1:
+        _fail("interval.level", f"{level!r} is not a number between 0 and 1")
+    if not _is_int(interval.get("resamples")) or interval["resamples"] < 1:
+        _fail("interval.resamples", f"{interval.get('resamples')!r} is not a positive integer")
+    if not _is_int(interval.get("seed")):
+        _fail("interval.seed", f"{interval.get('seed')!r} is not an integer")
+    _check_bounds(interval.get("average"), data["average"], "interval.average")
+    tasks = interval.get("tasks")
+    if not isinstance(tasks, dict) or list(tasks) != list(data["metrics"]):
+        _fail("interval.tasks", f"{tasks!r} is not an object of the metrics' tasks, in their order")
+    for task, bounds in tasks.items():
+        _check_bounds(bounds, data["metrics"][task], f"interval.tasks.{task}")
 
 
 def _is_number(value: Any) -> bool:
@@ -264,6 +304,7 @@ def check_record(data: Mapping[str, Any]) -> None:
     if data.get("selection") is not None:
         _check_selection(data["selection"])
     _check_protocol_fields(data)
+    _check_interval(data)
     if not isinstance(data.get("device", "cpu"), str) or not data.get("device", "cpu"):
         _fail("device", f"{data['device']!r} is not a non-empty string")
     if data.get("precision", "fp32") not in PRECISIONS:

@@ -19,6 +19,7 @@ import torch
 
 from mergebench.backbone import Backbone
 from mergebench.device import check_precision, describe_device, resolve_device
+from mergebench.bootstrap import Sample, suite_interval
 from mergebench.evaluate import evaluate
 from mergebench.exemplars import draw_exemplars
 from mergebench.manifest import prepare_checkpoints
@@ -211,15 +212,16 @@ def timed_merge(method: Method, pool: ModelPool, exemplars: dict[str, Any] | Non
 
 def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_size: int,
                    device: torch.device | str = "cpu", precision: str = "fp32", *, test_limit: int | None = None,
-                   scored: dict[str, int] | None = None, workers: int | None = None) -> tuple[dict[str, float], float]:
+                   scored: dict[str, int] | None = None, workers: int | None = None,
+                   samples: dict[str, Sample | None] | None = None) -> tuple[dict[str, float], float]:
     """The metric of every task on its test split (its first ``test_limit`` examples, in the
     split's order, when given), evaluated on ``device`` under ``precision``, and the wall
     seconds it took (moving the model to the device included). ``scored``, when given, gets
-    each task's count of examples scored."""
+    each task's count of examples scored; ``samples`` its per-example predictions and labels."""
     start = time.perf_counter()
     merged.to(device)
     limited = [backbone.task(task).limited(test_limit) for task in tasks]
-    metrics = evaluate(merged, limited, batch_size, precision, workers)
+    metrics = evaluate(merged, limited, batch_size, precision, workers, samples)
     if scored is not None:
         scored.update({task.name: task.test_scored for task in limited})
     return metrics, time.perf_counter() - start
@@ -227,7 +229,7 @@ def timed_evaluate(merged: Merged, backbone: Backbone, tasks: list[str], batch_s
 
 def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict[str, float], *, storage_bytes: int,
                 merge_seconds: float, eval_seconds: float, peak_bytes: int, manifest: str | None,
-                examples: dict[str, int] | None = None) -> Result:
+                examples: dict[str, int] | None = None, interval: dict[str, Any] | None = None) -> Result:
     """The record of one run, with what the run cost and which code, packages and checkpoints made it."""
     method = plan.method
     reused = getattr(merged, "reused_training_seconds", None)
@@ -261,6 +263,7 @@ def make_result(plan: RunPlan, backbone: Backbone, merged: Merged, metrics: dict
         protocol=plan.protocol.name,
         overrides=list(plan.overrides),
         examples=examples,
+        interval=interval,
         batch_size=plan.batch_size,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -284,15 +287,18 @@ def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = Non
                 merged.cache_bytes = int(plan.cache_mb * 2**20)
             storage = merged.storage_bytes()
             scored: dict[str, int] = {}
+            samples: dict[str, Sample | None] = {}
             metrics, eval_seconds = timed_evaluate(merged, backbone, tasks, plan.batch_size, plan.device, plan.precision,
-                                                   test_limit=plan.test_limit, scored=scored, workers=plan.workers)
+                                                   test_limit=plan.test_limit, scored=scored, workers=plan.workers,
+                                                   samples=samples)
         except NonFiniteError as error:
             raise NonFiniteError(f"method {method.name!r} on {backbone.name!r}: {error}; nothing recorded") from None
         manifest = pool.manifest_sha256
     if keep is not None:
         keep(merged, pool)
     return make_result(plan, backbone, merged, metrics, storage_bytes=storage, merge_seconds=merge_seconds,
-                       eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest, examples=scored)
+                       eval_seconds=eval_seconds, peak_bytes=peak.bytes, manifest=manifest, examples=scored,
+                       interval=suite_interval(samples, metrics))
 
 
 def run(

@@ -98,6 +98,49 @@ def _average(result: Result) -> str:
     return _percent(result.average)
 
 
+OVERLAP_MARK = "≈"
+INTERVAL_LEGEND = (f"_{OVERLAP_MARK}: this row's 95 % interval of the average overlaps that of the row with the next "
+                   "higher average in this table, so the two are not distinguishable at this test-set size._")
+
+
+def _interval_bounds(result: Result) -> list[float] | None:
+    return (result.interval or {}).get("average")
+
+
+def _overlapping(results: list[Result]) -> set[int]:
+    """The ids of the rows whose average's interval overlaps that of the next-better row: the
+    rows with an interval ranked by average (rows are listed by kind and name, not by score,
+    so the comparison a reader wants is with the nearest better average, not the row above)."""
+    ranked = sorted((r for r in results if _interval_bounds(r)), key=lambda r: -r.average)
+    return {id(worse) for better, worse in zip(ranked, ranked[1:])
+            if max(_interval_bounds(better)[0], _interval_bounds(worse)[0])
+            <= min(_interval_bounds(better)[1], _interval_bounds(worse)[1])}
+
+
+def _interval(result: Result, overlaps: bool) -> str:
+    """``average [low, high]`` in %, marked where it overlaps the next-better row; '-' where
+    the record has none (written before intervals, or a task that cannot be resampled)."""
+    bounds = _interval_bounds(result)
+    if not bounds:
+        return "-"
+    text = f"{100 * result.average:.1f} [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+    return f"{text} {OVERLAP_MARK}" if overlaps else text
+
+
+def _mean_interval(group: list[Result]) -> dict[str, Any] | None:
+    """The interval of a row of several seeds: the mean of the per-seed bounds (the average
+    is the mean of the seeds' averages, so it stays inside), where every seed has one; else None.
+    It is the typical single run's interval, not one of the mean over seeds."""
+    intervals = [r.interval for r in group]
+    if not all(i and i.get("average") for i in intervals):
+        return None
+    tasks = {task: [statistics.fmean(i["tasks"][task][k] for i in intervals) for k in (0, 1)]
+             if all(i.get("tasks", {}).get(task) for i in intervals) else None
+             for task in intervals[0].get("tasks", {}) if all(task in i.get("tasks", {}) for i in intervals)}
+    return {**intervals[-1], "method": f"mean of the per-seed bounds of: {intervals[-1].get('method')}",
+            "average": [statistics.fmean(i["average"][k] for i in intervals) for k in (0, 1)], "tasks": tasks}
+
+
 def _tuning(result: Result) -> str | None:
     """A tuned record is a row of its own beside an untuned one with the same values."""
     selection = result.selection
@@ -123,6 +166,7 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
         values.update({name: statistics.fmean(getattr(r, name) for r in group)
                        for name in ("average", "merge_seconds", "training_seconds", "eval_seconds")})
         values["metrics"] = {task: statistics.fmean(r.metrics[task] for r in group) for task in tasks}
+        values["interval"] = _mean_interval(group)
         rows.append(SeedMean(**values, average_std=statistics.stdev(r.average for r in group),
                              metrics_std={task: statistics.stdev(r.metrics[task] for r in group) for task in tasks},
                              seeds=tuple(sorted(r.seed for r in group))))
@@ -139,8 +183,9 @@ def results_table(results: list[Result], tablefmt: str = "github", known_methods
         return (unknown(r), not r.reference, r.method != "pretrained", r.dynamic, r.method)
 
     tasks = list(OrderedDict.fromkeys(task for r in results for task in r.metrics))
-    headers = ["Method", "Automatic", "Exemplars", "Extra storage (MB)", *tasks, "Avg", "Merge (s)", "Eval (s)",
-               "Peak memory (MB)", "Hyperparameters"]
+    headers = ["Method", "Automatic", "Exemplars", "Extra storage (MB)", *tasks, "Avg", "Avg 95 % CI", "Merge (s)",
+               "Eval (s)", "Peak memory (MB)", "Hyperparameters"]
+    overlapping = _overlapping(results)
     rows = [
         [
             _method(r, unknown(r)),
@@ -150,6 +195,7 @@ def results_table(results: list[Result], tablefmt: str = "github", known_methods
             *(_with_spread(r.metrics[t], r, getattr(r, "metrics_std", {}).get(t)) if t in r.metrics else ""
               for t in tasks),
             _average(r),
+            _interval(r, id(r) in overlapping),
             _merge_time(r),
             f"{r.eval_seconds:.1f}",
             _peak_memory(r),
@@ -286,7 +332,11 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
         "are never ranked together. A hyperparameter marked * was set explicitly over the protocol. "
         f"'({SINGLE_TASK_BATCHES} of N)': routing averaged over an evaluation batch of N inputs of one task, as the T-Switch "
         "authors' code evaluates Auto-Switch; not automatic in deployment. Results scored on different "
-        "pinned data (the manifest of a suite's shipped splits) are in sections of their own.",
+        "pinned data (the manifest of a suite's shipped splits) are in sections of their own. "
+        "Avg 95 % CI: the average and its 95 % confidence interval, a percentile bootstrap over each task's test "
+        "examples (1,000 resamples, seeded, as recorded); a row of several seeds shows the mean of its seeds' "
+        f"bounds; '-': not recorded. {OVERLAP_MARK} marks a row whose interval overlaps that of the row with the "
+        "next higher average in its table: at this test-set size the two are not distinguishable.",
     ]
     by_backbone: dict[tuple[str, str, str], list[Result]] = {}
     first_of_backbone: dict[str, tuple[str, Result]] = {}
@@ -322,7 +372,8 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
                          f"{backbone}{unknown} (suite: {latest[0].suite}{checkpoints}{', data ' + data[:12] if data else ''})")
             lines += ["", f"![{backbone}: average metric against extra storage]({name})"]
         for protocol, rows in by_protocol(latest):
-            lines += ["", *protocol_heading(protocol), "", results_table(rows, known_methods=known_methods)]
+            table = results_table(rows, known_methods=known_methods)
+            lines += ["", *protocol_heading(protocol), "", table, *(["", INTERVAL_LEGEND] if OVERLAP_MARK in table else [])]
         lines += ["", versions_line(latest), "", devices_line(latest)]
     if not by_backbone:
         lines += ["", "_No results yet: run `mergebench run --method METHOD --backbone BACKBONE`._"]
