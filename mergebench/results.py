@@ -480,6 +480,7 @@ def _frame_row(result: Result) -> dict[str, Any]:
     row["overrides"] = ",".join(result.overrides or ())  # a plain cell: CSV and markdown keep it readable
     row["selection"] = json.dumps(result.selection, sort_keys=True) if result.selection else None
     row.update({f"metric.{task}": value for task, value in result.metrics.items()})
+    row["average_low"], row["average_high"] = (result.interval or {}).get("average") or (None, None)
     seeds = getattr(result, "seeds", None)  # a row of several seeds (mergebench.table.SeedMean)
     if seeds is not None:
         row["seeds"] = len(seeds) or 1
@@ -495,6 +496,7 @@ def to_frame(results: list[Result], where: list[str] | None = None):
     """A pandas DataFrame of ``results``, one row each: the record's fields, then per task
     ``metric.<task>`` (fractions, as recorded), each hyperparameter as ``hp.<name>``,
     ``examples.<task>`` and ``version.<package>``; with ``where``, the ``file:line`` of each.
+    ``average_low``/``average_high``: the bounds of the average's 95 % interval (missing if not recorded).
     Rows of several seeds (the leaderboard's) add ``seeds``, ``average_std`` and ``std.<task>``.
     Columns keep the first record's task order; a value a record lacks is missing (NaN/None)."""
     import pandas as pd  # lazily: reading records and the command line need no pandas
@@ -505,7 +507,8 @@ def to_frame(results: list[Result], where: list[str] | None = None):
             row["where"] = place
     columns = list(dict.fromkeys(name for row in rows for name in row))
     first = [name for name in _FRAME_FIELDS if name != "average"]
-    groups = [first[:first.index("seed") + 1], [c for c in columns if c.startswith("metric.")], ["average"],
+    groups = [first[:first.index("seed") + 1], [c for c in columns if c.startswith("metric.")],
+              ["average", "average_low", "average_high"],
               [c for c in ("seeds", "average_std") if c in columns], [c for c in columns if c.startswith("std.")],
               first[first.index("seed") + 1:], [c for c in columns if c.startswith("hp.")],
               [c for c in columns if c.startswith("examples.")], [c for c in columns if c.startswith("version.")],

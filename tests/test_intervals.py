@@ -183,3 +183,11 @@ def test_a_tiny_bert_run_records_an_interval_around_its_average(tiny_bert, tmp_p
         assert task_low <= result.metrics[task] <= task_high
     ((_, stored),) = iter_records(tmp_path)
     assert isinstance(stored, Result) and stored.interval == interval
+
+
+def test_the_data_frame_carries_the_bounds_of_the_average():
+    from mergebench.results import to_frame
+
+    frame = to_frame([make_result(interval=interval_of(0.5, 0.45, 0.56)), make_result(seed=1)])
+    assert list(frame["average_low"][:1]) == [0.45] and list(frame["average_high"][:1]) == [0.56]
+    assert frame["average_low"].isna().tolist() == [False, True]
