@@ -61,6 +61,12 @@ class Backbone(abc.ABC):
         data is read from elsewhere, unpinned."""
         return None
 
+    def shipped_validation_size(self, task: str) -> int:
+        """How many examples the task's own validation split has (held out from its training and
+        test splits; ``Task.batches("validation", ...)`` reads it); 0 where the suite ships none,
+        and hyperparameter selection then carves one from training (``mergebench.selection``)."""
+        return 0
+
     def check_task(self, task: str) -> None:
         """KeyError naming the valid tasks unless the backbone has a checkpoint for ``task``."""
         if task not in self.task_names:

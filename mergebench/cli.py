@@ -532,12 +532,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="a running Ray cluster (default: start Ray on this machine's cores)")
     sweep.add_argument("--results-dir", default="results")
     sweep.add_argument("--select-on", choices=("validation",), default=None,
-                       help="tune: score every grid point on a validation split carved from each task's training "
-                            "data, record only the best per method x backbone x seed, evaluated on the test split")
+                       help="tune: score every grid point on a validation split (the suite's own where it ships "
+                            "one, as the mini suite; else carved from each task's training data), record only the "
+                            "best per method x backbone x seed, evaluated on the test split")
     sweep.add_argument("--validation-size", type=int, default=200,
-                       help="examples per task in the validation split (default 200)")
+                       help="examples per task in a carved validation split (default 200; a shipped one is used whole)")
     sweep.add_argument("--validation-seed", type=int, default=0,
-                       help="seed of the validation split (default 0)")
+                       help="seed of a carved validation split (default 0)")
     add_evaluation_options(sweep, "where each run evaluates; cuda needs --gpus-per-run (Ray gives each run its GPU)")
     add_location_options(sweep)
     sweep.set_defaults(func=command_sweep)

@@ -1,14 +1,19 @@
 """Hyperparameter selection on a validation split (``mergebench sweep --select-on validation``).
 
-The validation split of a task is a seeded subset of ``size`` examples of its *training*
-split, taken generically from ``Task.batches("train", ...)``: the rows of each batch whose
-index was drawn, so any suite whose batches are (a mapping of tensors with one row per
-example, a tensor or list of targets) has one. Each grid point of a (method, backbone,
-seed) is merged and scored on it; the best validation average (the first on a tie) is then
-run as usual, on the test split, and its record carries ``selection``. Selection never
-reads a test split: the test labels are read only by the final run of the chosen point.
-The validation rows may overlap the exemplars a method draws from the same training split
-(those are label-free); the record keeps the validation seed and size, so it is repeatable.
+Where a suite ships a validation split held out from its training and test splits (the mini
+suite: ``Backbone.shipped_validation_size``), selection scores on exactly that split, whole:
+the record's ``selection`` says ``"split": "validation"``, its smallest per-task ``size`` and
+every task's in ``sizes``. Elsewhere (GLUE's test split *is* its validation split; tiny and
+the vision suites have none) the validation split of a task is a seeded subset of ``size``
+examples of its *training* split (``"split": "train"``), taken generically from
+``Task.batches("train", ...)``: the rows of each batch whose index was drawn, so any suite
+whose batches are (a mapping of tensors with one row per example, a tensor or list of
+targets) has one. Each grid point of a (method, backbone, seed) is merged and scored on it;
+the best validation average (the first on a tie) is then run as usual, on the test split,
+and its record carries ``selection``. Selection never reads a test split: the test labels
+are read only by the final run of the chosen point. A carved split may overlap the
+exemplars a method draws from the same training split (those are label-free); the record
+keeps its seed and size, so it is repeatable.
 """
 from __future__ import annotations
 
@@ -61,11 +66,25 @@ def validation_batches(task: Task, size: int, seed: int, batch_size: int = 64) -
         yield {k: _rows(v, keep, n, task) for k, v in inputs.items()}, _rows(targets, keep, n, task)
 
 
+def validation_split(backbone: Any, tasks: Sequence[str], size: int) -> dict[str, Any]:
+    """Which examples selection scores on, as the record's ``selection`` states it: every
+    task's shipped validation split where each of them ships one, else ``size`` examples
+    carved from each task's training split."""
+    shipped = {task: int(backbone.shipped_validation_size(task)) for task in tasks}
+    if shipped and all(shipped.values()):
+        return {"split": "validation", "size": min(shipped.values()), "sizes": shipped}
+    return {"split": "train", "size": size}
+
+
 def validation_metrics(merged: Any, tasks: Sequence[Task], size: int, seed: int, batch_size: int = 64,
-                       precision: str = "fp32") -> dict[str, float]:
-    """Task name -> its metric on its validation split (never its test split)."""
-    return {task.name: score_split(merged, task, validation_batches(task, size, seed, batch_size), "validation",
-                                   precision) for task in tasks}
+                       precision: str = "fp32", split: str = "train") -> dict[str, float]:
+    """Task name -> its metric on its validation split (never its test split): the shipped
+    one (``split="validation"``) or ``size`` seeded examples of its training split."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"selection split {split!r}: expected 'train' (carved) or 'validation' (shipped)")
+    return {task.name: score_split(merged, task, task.batches("validation", batch_size) if split == "validation"
+                                   else validation_batches(task, size, seed, batch_size), "validation", precision)
+            for task in tasks}
 
 
 @dataclass(frozen=True)
@@ -77,9 +96,10 @@ class Selection:
     averages: list[tuple[dict[str, Any], float]]
 
 
-def select(configurations: Sequence[Any], size: int, seed: int) -> Selection:
+def select(configurations: Sequence[Any], size: int, seed: int, split: str = "train") -> Selection:
     """Merge each configuration (of one method, backbone and seed) and score it on the
-    validation split; the best validation average, the first on a tie."""
+    validation split (``split``: see :func:`validation_split`); the best validation average,
+    the first on a tie."""
     from mergebench.runner import exemplars_for, load_pool, seed_everything, timed_merge
 
     averages = []
@@ -93,7 +113,7 @@ def select(configurations: Sequence[Any], size: int, seed: int) -> Selection:
             merged, _ = timed_merge(plan.method, pool, exemplars)
         merged.to(plan.device)
         metrics = validation_metrics(merged, [backbone.task(task) for task in tasks], size, seed, plan.batch_size,
-                                     plan.precision)
+                                     plan.precision, split)
         averages.append((configuration, float(np.mean(list(metrics.values())))))
     best = max(range(len(averages)), key=lambda i: (averages[i][1], -i))
     return Selection(averages[best][0], averages[best][1], [(c.hyperparameters, a) for c, a in averages])

@@ -31,15 +31,17 @@ def configuration_key(method: str, backbone: str, seed: int, hyperparameters: di
     The precision is part of it (it changes the numbers); the device is not. The protocol is
     part of it (its evaluation details change the numbers, and a row is shown under it); a
     record that names none (written before protocols) is never taken for one that does. A
-    tuned run (``selection``: on, size, seed, grid) is keyed by its grid and its fixed
-    hyperparameters. The evaluation batch is part of it where it changes the numbers, i.e.
-    for per-batch routing (``batch_size``, else None)."""
+    tuned run (``selection``: on, size, seed, grid, and the split where it is a shipped one)
+    is keyed by its grid and its fixed hyperparameters. The evaluation batch is part of it
+    where it changes the numbers, i.e. for per-batch routing (``batch_size``, else None)."""
     content = {"method": method, "backbone": backbone, "seed": seed, "hyperparameters": hyperparameters,
                "checkpoint_manifest": manifest, "precision": precision, "protocol": protocol}
     if batch_size is not None:
         content["batch_size"] = batch_size
     if selection is not None:
         content["selection"] = {k: selection[k] for k in ("on", "size", "seed", "grid")}
+        if selection.get("split", "train") != "train":  # a carved split's key is what it was before the field
+            content["selection"]["split"] = selection["split"]
     payload = json.dumps(content, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
@@ -245,7 +247,7 @@ class SelectionGroup:
 
     configurations: list[Configuration]
     key: str
-    selection: dict[str, Any]  # on, size, seed, grid
+    selection: dict[str, Any]  # on, split, size (sizes: of a shipped split), seed, grid
 
     @property
     def label(self) -> str:
@@ -258,8 +260,8 @@ class SelectionGroup:
 def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any]], size: int,
                    seed: int) -> list[SelectionGroup]:
     """The configurations of ``plan_sweep`` grouped by (protocol, method, backbone, seed), each group
-    keyed by its grid, its fixed hyperparameters and the validation split's size and seed."""
-    from mergebench.selection import check_selection
+    keyed by its grid, its fixed hyperparameters and the validation split (which, its size and seed)."""
+    from mergebench.selection import check_selection, validation_split
 
     size, seed = check_selection(size, seed)
     groups: dict[tuple, list[Configuration]] = {}
@@ -271,9 +273,10 @@ def plan_selection(configurations: list[Configuration], grid: dict[str, list[Any
     for members in groups.values():
         keys = [k for k in grid if k in members[0].hyperparameters]
         values = {k: list(dict.fromkeys(json.dumps(c.hyperparameters[k]) for c in members)) for k in keys}
-        selection = {"on": "validation", "size": size, "seed": seed,
-                     "grid": {k: [json.loads(v) for v in vs] for k, vs in values.items()}}
         first = members[0]
+        backbone = first.plan.make_backbone()
+        selection = {"on": "validation", **validation_split(backbone, first.plan.task_names(backbone), size),
+                     "seed": seed, "grid": {k: [json.loads(v) for v in vs] for k, vs in values.items()}}
         fixed = {k: v for k, v in json.loads(json.dumps(first.hyperparameters)).items() if k not in keys}
         key = configuration_key(first.plan.method.name, first.plan.backbone_class.name, first.plan.seed, fixed,
                                 first.manifest, first.plan.precision, selection, first.plan.protocol.name,
@@ -297,7 +300,8 @@ def run_selection(groups: Iterable[SelectionGroup], results_dir: Path, *, progre
     report = SweepReport(skipped=len(groups) - len(pending))
     for group in tqdm(pending, desc="select", unit="group", disable=not progress, file=sys.stderr):
         try:
-            chosen = select(group.configurations, group.selection["size"], group.selection["seed"])
+            chosen = select(group.configurations, group.selection["size"], group.selection["seed"],
+                            group.selection["split"])
             result = execute(chosen.chosen.plan)  # the only read of the test split
             result.selection = {**group.selection, "validation_average": chosen.validation_average,
                                 "points": [{"hyperparameters": json.loads(json.dumps(point)), "validation_average": a}

@@ -116,6 +116,9 @@ class TextClassificationBackbone(PreparedBackbone):
             )
         return self._data[task]
 
+    def shipped_validation_size(self, task: str) -> int:
+        return len(self.data(task).validation)
+
     def examples(self, task: str, split: str) -> tuple[Example, ...]:
         data = self.data(task)
         valid = ("train", "validation", "test") if data.validation else ("train", "test")

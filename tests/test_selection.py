@@ -3,8 +3,11 @@ training data, never the test split (checked by construction: reading a test bat
 selection raises), the best one evaluated on the test split and recorded as tuned."""
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,11 +15,13 @@ import mergebench.selection as selection_module
 from mergebench.cli import main
 from mergebench.errors import HyperparameterError, NotApplicableError, RecordError
 from mergebench.results import Result, iter_records
-from mergebench.selection import validation_batches
+from mergebench.registry import BACKBONES
+from mergebench.selection import validation_batches, validation_split
 from mergebench.sweep import plan_selection, plan_sweep, result_key, run_selection
 from mergebench.table import results_table
 from mergebench.task import Task, TaskData
 from mergebench.tasks._text_classification import TextTaskData
+from mergebench.tasks.tiny import TASKS, TinyBert
 
 
 @pytest.fixture
@@ -56,6 +61,7 @@ def test_selection_never_reads_test_labels_and_records_the_chosen_point(tiny_ber
     (result,) = [r for _, r in iter_records(tmp_path)]
     chosen = result.selection
     assert chosen["on"] == "validation" and chosen["size"] == 60 and chosen["seed"] == 7
+    assert chosen["split"] == "train" and "sizes" not in chosen  # tiny ships no validation split: carved
     assert chosen["grid"] == {"scaling": [0.1, 0.3, 1.0]}
     best = max(chosen["points"], key=lambda p: p["validation_average"])
     assert result.hyperparameters["scaling"] == best["hyperparameters"]["scaling"]
@@ -125,3 +131,64 @@ def test_the_command_line_tunes_without_ray(tiny_bert, tmp_path, capsys, test_sp
     assert main(argv) == 0
     assert len(list(iter_records(results))) == 1
     assert "0 recorded, 1 already recorded" in capsys.readouterr().err
+
+
+def test_a_shipped_validation_split_is_scored_whole_and_alone(tiny_bert, tmp_path, monkeypatch):
+    """tiny-bert given a validation split of its own, as the mini suite ships one: selection
+    reads exactly its examples, every one, and neither the training nor the test split."""
+    counts = {"markers-a": 30, "markers-b": 33, "markers-c": 29}
+    rng = np.random.default_rng(11)
+    shipped = {}
+    for task, markers in TASKS.items():
+        labels = rng.integers(len(markers), size=counts[task])
+        fillers = rng.integers(40, size=(counts[task], 5))
+        shipped[task] = tuple((" ".join([*(f"w{i}" for i in row[:2]), markers[y], *(f"w{i}" for i in row[2:])]), int(y))
+                              for row, y in zip(fillers, labels))
+    real_data = TinyBert.data
+    monkeypatch.setattr(TinyBert, "data", lambda self, task: dataclasses.replace(real_data(self, task),
+                                                                                 validation=shipped[task]))
+    reads, armed = [], [False]
+    real_batch = TextTaskData.batch
+
+    def batch(self, task, split, start, stop):
+        if armed[0]:
+            reads.append((task, split, self.backbone.examples(task, split)[start:stop]))
+        return real_batch(self, task, split, start, stop)
+
+    monkeypatch.setattr(TextTaskData, "batch", batch)
+    real_select = selection_module.select
+
+    def armed_select(*args, **kwargs):
+        armed[0] = True
+        try:
+            return real_select(*args, **kwargs)
+        finally:
+            armed[0] = False
+
+    monkeypatch.setattr(selection_module, "select", armed_select)
+    grid = {"scaling": [0.2, 0.6]}
+    (group,) = plan_selection(plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], grid), grid, 60, 7)
+    assert group.selection["split"] == "validation" and group.selection["sizes"] == counts
+    assert group.selection["size"] == 29  # the smallest task's
+    report = run_selection([group], tmp_path, progress=False)
+    assert not report.failed, report.failed
+    assert {split for _, split, _ in reads} == {"validation"}
+    for task in TASKS:  # each grid point scored every shipped example, in order, once
+        seen = tuple(example for name, _, chunk in reads if name == task for example in chunk)
+        assert seen == shipped[task] * 2
+    (result,) = [r for _, r in iter_records(tmp_path)]
+    assert result.selection["split"] == "validation" and result.selection["sizes"] == counts
+    assert result_key(result) == group.key
+    (again,) = plan_selection(plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], grid), grid, 29, 7)
+    monkeypatch.setattr(TinyBert, "data", real_data)
+    (carved,) = plan_selection(plan_sweep(["task-arithmetic"], ["tiny-bert"], [0], grid), grid, 29, 7)
+    assert carved.selection["split"] == "train" and carved.key != again.key  # the shipped split is in the key
+
+
+def test_the_mini_suite_selects_on_the_validation_split_it_ships():
+    backbone = BACKBONES.get("minilm-l6")()
+    manifest = json.loads((Path(backbone.committed_data) / "manifest.json").read_text())
+    sizes = {task: manifest["tasks"][task]["splits"]["validation"]["examples"] for task in backbone.task_names}
+    assert min(sizes.values()) >= 500
+    assert validation_split(backbone, backbone.task_names, 200) == {"split": "validation", "size": min(sizes.values()),
+                                                                     "sizes": sizes}
