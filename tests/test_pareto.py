@@ -32,3 +32,22 @@ def test_pareto_without_records_says_what_to_run(tiny_bert, tmp_path):
     options = AnalysisOptions(output_dir=tmp_path / "out", results_dir=tmp_path / "none", plot=False)
     with pytest.raises(ValueError, match="--hp format=sass"):
         run_analysis("pareto", tiny_bert, options)
+
+
+def test_pareto_points_are_the_current_datas_and_flexswitch_formats_stay_apart():
+    """Records on other data (another manifest, or none) are left out; a FlexSwitch record
+    in ans is its own point beside the SASS one with the same loss."""
+    from mergebench.analysis.pareto import latest_records
+    from tests.test_results import make_result
+
+    current = "cd" * 32
+
+    def flex(fmt, data, created):
+        return make_result(method="flexswitch", hyperparameters={"loss": "kl", "format": fmt}, data_manifest=data,
+                           created=created)
+
+    records = [flex("sass", None, "2026-01-01T00:00:00+00:00"), flex("sass", current, "2026-01-02T00:00:00+00:00"),
+               flex("ans", current, "2026-01-03T00:00:00+00:00"), flex("ans", "ef" * 32, "2026-01-04T00:00:00+00:00")]
+    chosen = latest_records(records, "tiny-bert", current)
+    assert chosen == {"flexswitch (kl)": records[1], "flexswitch (kl, ans)": records[2]}
+    assert latest_records(records, "tiny-bert") == {"flexswitch (kl)": records[0]}

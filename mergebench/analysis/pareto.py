@@ -22,13 +22,17 @@ from mergebench.analysis.report import Report, finish_panels, markdown_table, po
 from mergebench.results import Result, load_results
 
 
-def latest_records(results: list[Result], backbone: str) -> dict[str, Result]:
-    """The newest record per Fig. 8 configuration: 'flexswitch (kl)', 't-switch a=0.5', ..."""
+def latest_records(results: list[Result], backbone: str, data_manifest: str | None = None) -> dict[str, Result]:
+    """The newest record per Fig. 8 configuration: 'flexswitch (kl)', 't-switch a=0.5', ...,
+    of those scored on the backbone's current data (``data_manifest``; points on other data
+    are not comparable)."""
     chosen: dict[str, Result] = {}
-    for result in sorted((r for r in results if r.backbone == backbone), key=lambda r: r.created):
+    current = (r for r in results if r.backbone == backbone and r.data_manifest == data_manifest)
+    for result in sorted(current, key=lambda r: r.created):
         hp = result.hyperparameters
         if result.method == "flexswitch":
-            chosen[f"flexswitch ({hp.get('loss')})"] = result
+            coded = f", {hp['format']}" if hp.get("format", "sass") != "sass" else ""
+            chosen[f"flexswitch ({hp.get('loss')}{coded})"] = result
         elif result.method == "t-switch" and hp.get("format") in ("sass", "ans"):
             # the same switches entropy-coded (ans): the same accuracy at a smaller size
             chosen[f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")] = result
@@ -59,7 +63,7 @@ def learned_switch_summary(result: Result) -> list[list]:
 
 
 def run(backbone, options) -> list[Path]:
-    records = latest_records(load_results(Path(options.results_dir)), backbone.name)
+    records = latest_records(load_results(Path(options.results_dir)), backbone.name, backbone.data_manifest_hash())
     if not records:
         raise ValueError(f"no flexswitch or SASS t-switch records for {backbone.name} in {options.results_dir}; "
                          "run e.g. `mergebench run --method t-switch --hp format=sass` and `--method flexswitch` first")
