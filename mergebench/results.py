@@ -146,6 +146,13 @@ def _check_selection(selection: Any) -> None:
         _fail("selection.grid", f"{selection.get('grid')!r} is not an object of key: values")
     if not _is_number(selection.get("validation_average")):
         _fail("selection.validation_average", f"{selection.get('validation_average')!r} is not a number")
+    # which examples selection scored: a split carved from training, or the suite's shipped
+    # validation split (records before the choice existed carved theirs and name none)
+    if selection.get("split", "train") not in ("train", "validation"):
+        _fail("selection.split", f"{selection.get('split')!r} is not 'train' or 'validation'")
+    sizes = selection.get("sizes")
+    if sizes is not None and not (isinstance(sizes, dict) and all(_is_int(n) and n > 0 for n in sizes.values())):
+        _fail("selection.sizes", f"{sizes!r} is not an object of task: positive example count")
 
 
 def _check_protocol_fields(data: Mapping[str, Any]) -> None:

@@ -119,6 +119,12 @@ def test_a_tuned_record_round_trips_and_a_bad_selection_is_refused():
         Result(**base, selection={**selection, "on": "test"}).to_json()
     with pytest.raises(RecordError, match="selection.validation_average"):
         Result(**base, selection={**selection, "validation_average": None}).to_json()
+    shipped = {**selection, "split": "validation", "sizes": {"t": 10}}
+    assert Result.from_dict(json.loads(Result(**base, selection=shipped).to_json())).selection == shipped
+    with pytest.raises(RecordError, match="selection.split: 'test' is not"):
+        Result(**base, selection={**selection, "split": "test"}).to_json()
+    with pytest.raises(RecordError, match="selection.sizes"):
+        Result(**base, selection={**shipped, "sizes": {"t": 0}}).to_json()
 
 
 def test_the_command_line_tunes_without_ray(tiny_bert, tmp_path, capsys, test_split_guard):
