@@ -7,8 +7,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
+import torch
+
 from mergebench.backbone import Backbone
-from mergebench.errors import MissingResourceError
+from mergebench.errors import CheckpointError, MissingResourceError
+
+
+def check_like_pretrained(source: Path, encoder: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """A converted fine-tuned encoder must have the pretrained model's keys and shapes, or
+    the merge would pair the wrong tensors: CheckpointError naming the file and the tensor."""
+    missing, extra = sorted(set(reference) - set(encoder)), sorted(set(encoder) - set(reference))
+    if missing or extra:
+        raise CheckpointError(f"{source}: encoder keys differ from the pretrained model "
+                              f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
+    for key, value in encoder.items():
+        if value.shape != reference[key].shape:
+            raise CheckpointError(f"{source}: tensor {key!r} has shape {tuple(value.shape)}, "
+                                  f"the pretrained model has {tuple(reference[key].shape)}")
 
 
 class PreparedBackbone(Backbone):

@@ -70,7 +70,7 @@ from mergebench.registry import register_backbone, register_suite
 from mergebench.suite import Suite
 from mergebench.task import Batch, TaskData
 from mergebench.tasks._hub import list_files
-from mergebench.tasks._prepared import PreparedBackbone
+from mergebench.tasks._prepared import PreparedBackbone, check_like_pretrained
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks._glue_data import (GLUE_TASKS, GlueData, MissingGlueResource, all_missing, collect_missing,
                                          glue_task, hub_snapshot)
@@ -296,14 +296,7 @@ class GlueBackbone(PreparedBackbone):
         outputs, wanted = self.head_outputs(head), 1 if spec.regression else len(spec.classes)
         if outputs != wanted:
             raise CheckpointError(f"{folder}: its head has {outputs} outputs, GLUE {task} needs {wanted}")
-        missing, extra = sorted(set(reference) - set(encoder)), sorted(set(encoder) - set(reference))
-        if missing or extra:
-            raise CheckpointError(f"{folder}: encoder keys differ from the pretrained model "
-                                  f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
-        for key, value in encoder.items():
-            if value.shape != reference[key].shape:
-                raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(value.shape)}, "
-                                      f"the pretrained model has {tuple(reference[key].shape)}")
+        check_like_pretrained(folder, encoder, reference)
         write_safetensors(self.root / f"{task}.head.safetensors", head, float32=True)
         write_safetensors(self.root / f"{task}.safetensors", encoder, float32=True)
 

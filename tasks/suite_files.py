@@ -42,7 +42,7 @@ from mergebench.suite import Suite
 from mergebench.suite_config import Source, SuiteConfig, TaskConfig, export_metadata
 from mergebench.task import Batch, Task, TaskData
 from mergebench.tasks._hub import list_files, snapshot
-from mergebench.tasks._prepared import PreparedBackbone
+from mergebench.tasks._prepared import PreparedBackbone, check_like_pretrained
 from mergebench.tasks._text_classification import _stable_hash
 
 CONVERSION_VERSION = 1
@@ -262,14 +262,7 @@ class SuiteFileBackbone(PreparedBackbone):
     def _convert(self, task: TaskConfig, reference: dict[str, torch.Tensor]) -> None:
         folder = checkpoint_folder(task.checkpoint, f"the checkpoint of task {task.name!r}")
         encoder, head, config = read_classifier(folder)
-        missing, extra = sorted(set(reference) - set(encoder)), sorted(set(encoder) - set(reference))
-        if missing or extra:
-            raise CheckpointError(f"{folder}: encoder keys differ from the pretrained model "
-                                  f"(missing: {missing[:5]}, unexpected: {extra[:5]})")
-        for key, value in encoder.items():
-            if value.shape != reference[key].shape:
-                raise CheckpointError(f"{folder}: tensor {key!r} has shape {tuple(value.shape)}, "
-                                      f"the pretrained model has {tuple(reference[key].shape)}")
+        check_like_pretrained(folder, encoder, reference)
         config.save_pretrained(str(self.root / f"{task.name}.config"))
         write_safetensors(self.root / f"{task.name}.head.safetensors", head, float32=True)
         write_safetensors(self.root / f"{task.name}.safetensors", encoder, float32=True)
