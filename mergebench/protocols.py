@@ -105,6 +105,16 @@ _FLEXSWITCH = {
                        "accuracy)"),
 }
 
+# AdaMerging and AdaMerging++ learn their coefficients the same way (++ adds the TIES step)
+_ADAMERGING = {
+    "exemplars": (256, "ours: 256 unlabelled test inputs per task (the authors read the whole test set)"),
+    "steps": (500, "AdaMerging authors' code: 500 iterations"),
+    "batch_size": (16, "AdaMerging authors' code: 16 test inputs per task per step"),
+    "lr": (1e-3, "AdaMerging authors' code: Adam lr 1e-3"),
+    "init": (0.3, "AdaMerging authors' code: prior 0.3"),
+    "clamp": (True, "AdaMerging authors' code: coefficients clamped to [0, 1]"),
+}
+
 ORIGINAL = Protocol(
     "original",
     "each method's own paper or its authors' code (mergebench's defaults)",
@@ -134,21 +144,9 @@ ORIGINAL = Protocol(
             "exemplars": (256, "FusionBench clip_regmean.yaml num_regmean_examples 256"),
             "alpha": (0.9, "RegMean paper: off-diagonal scaling alpha 0.9"),
         },
-        "adamerging": {
-            "exemplars": (256, "ours: 256 unlabelled test inputs per task (the authors read the whole test set)"),
-            "steps": (500, "AdaMerging authors' code: 500 iterations"),
-            "batch_size": (16, "AdaMerging authors' code: 16 test inputs per task per step"),
-            "lr": (1e-3, "AdaMerging authors' code: Adam lr 1e-3"),
-            "init": (0.3, "AdaMerging authors' code: prior 0.3"),
-            "clamp": (True, "AdaMerging authors' code: coefficients clamped to [0, 1]"),
-        },
+        "adamerging": dict(_ADAMERGING),
         "adamerging++": {
-            "exemplars": (256, "ours: 256 unlabelled test inputs per task (the authors read the whole test set)"),
-            "steps": (500, "AdaMerging authors' code: 500 iterations"),
-            "batch_size": (16, "AdaMerging authors' code: 16 test inputs per task per step"),
-            "lr": (1e-3, "AdaMerging authors' code: Adam lr 1e-3"),
-            "init": (0.3, "AdaMerging authors' code: prior 0.3"),
-            "clamp": (True, "AdaMerging authors' code: coefficients clamped to [0, 1]"),
+            **_ADAMERGING,
             "keep": (0.2, "AdaMerging authors' ties_merging_split: K = 20"),
             "merge_func": ("sum", "AdaMerging authors' main_layer_wise_adamergingpp.py: merge_func 'dis-sum'"),
         },
