@@ -278,9 +278,9 @@ def execute(plan: RunPlan, keep: Callable[[Merged, ModelPool], Any] | None = Non
     backbone = plan.make_backbone()
     tasks = plan.task_names(backbone)
     with load_pool(backbone, tasks) as pool, PeakMemory() as peak:
+        check_fits(method, pool, plan.device)  # a method that cannot fit says so before any work, exemplars included
         seed_everything(plan.seed)
         exemplars = exemplars_for(method, backbone, tasks, plan.seed)
-        check_fits(method, pool, plan.device)  # a method that cannot fit says so before it starts
         try:
             merged, merge_seconds = timed_merge(method, pool, exemplars)
             if plan.cache_mb is not None and hasattr(merged, "cache_bytes"):  # a dynamic method's composed weights
