@@ -6,9 +6,9 @@ is recomputed on every resample, and the suite average of a resample is the mean
 metrics. The interval is the 2.5th and 97.5th percentiles of those B values (Efron &
 Tibshirani, An Introduction to the Bootstrap, 1993, ch. 13). Metrics that are not a mean of
 per-example scores (Matthews correlation, Pearson/Spearman) are recomputed exactly on each
-resample, vectorised over a (B, n) array of resample indices. A detection task's mAP@50 runs
-the COCO evaluator over a whole split, far too slow a thousand times per run; its interval,
-and then the average's, is null.
+resample by the metrics' own code (``mergebench.metrics``), vectorised over a (B, n) array
+of resample indices. A detection task's mAP@50 runs the COCO evaluator over a whole split,
+far too slow a thousand times per run; its interval, and then the average's, is null.
 
 Draws: ``numpy.random.default_rng(seed)``; for each task in the metrics' order that has a
 sample, ``rng.integers(0, n, size=(B, n))`` (one row of indices per resample), so the same
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from mergebench.metrics import ROW_METRICS
 
 # 1,000 resamples: the Monte Carlo error of a 2.5 % / 97.5 % percentile is then well under the
 # interval's own width (Efron & Tibshirani 1993, sec. 19.3, recommend B >= 1000 for percentile
@@ -47,7 +49,7 @@ def task_sample(task: Any, outputs: Sequence[Any], targets: Sequence[Any]) -> Sa
     """The per-example predictions and labels ``Task.score`` reads (the argmax of class
     logits, or a regression task's single output), or None for a task scored otherwise
     (detection's mAP@50 over boxes)."""
-    if task.outputs not in ("class-logits", "regression") or task.metric not in _RESAMPLED:
+    if task.outputs not in ("class-logits", "regression") or task.metric not in ROW_METRICS:
         return None
     regression = task.outputs == "regression"
     predictions = np.concatenate([(o[..., 0].float() if regression else o.argmax(-1)).numpy() for o in outputs])
@@ -55,66 +57,10 @@ def task_sample(task: Any, outputs: Sequence[Any], targets: Sequence[Any]) -> Sa
     return Sample(task.metric, predictions, labels)
 
 
-# --- each metric over every resample at once: (B, n) index rows -> (B,) values ------------------
-
-
-def _accuracy(sample: Sample, rows: np.ndarray) -> np.ndarray:
-    return (sample.predictions == sample.labels)[rows].mean(axis=1)
-
-
-def _counts(codes: np.ndarray, size: int) -> np.ndarray:
-    """(B, size) counts of the codes of each row of ``codes`` (B, n)."""
-    offsets = np.arange(len(codes))[:, None] * size
-    return np.bincount((codes + offsets).ravel(), minlength=len(codes) * size).reshape(len(codes), size)
-
-
-def _matthews(sample: Sample, rows: np.ndarray) -> np.ndarray:
-    """Gorodkin's R_K per resample, as ``metrics.matthews_correlation`` (0 where undefined)."""
-    classes = np.union1d(sample.predictions, sample.labels)
-    k = len(classes)
-    codes = np.searchsorted(classes, sample.labels) * k + np.searchsorted(classes, sample.predictions)
-    confusion = _counts(codes[rows], k * k).reshape(-1, k, k).astype(np.float64)
-    t, p = confusion.sum(2), confusion.sum(1)
-    c, s = np.trace(confusion, axis1=1, axis2=2), confusion.sum((1, 2))
-    numerator = c * s - (t * p).sum(1)
-    denominator = np.sqrt((s**2 - (p * p).sum(1)) * (s**2 - (t * t).sum(1)))
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=1, keepdims=True)
-    y = y - y.mean(axis=1, keepdims=True)
-    numerator = (x * y).sum(1)
-    denominator = np.sqrt((x * x).sum(1) * (y * y).sum(1))
-    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
-
-
-def _average_ranks_rows(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """The 1-based average ranks (ties sharing their mean rank) within each resample: a value's
-    rank is the count of smaller values in its row plus half its own count, plus one half,
-    read from per-row counts of the sample's distinct values."""
-    distinct, group = np.unique(values, return_inverse=True)
-    counts = _counts(group.reshape(-1)[rows], len(distinct))
-    smaller = np.cumsum(counts, axis=1) - counts
-    average = smaller + (counts + 1) / 2
-    return np.take_along_axis(average, group.reshape(-1)[rows], axis=1)
-
-
-def _pearson_spearman(sample: Sample, rows: np.ndarray) -> np.ndarray:
-    """The mean of Pearson's r and Spearman's rho per resample, as ``metrics.pearson_spearman``."""
-    x = np.asarray(sample.predictions, dtype=np.float64)
-    y = np.asarray(sample.labels, dtype=np.float64)
-    pearson = _pearson_rows(x[rows], y[rows])
-    spearman = _pearson_rows(_average_ranks_rows(x, rows), _average_ranks_rows(y, rows))
-    return (pearson + spearman) / 2
-
-
-_RESAMPLED = {"accuracy": _accuracy, "matthews": _matthews, "pearson_spearman": _pearson_spearman}
-
-
 def resampled_metric(sample: Sample, rows: np.ndarray) -> np.ndarray:
-    """The task's metric on each resample: ``rows`` is (B, n) indices into the sample."""
-    return _RESAMPLED[sample.metric](sample, rows)
+    """The task's metric on each resample: ``rows`` is (B, n) indices into the sample (the
+    metric's one implementation in ``mergebench.metrics``)."""
+    return ROW_METRICS[sample.metric](sample.predictions, sample.labels, rows)
 
 
 def _bounds(values: np.ndarray, estimate: float) -> list[float] | None:
