@@ -6,7 +6,8 @@ analyses share, each written once.
   (TIES: ties at the threshold kept).
 * TIES trim, elect and disjoint merge (Yadav et al., NeurIPS 2023; authors' ``topk_values_mask``,
   ``resolve_sign``, ``disjoint_merge``): :func:`trim_thresholds`, :func:`trim`,
-  :func:`elect_and_merge` (disjoint mean or sum), and the per-task entries that agree with the elected sign
+  :func:`elect_and_merge` (disjoint mean or sum; :func:`sign_balance` lets it run on slices),
+  and the per-task entries that agree with the elected sign
   (:func:`selected_entries`, the rows of the authors' ``disjoint_merge_split``).
 * DARE drop-and-rescale (Yu et al., ICML 2024): :func:`drop_and_rescale`.
 """
@@ -119,19 +120,35 @@ def trim(stacked: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 MERGE_FUNCS = ("mean", "sum")
 
 
-def elect_and_merge(trimmed: torch.Tensor, merge_func: str = "mean") -> torch.Tensor:
+def sign_balance(trimmed: torch.Tensor) -> int:
+    """How many entries of the stacked (K, ...) trimmed task vectors sum to a positive value,
+    minus how many sum to a negative one: the sum of the elected signs, whose own sign is the
+    majority sign that decides the entries summing to exactly zero. An integer, so the balance
+    of a tensor is the sum of its slices' (the float32 sum of the signs is the same integer
+    below 2^24 entries)."""
+    return _balance(trimmed.sum(0))
+
+
+def _balance(total: torch.Tensor) -> int:
+    return int((total > 0).sum()) - int((total < 0).sum())
+
+
+def elect_and_merge(trimmed: torch.Tensor, merge_func: str = "mean", balance: int | None = None) -> torch.Tensor:
     """Sign election and disjoint merge over the stacked (K, ...) trimmed task vectors.
 
     The elected sign is the sign of the sum of the trimmed values for both forms (the
     authors' ``resolve_sign``, "mass"); ``merge_func`` "mean" averages the values that agree
     with it (the TIES paper's "dis-mean"), "sum" adds them ("dis-sum": ``disjoint_merge``
     with ``merge_func="dis-sum"`` in the TIES authors' ``merge_utils.py``, the AdaMerging
-    authors' ``ties_merging_utils.py`` and FusionBench's ``ties_merging``)."""
+    authors' ``ties_merging_utils.py`` and FusionBench's ``ties_merging``). An exact zero sum
+    takes the majority sign, the sign of ``balance`` (:func:`sign_balance`; of ``trimmed``
+    itself when not given, else of the whole tensor ``trimmed`` is a slice of), + on a tie."""
     if merge_func not in MERGE_FUNCS:
         raise ValueError(f"merge_func must be one of {', '.join(MERGE_FUNCS)}, got {merge_func!r}")
     sign = torch.sign(trimmed.sum(0))
-    majority = torch.sign(sign.sum())
-    sign[sign == 0] = majority if majority != 0 else 1.0
+    if balance is None:
+        balance = _balance(sign)
+    sign[sign == 0] = -1.0 if balance < 0 else 1.0
     agrees = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     selected = trimmed * agrees
     if merge_func == "sum":

@@ -20,16 +20,22 @@ The three steps are ``mergebench.sparsify``'s (AdaMerging++ uses them too).
   dis-mean.
 * theta = theta_pre + lambda * merged; defaults k = 20%, lambda = 0.3 (the ViT
   setting of the AdaMerging / EMR-Merging / T-Switch tables).
+
+Every step but the majority sign is entry by entry, so the merge runs over slices of the
+memory-mapped checkpoints (``mergebench.merging.merge_sliced``): per tensor, a first pass
+sums the slices' sign balances (exact integers), a second trims, elects and merges each
+slice into the result; memory is the merged model and K slices, not K stacked tensors.
+The result is bit for bit that of the whole-tensor steps.
 """
 from __future__ import annotations
 
 import torch
 
 from mergebench.hyperparameters import Choice, Float
-from mergebench.merging import merge_task_vectors
+from mergebench.merging import merge_sliced
 from mergebench.method import Method, StaticMerged
 from mergebench.registry import register_method
-from mergebench.sparsify import MERGE_FUNCS, elect_and_merge, trim, trim_thresholds
+from mergebench.sparsify import MERGE_FUNCS, elect_and_merge, sign_balance, trim, trim_thresholds
 
 
 @register_method("ties")
@@ -46,7 +52,9 @@ class Ties(Method):
         merge_func = str(self.hparams["merge_func"])
         thresholds = torch.tensor(trim_thresholds(pool, keep))
 
-        def combine(key, taus):
-            return scaling * elect_and_merge(trim(torch.stack(taus), thresholds), merge_func)
+        def combine(slices):
+            balance = sum(sign_balance(trim(taus, thresholds)) for taus in slices())
+            for taus in slices():
+                yield scaling * elect_and_merge(trim(taus, thresholds), merge_func, balance)
 
-        return StaticMerged(pool.backbone, merge_task_vectors(pool, combine, desc=self.name))
+        return StaticMerged(pool.backbone, merge_sliced(pool, combine, desc=self.name))
