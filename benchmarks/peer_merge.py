@@ -28,6 +28,9 @@ vector).
 
     OMP_NUM_THREADS=1 python benchmarks/peer_merge.py --output benchmarks/peer_merge.md --records benchmarks/peer_merge.json
 
+After a change to one method, ``--methods ties --update`` reruns that method's arms only and
+keeps the other methods' runs from the records file (every run carries its date).
+
 Needs the ``bench`` extra (``pip install -e .[bench]``); a peer that is not installed is
 left out of the table and named under it.
 """
@@ -255,12 +258,19 @@ def main(argv: list[str] | None = None) -> None:
                         "e.g. fusion-bench:ties (FusionBench's TIES holds about 19 GB: too much for a shared machine)")
     parser.add_argument("--output", type=Path, help="also write the table as markdown here")
     parser.add_argument("--records", type=Path, help="also write every run as JSON here")
+    parser.add_argument("--update", action="store_true", help="rerun only --methods and keep the other methods' "
+                        "runs and summaries from the existing --records file")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
         print(json.dumps(worker(*args.worker, args.tasks)))
         return
+    previous = {"summary": {}, "runs": []}
+    if args.update:
+        if args.records is None or not args.records.exists():
+            parser.error("--update needs an existing --records file to keep the other methods' runs from")
+        previous = json.loads(args.records.read_text())
     from synthetic_vit import SyntheticViTB32
 
     backbone = SyntheticViTB32(num_tasks=args.tasks)
@@ -285,10 +295,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"repeat {repeat + 1}: {implementation} {method} ...", file=sys.stderr, flush=True)
                 record = run_worker(implementation, method, args.tasks)
                 record["repeat"] = repeat
+                record["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 print(json.dumps(record), file=sys.stderr, flush=True)
                 runs.append(record)
     records = {method: {i: summarise([r for r in runs if r["method"] == method and r["implementation"] == i])
                         for i in implementations if f"{i}:{method}" not in args.skip.split(",")} for method in methods}
+    kept = [m for m in METHODS if m in previous["summary"] and m not in methods]
+    records = {m: records[m] if m in records else previous["summary"][m] for m in METHODS if m in records or m in kept}
+    runs = [r for r in previous["runs"] if r["method"] in kept] + runs
+    implementations = [i for i in IMPLEMENTATIONS if i in implementations or any(i in records[m] for m in kept)]
     versions = {}
     from importlib.metadata import PackageNotFoundError, version
 
@@ -306,9 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         text += f"\nNot installed (left out): {', '.join(missing)}; `pip install -e .[bench]` adds them.\n"
     if args.skip:
         text += f"\nNot run (--skip): {args.skip}.\n"
+    if kept:
+        dates = sorted(r["date"][:10] for r in runs if r["method"] in kept and "date" in r)
+        text += (f"\nRerun here: {', '.join(methods)}; kept from the earlier run of the records file"
+                 f"{' (' + dates[0] + ')' if dates else ''}: {', '.join(kept)}.\n")
     print(text)
     if args.output:
         command = "OMP_NUM_THREADS=1 python benchmarks/peer_merge.py" + (f" --skip {args.skip}" if args.skip else "") \
+            + (f" --implementations {args.implementations}" if args.implementations != ",".join(IMPLEMENTATIONS) else "") \
+            + (f" --methods {args.methods} --update" if args.update else "") \
             + (f" --records {args.records}" if args.records else "") + f" --output {args.output}"
         args.output.write_text(f"`{command}`\n\n{text}")
     if args.records:
