@@ -42,9 +42,13 @@ from mergebench.sparsify import magnitude_mask
 CONFIGS = [  # (label, format, bits, quant)
     ("tswitch", "tswitch", 1, "sign"),
     ("indep b=1 (sign)", "indep", 1, "sign"),
+    ("indep b=2", "indep", 2, "bas"),
     ("indep b=4", "indep", 4, "bas"),
+    ("indep b=8", "indep", 8, "bas"),
     ("sass b=1 (sign)", "sass", 1, "sign"),
+    ("sass b=2", "sass", 2, "bas"),
     ("sass b=4", "sass", 4, "bas"),
+    ("sass b=8", "sass", 8, "bas"),
     ("ans b=1 (sign)", "ans", 1, "sign"),
     ("ans b=2", "ans", 2, "bas"),
     ("ans b=4", "ans", 4, "bas"),

@@ -108,6 +108,11 @@ SASS_CONST_BITS = SASS_COUNT_BITS + SASS_SIZE_BITS  # = 35, the constant of Eq. 
 
 
 from mergebench.errors import CorruptArtifactError  # noqa: E402  (re-exported)
+from mergebench import _codec_kernels as _kernels  # noqa: E402
+
+# The compiled kernels (numba, the `fast` extra) when installed, else numpy; both write the
+# same bytes (tests flip this flag to compare them).
+_FAST = _kernels.HAVE_NUMBA
 
 
 # --------------------------------------------------------------------------- bits
@@ -256,10 +261,13 @@ def quantize(x: Any, bits: int, *, as_printed: bool = False,
     delta = params.step
     if delta == 0.0:
         return np.zeros(x.size, dtype=np.uint8), params
-    t = (x.astype(np.float64) + v_neg) / delta
-    t = np.floor(t) if as_printed else np.ceil(t)
-    idx = np.clip(t, 1, 1 << bits) - 1
-    return idx.astype(np.uint8), params
+    t = x.astype(np.float64)  # the same float64 operations as (x + v_neg) / delta, in place
+    t += v_neg
+    t /= delta
+    (np.floor if as_printed else np.ceil)(t, out=t)
+    np.clip(t, 1, 1 << bits, out=t)
+    t -= 1
+    return t.astype(np.uint8), params
 
 
 def dequantize(codes: np.ndarray, params: BASParams) -> np.ndarray:
@@ -487,15 +495,20 @@ class CompressedTensor:
         return sass_bits_exact(self.n, self.n_kept, self.bits, self.group_size)
 
     # ---- values
-    def values(self) -> np.ndarray:
-        """The float32 values of the kept entries."""
+    def value_table(self) -> np.ndarray:
+        """The float32 value of every code (2^bits entries): values are a function of the code
+        alone, so decoding is one table lookup per kept entry."""
         if self.quant == "sign":
             beta = self.params["beta"]
-            return np.array([-beta, beta], dtype=np.float32)[self.codes]  # code 1 -> +beta, 0 -> -beta
-        vals = dequantize(self.codes, self.bas_params)
+            return np.array([-beta, beta], dtype=np.float32)  # code 1 -> +beta, 0 -> -beta
+        vals = dequantize(np.arange(1 << self.bits), self.bas_params)
         if self.params["scale"] != 1.0:
             vals = (vals * np.float32(self.params["scale"])).astype(np.float32)
         return vals
+
+    def values(self) -> np.ndarray:
+        """The float32 values of the kept entries."""
+        return self.value_table()[self.codes]
 
     def to_numpy(self) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.float32)
@@ -534,7 +547,7 @@ def tswitch_from_task_vector(tau: Any, mask: Any, fmt: str = "tswitch") -> Compr
     beta = ||tau (.) A||_2 / ||A (.) P||_2 (Eq. 3; beta = 0 when nothing is kept).
     ``fmt`` may also be "sass" or "indep" (1-bit sign values in those layouts)."""
     t, m, shape, dtype = _prepare(tau, mask)
-    kept = t[m]
+    kept = np.compress(m, t)  # (the same entries as t[m], several times faster)
     beta = float(np.linalg.norm(kept.astype(np.float64)) / math.sqrt(kept.size)) if kept.size else 0.0
     codes = (kept > 0).astype(np.uint8)
     return CompressedTensor(shape, fmt, 1, m, codes, "sign", {"beta": beta}, dtype)
@@ -549,7 +562,7 @@ def quantized_from_task_vector(tau: Any, mask: Any, bits: int, fmt: str = "sass"
     if fmt == "tswitch":
         raise ValueError("the tswitch format stores signs; use tswitch_from_task_vector")
     t, m, shape, dtype = _prepare(tau, mask)
-    codes, p = quantize(t[m], bits, bounds=bounds)
+    codes, p = quantize(np.compress(m, t), bits, bounds=bounds)
     return CompressedTensor(shape, fmt, bits, m, codes, "bas",
                             {"v_neg": p.v_neg, "v_pos": p.v_pos, "scale": float(scale)}, dtype)
 
@@ -732,16 +745,16 @@ def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     return best[1], best[2], best[3]
 
 
-def _byte_model(q: int):
-    """Categorical model of a byte of 8 i.i.d. Bernoulli(q / 65535) bits, P(s) = p^pop(s) (1-p)^(8-pop(s)).
+def _byte_probs(q: int) -> np.ndarray:
+    """Probabilities of a byte of 8 i.i.d. Bernoulli(q / 65535) bits, P(s) = p^pop(s) (1-p)^(8-pop(s)).
     Built with IEEE multiplications only, so encoder and decoder get the same table on every machine."""
     p = q / _RATE_ONE
     ones, zeros = [1.0], [1.0]
     for _ in range(8):
         ones.append(ones[-1] * p)
         zeros.append(zeros[-1] * (1.0 - p))
-    probs = np.array(ones)[_POPCOUNT] * np.array(zeros)[8 - _POPCOUNT]
-    return _constriction().model.Categorical(probs, perfect=False)
+    return np.array(ones)[_POPCOUNT] * np.array(zeros)[8 - _POPCOUNT]
+
 
 
 def _codes_per_symbol(bits: int) -> int:
@@ -749,26 +762,79 @@ def _codes_per_symbol(bits: int) -> int:
     return 8 // bits if bits < 8 and 8 % bits == 0 else 1
 
 
-def _value_model(freq: np.ndarray, bits: int):
-    """Categorical model of one value symbol: ``8 / b`` codes of probability freq / sum(freq)
+def _value_probs(freq: np.ndarray, bits: int) -> np.ndarray:
+    """Probabilities of one value symbol: ``8 / b`` codes of probability freq / sum(freq)
     (a product, by IEEE multiplications) for b in {1, 2, 4}, one code otherwise."""
     prob = freq.astype(np.float64) / float(freq.sum())
     g = _codes_per_symbol(bits)
     if g == 1:
-        return _constriction().model.Categorical(prob, perfect=False)
+        return prob
     sym = np.arange(256)
     lowmask = (1 << bits) - 1
     probs = prob[sym & lowmask]
     for i in range(1, g):
         probs = probs * prob[(sym >> (i * bits)) & lowmask]
-    return _constriction().model.Categorical(probs, perfect=False)
+    return probs
+
+
+
+class _AnsEncoder:
+    """constriction's AnsCoder (encode_reverse with a Categorical(perfect=False) model, then
+    get_compressed), or the compiled coder of :mod:`mergebench._codec_kernels` that writes the
+    same words."""
+
+    def __init__(self, capacity: int):
+        self.fast = _FAST
+        if self.fast:
+            self.state = np.zeros(1, dtype=np.uint64)
+            self.words = np.empty(capacity + 2, dtype=np.uint32)
+            self.n_words = 0
+        else:
+            self.coder = _constriction().stack.AnsCoder()
+
+    def encode_reverse(self, symbols: np.ndarray, probs: np.ndarray) -> None:
+        if self.fast:
+            self.n_words = _kernels.ans_encode(np.ascontiguousarray(symbols, dtype=np.uint8),
+                                               _kernels.categorical_cdf(probs), self.state, self.words, self.n_words)
+        else:
+            self.coder.encode_reverse(np.asarray(symbols, dtype=np.int32),
+                                      _constriction().model.Categorical(probs, perfect=False))
+
+    def get_compressed(self) -> np.ndarray:
+        if self.fast:
+            return _kernels.ans_finish(self.state, self.words, self.n_words)
+        return self.coder.get_compressed()
+
+
+class _AnsDecoder:
+    """The decoding side of :class:`_AnsEncoder`."""
+
+    def __init__(self, words: np.ndarray):
+        self.fast = _FAST
+        if self.fast:
+            self.words = words
+            self.state, self.pos = _kernels.ans_start(words)
+        else:
+            self.coder = _constriction().stack.AnsCoder(words)
+
+    def decode(self, probs: np.ndarray, count: int) -> np.ndarray:
+        """``count`` symbols (uint8) under the categorical model of ``probs``."""
+        if self.fast:
+            cdf = _kernels.categorical_cdf(probs)
+            out = np.empty(count, dtype=np.uint8)
+            self.pos = _kernels.ans_decode(self.words, self.pos, self.state, cdf, _kernels.decoder_table(cdf), out)
+            return out
+        return self.coder.decode(_constriction().model.Categorical(probs, perfect=False), count).astype(np.uint8)
+
+    def is_empty(self) -> bool:
+        return bool(self.state[0] == 0) if self.fast else self.coder.is_empty()
 
 
 def _value_symbols(codes: np.ndarray, bits: int) -> np.ndarray:
     g = _codes_per_symbol(bits)
     if g == 1:
-        return codes.astype(np.int32)
-    return np.frombuffer(pack_codes(codes, bits), dtype=np.uint8).astype(np.int32)
+        return codes
+    return np.frombuffer(pack_codes(codes, bits), dtype=np.uint8)
 
 
 def _quantised_freq(counts: np.ndarray) -> np.ndarray:
@@ -797,7 +863,6 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
     under their stored frequencies, 8 / b codes per symbol for b in {1, 2, 4} (the last
     symbol zero padded); stored raw when that is no larger.
     """
-    stream = _constriction()
     n = mask.size
     rows, cols = _grid(shape)
     out = [bytes([ANS_LAYOUT])]
@@ -821,13 +886,15 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
         out.append(pack_codes(bucket, j))
     if not raw:
         out += [pack_bits(freq > 0), freq[freq > 0].astype("<u2").tobytes()]
-    coder = stream.stack.AnsCoder()
-    if not raw:
-        coder.encode_reverse(_value_symbols(codes, bits), _value_model(freq, bits))
     packed = np.packbits(lines, axis=1, bitorder="little")
+    values = None if raw else _value_symbols(codes, bits)
+    coder = _AnsEncoder(packed.size + (0 if raw else values.size))
+    if not raw:
+        coder.encode_reverse(values, _value_probs(freq, bits))
     for b in range(rates.size - 1, -1, -1):  # a stack: the first bucket is encoded last, decoded first
         if 0 < rates[b] < _RATE_ONE:
-            coder.encode_reverse(packed[bucket == b].ravel().astype(np.int32), _byte_model(int(rates[b])))
+            coder.encode_reverse(packed.reshape(-1) if rates.size == 1 else packed[bucket == b].ravel(),
+                                 _byte_probs(int(rates[b])))
     words = coder.get_compressed()
     out += [np.array([words.size], _U32).tobytes(), words.astype(_U32).tobytes()]
     if raw:
@@ -837,7 +904,6 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
 
 def ans_decode(payload: bytes, shape: tuple[int, ...], bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Inverse of :func:`ans_encode` -> (mask, codes); ValueError on an inconsistent payload."""
-    stream = _constriction()
     data = memoryview(payload)
     n = int(math.prod(shape))
     rows, cols = _grid(shape)
@@ -882,7 +948,7 @@ def ans_decode(payload: bytes, shape: tuple[int, ...], bits: int) -> tuple[np.nd
             raise ValueError("ans value model has no code or a zero frequency")
     n_words = int(np.frombuffer(take(4, "word count"), dtype=_U32)[0])
     words = np.frombuffer(take(4 * n_words, "ANS words"), dtype=_U32).astype(np.uint32)
-    coder = stream.stack.AnsCoder(words)
+    coder = _AnsDecoder(words)
     nbytes = -(-width // 8)
     packed = np.zeros((n_lines, nbytes), dtype=np.uint8)
     ones = np.zeros(n_lines, dtype=np.bool_)
@@ -892,7 +958,11 @@ def ans_decode(payload: bytes, shape: tuple[int, ...], bits: int) -> tuple[np.nd
             ones |= sel
         elif rates[b]:
             count = int(sel.sum()) * nbytes
-            packed[sel] = coder.decode(_byte_model(int(rates[b])), count).astype(np.uint8).reshape(-1, nbytes)
+            symbols = coder.decode(_byte_probs(int(rates[b])), count).reshape(-1, nbytes)
+            if buckets == 1:
+                packed = symbols
+            else:
+                packed[sel] = symbols
     if width % 8 and (packed[:, -1] >> (width % 8)).any():
         raise ValueError("non-zero padding bits in the ans mask")
     lines = np.unpackbits(packed, axis=1, count=width, bitorder="little").view(np.bool_)
@@ -910,11 +980,11 @@ def ans_decode(payload: bytes, shape: tuple[int, ...], bits: int) -> tuple[np.nd
         if k == 0:
             raise ValueError("ans value model stored for an empty mask")
         g = _codes_per_symbol(bits)
-        symbols = coder.decode(_value_model(freq, bits), -(-k // g))
+        symbols = coder.decode(_value_probs(freq, bits), -(-k // g))
         if g == 1:
-            codes = symbols.astype(np.uint8)
+            codes = symbols
         else:
-            codes = unpack_codes(symbols.astype(np.uint8).tobytes(), bits, -(-k // g) * g)
+            codes = unpack_codes(symbols.tobytes(), bits, -(-k // g) * g)
             if codes[k:].any():
                 raise ValueError("non-zero padding codes after the ans values")
             codes = codes[:k].copy()
@@ -937,7 +1007,7 @@ def encode_payload(ct: CompressedTensor) -> tuple[bytes, int]:
         data, nbits = pack_bits(stream), int(stream.size)
     else:  # indep
         full = np.zeros(ct.n, dtype=np.uint8)
-        full[ct.mask] = ct.codes
+        full[np.flatnonzero(ct.mask)] = ct.codes
         if ct.n % 8 == 0:  # byte-aligned blocks: pack each block on its own
             data = pack_bits(ct.mask) + pack_codes(full, ct.bits)
         else:
@@ -962,10 +1032,10 @@ def decode_payload(data: bytes, nbits: int, *, shape: tuple[int, ...], fmt: str,
     elif fmt == "tswitch":
         if nbits < n:
             raise ValueError(f"tswitch payload of {nbits} bits is shorter than its {n}-bit mask")
-        stream = unpack_bits(data)
-        if stream[nbits:].any():
+        if not _padding_is_zero(data, nbits):
             raise ValueError("non-zero padding bits")
-        mask = stream[:n].astype(np.bool_)
+        stream = unpack_bits(data, nbits)
+        mask = stream[:n].view(np.bool_)
         codes = stream[n:nbits]
         if codes.size != int(np.count_nonzero(mask)):
             raise ValueError(f"{codes.size} sign bits for {int(np.count_nonzero(mask))} kept entries")
@@ -977,15 +1047,15 @@ def decode_payload(data: bytes, nbits: int, *, shape: tuple[int, ...], fmt: str,
         if nbits != indep_bits(n, bits):
             raise ValueError(f"indep payload is {nbits} bits, expected {(bits + 1) * n}")
         if n % 8 == 0:
-            mask = unpack_bits(data[: n // 8]).astype(np.bool_)
+            mask = unpack_bits(data[: n // 8]).view(np.bool_)
             full = unpack_codes(data[n // 8:], bits, n)
         else:
             stream = unpack_bits(data)
-            mask = stream[:n].astype(np.bool_)
+            mask = stream[:n].view(np.bool_)
             full = _bits_to_codes(stream[n:nbits].reshape(n, bits))
         if not _padding_is_zero(data, nbits):
             raise ValueError("non-zero padding bits")
-        codes = full[mask]
+        codes = np.compress(mask, full)
         if np.count_nonzero(full) != np.count_nonzero(codes):
             raise ValueError("non-zero value codes at masked-out entries")
     else:

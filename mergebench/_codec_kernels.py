@@ -1,0 +1,132 @@
+"""Compiled kernels of the storage codecs (numba), used by :mod:`mergebench.codecs` when numba
+is installed (the ``fast`` extra); without it the codecs run their numpy code, which writes
+the same bytes.
+
+The kernels are plain Python functions under a ``jit`` decorator that is numba's ``njit``
+when numba imports and the identity otherwise, so the tests run the same code either way
+(slowly, on small inputs, without numba).
+
+ANS: :func:`ans_encode` and :func:`ans_decode` are the stack coder of ``constriction``
+(``constriction.stream.stack.AnsCoder``: 32-bit words, 64-bit state, 24-bit probabilities;
+``src/stream/stack.rs``) with its ``Categorical(probabilities, perfect=False)`` model
+(``fast_quantized_cdf`` in ``src/stream/model/categorical.rs``), step for step, so they
+produce and read the same words. constriction's decoder finds a symbol by binary search
+over the cdf; here a table indexed by the top bits of the quantile gives the first
+candidate, which is the same symbol found faster.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+try:  # the `fast` extra
+    import numba
+
+    HAVE_NUMBA = True
+    jit = numba.njit(cache=True, nogil=True)
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    HAVE_NUMBA = False
+
+    def jit(fn):
+        return fn
+
+ANS_PRECISION = 24          # DefaultAnsCoder / DefaultContiguousCategoricalEntropyModel
+ANS_LOOKUP_BITS = 12        # decoder table: one entry per 2^(24 - 12) quantiles
+_U64 = np.uint64
+
+
+def categorical_cdf(probabilities: np.ndarray) -> np.ndarray:
+    """The fixed-point cdf (uint32, N + 1 entries, last 2^24) that constriction's
+    ``Categorical(probabilities, perfect=False)`` builds from float64 probabilities:
+    ``cdf[i] = trunc(P_i * (2^24 - N) / Z) + i`` with ``P_i`` the left-to-right partial
+    sums and ``Z`` their total (the same sequential float64 additions as its iterator)."""
+    p = np.ascontiguousarray(probabilities, dtype=np.float64)
+    n = p.size
+    partial = np.cumsum(p)  # sequential left-to-right sums, as Rust's iterator fold
+    scale = float((1 << ANS_PRECISION) - n) / float(partial[-1])
+    cdf = np.empty(n + 1, dtype=np.uint32)
+    cdf[0] = 0
+    cdf[1:n] = (partial[:-1] * scale).astype(np.uint32) + np.arange(1, n, dtype=np.uint32)
+    cdf[n] = 1 << ANS_PRECISION
+    if not (np.diff(cdf.astype(np.int64)) > 0).all():
+        raise ValueError("categorical model is not normalizable")
+    return cdf
+
+
+def decoder_table(cdf: np.ndarray) -> np.ndarray:
+    """For every block of 2^(24 - 12) quantiles, the symbol holding the block's first quantile."""
+    starts = np.arange(1 << ANS_LOOKUP_BITS, dtype=np.int64) << (ANS_PRECISION - ANS_LOOKUP_BITS)
+    return (np.searchsorted(cdf, starts, side="right") - 1).astype(np.int32)
+
+
+@jit
+def ans_encode(symbols, cdf, state, words, n_words):
+    """Push ``symbols`` (in reverse, so they decode in order) onto the ANS stack given by
+    ``state[0]`` (a uint64 array, updated) and ``words[:n_words]``; returns the new n_words.
+    ``words`` must have room for one more word per symbol."""
+    prec = _U64(ANS_PRECISION)
+    room = _U64(64 - ANS_PRECISION)
+    low32 = _U64(0xFFFFFFFF)
+    st = state[0]
+    for i in range(symbols.size - 1, -1, -1):
+        s = symbols[i]
+        left = _U64(cdf[s])
+        prob = _U64(cdf[s + 1]) - left
+        if (st >> room) >= prob:
+            words[n_words] = np.uint32(st & low32)
+            n_words += 1
+            st = st >> _U64(32)
+        st = ((st // prob) << prec) | (left + st % prob)
+    state[0] = st
+    return n_words
+
+
+def ans_finish(state: np.ndarray, words: np.ndarray, n_words: int) -> np.ndarray:
+    """The compressed words: the bulk, then the state's low and (if non-zero) high word
+    (none for a zero state), as constriction's ``get_compressed``."""
+    state = int(state[0])
+    tail = [state & 0xFFFFFFFF, state >> 32] if state >> 32 else ([state] if state else [])
+    out = np.empty(n_words + len(tail), dtype=np.uint32)
+    out[:n_words] = words[:n_words]
+    out[n_words:] = tail
+    return out
+
+
+def ans_start(words: np.ndarray) -> tuple[np.ndarray, int]:
+    """(state as a uint64 array, words left) of a decoder over ``words`` (constriction's
+    ``from_compressed``)."""
+    n = int(words.size)
+    state = np.zeros(1, dtype=np.uint64)
+    if n == 0:
+        return state, 0
+    if words[n - 1] == 0:
+        raise ValueError("Invalid compressed data: ANS compressed data never ends in a zero word.")
+    if n == 1:
+        state[0] = words[0]
+        return state, 0
+    state[0] = (int(words[n - 1]) << 32) | int(words[n - 2])
+    return state, n - 2
+
+
+@jit
+def ans_decode(words, pos, state, cdf, table, out):
+    """Pop ``out.size`` symbols off the ANS stack (``state[0]``, a uint64 array, updated, and
+    ``words[:pos]``) into ``out``; returns the new pos. Decoding past the end is deterministic,
+    as constriction's."""
+    prec = _U64(ANS_PRECISION)
+    qmask = _U64((1 << ANS_PRECISION) - 1)
+    shift = _U64(ANS_PRECISION - ANS_LOOKUP_BITS)
+    refill = _U64(1) << _U64(32)
+    st = state[0]
+    for i in range(out.size):
+        q = st & qmask
+        s = table[q >> shift]
+        while _U64(cdf[s + 1]) <= q:
+            s += 1
+        left = _U64(cdf[s])
+        st = (st >> prec) * (_U64(cdf[s + 1]) - left) + (q - left)
+        if st < refill and pos > 0:
+            pos -= 1
+            st = (st << _U64(32)) | _U64(words[pos])
+        out[i] = s
+    state[0] = st
+    return pos
