@@ -130,3 +130,107 @@ def ans_decode(words, pos, state, cdf, table, out):
         out[i] = s
     state[0] = st
     return pos
+
+
+@jit
+def _group_of(i, c, inv_c, shift):
+    """i // c for 0 <= i < 2^52: a shift when c = 2^shift (shift >= 0), else a float reciprocal
+    and one correction step (no integer division)."""
+    if shift >= 0:
+        return i >> shift
+    g = np.int64(i * inv_c)
+    if g * c > i:
+        g -= 1
+    elif (g + 1) * c <= i:
+        g += 1
+    return g
+
+
+@jit
+def sass_write(idx, codes, c, ib, bits, bitmap_start, base, out):
+    """The bitmap bits and records of a SASS stream, OR-ed into ``out`` (zeroed, 8 bytes longer
+    than the stream): for kept position ``idx[j]`` of group g = idx[j] // c, bit
+    ``bitmap_start + g`` is set and record j (in-group index, code, end-of-group flag; L =
+    ib + bits + 1 bits, LSB first) is written at bit ``base + j L``."""
+    k = idx.size
+    inv_c = 1.0 / c
+    shift = ib if c == 1 << ib else -1
+    cb = np.uint64(ib)
+    eb = np.uint64(ib + bits)
+    width = ib + bits + 1
+    acc = np.uint64(0)
+    nacc = base & 7
+    p = base >> 3
+    g_next = _group_of(idx[0], c, inv_c, shift) if k else 0
+    prev = -1
+    for j in range(k):
+        i = idx[j]
+        g = g_next
+        if g != prev:
+            b = bitmap_start + g
+            out[b >> 3] |= np.uint8(1 << (b & 7))
+            prev = g
+        if j + 1 < k:
+            g_next = _group_of(idx[j + 1], c, inv_c, shift)
+            eog = np.uint64(1 if g_next != g else 0)
+        else:
+            eog = np.uint64(1)
+        rec = np.uint64(i - g * c) | (np.uint64(codes[j]) << cb) | (eog << eb)
+        acc |= rec << np.uint64(nacc)
+        nacc += width
+        if nacc >= 32:
+            out[p] |= np.uint8(acc & np.uint64(0xFF))
+            out[p + 1] |= np.uint8((acc >> np.uint64(8)) & np.uint64(0xFF))
+            out[p + 2] |= np.uint8((acc >> np.uint64(16)) & np.uint64(0xFF))
+            out[p + 3] |= np.uint8((acc >> np.uint64(24)) & np.uint64(0xFF))
+            p += 4
+            acc >>= np.uint64(32)
+            nacc -= 32
+    while nacc > 0:
+        out[p] |= np.uint8(acc & np.uint64(0xFF))
+        p += 1
+        acc >>= np.uint64(8)
+        nacc -= 8
+
+
+@jit
+def sass_read(data, base, k, c, ib, bits, nonempty, mask, codes):
+    """Parse the k records of a SASS stream (from bit ``base`` of ``data``, which has 8 bytes of
+    slack after the stream) into ``mask`` (zeroed) and ``codes``, with the groups numbered by
+    the end-of-group flags over ``nonempty`` (the set bits of the bitmap). Returns 0 when the
+    stream is consistent (flag count, last flag, in-group indices in range and strictly
+    increasing), else 1 (the caller then reports which check failed)."""
+    width = ib + bits + 1
+    lmask = np.uint64((1 << ib) - 1)
+    cmask = np.uint64((1 << bits) - 1)
+    cb = np.uint64(ib)
+    eb = np.uint64(ib + bits)
+    p = base >> 3
+    acc = np.uint64(data[p]) >> np.uint64(base & 7)
+    nacc = 8 - (base & 7)
+    p += 1
+    gi = 0
+    n_groups = nonempty.size
+    last = -1
+    eog = np.uint64(0)
+    for j in range(k):
+        while nacc < width:
+            acc |= np.uint64(data[p]) << np.uint64(nacc)
+            p += 1
+            nacc += 8
+        local = np.int64(acc & lmask)
+        codes[j] = np.uint8((acc >> cb) & cmask)
+        eog = (acc >> eb) & np.uint64(1)
+        acc >>= np.uint64(width)
+        nacc -= width
+        if gi >= n_groups or local >= c:
+            return 1
+        i = nonempty[gi] * c + local
+        if i <= last:
+            return 1
+        mask[i] = True
+        last = i
+        gi += np.int64(eog)
+    if gi != n_groups or (k and eog == 0):
+        return 1
+    return 0

@@ -591,6 +591,13 @@ def sass_encode(mask: np.ndarray, codes: np.ndarray, bits: int, c: int) -> tuple
     L = ib + bits + 1
     idx = np.flatnonzero(mask)
     k = idx.size
+    if _FAST:  # the same stream, written record by record by a compiled kernel
+        nbits = SASS_CONST_BITS + groups + k * L
+        out = np.zeros((nbits + 7) // 8 + 8, dtype=np.uint8)
+        out[:5] = np.frombuffer((groups | (c - 1) << SASS_COUNT_BITS).to_bytes(5, "little"), dtype=np.uint8)
+        _kernels.sass_write(idx, np.ascontiguousarray(codes, dtype=np.uint8), c, ib, int(bits),
+                            SASS_CONST_BITS, SASS_CONST_BITS + groups, out)
+        return out[:(nbits + 7) // 8].tobytes(), nbits
     rec = np.empty((k, L), dtype=np.uint8)
     if ib:
         grp, local = np.divmod(idx, c)
@@ -623,6 +630,10 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
     sizes (the gaps between flag positions), which is the same thing, faster."""
     if nbits < SASS_CONST_BITS or len(payload) * 8 < nbits:
         raise ValueError(f"SASS stream of {nbits} bits does not fit its {len(payload)} bytes")
+    if _FAST:
+        parsed = _sass_decode_fast(payload, nbits, n, bits)
+        if parsed is not None:
+            return parsed
     stream = unpack_bits(payload)
     if stream[nbits:].any():
         raise ValueError("non-zero padding bits after the SASS stream")
@@ -649,7 +660,7 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
     else:
         # group of record j = the number of end-of-group flags before it; with the
         # flag positions `ends`, group i covers records (ends[i-1], ends[i]].
-        ends = np.flatnonzero(eog)
+        ends = np.flatnonzero(eog.view(np.bool_))  # (on bools: ten times faster than on uint8)
         sizes = np.diff(ends, prepend=-1)
         local = _bits_to_codes(rec[:, :ib]).astype(np.int64)
         if k and int(local.max()) >= c:
@@ -660,6 +671,29 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
         mask = np.zeros(n, dtype=np.bool_)
         mask[idx] = True
     codes = _bits_to_codes(rec[:, ib:ib + bits])
+    return mask, codes, c
+
+
+def _sass_decode_fast(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """:func:`sass_decode` by the compiled record reader; None when the stream fails any of
+    its checks (the numpy path then says which)."""
+    if len(payload) != (nbits + 7) // 8 or not _padding_is_zero(payload, nbits):
+        return None
+    head = int.from_bytes(bytes(payload[:5]), "little")
+    groups, c = head & ((1 << SASS_COUNT_BITS) - 1), ((head >> SASS_COUNT_BITS) & 0xFF) + 1
+    ib = _ceil_log2(c)
+    L = ib + bits + 1
+    base = SASS_CONST_BITS + groups
+    if groups * c != n or nbits < base or (nbits - base) % L:
+        return None
+    k = (nbits - base) // L
+    data = np.zeros(len(payload) + 8, dtype=np.uint8)
+    data[:len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    nonempty = np.flatnonzero(np.unpackbits(data, count=base, bitorder="little")[SASS_CONST_BITS:].view(np.bool_))
+    mask = np.zeros(n, dtype=np.bool_)
+    codes = np.empty(k, dtype=np.uint8)
+    if _kernels.sass_read(data, base, k, c, ib, int(bits), nonempty, mask, codes):
+        return None
     return mask, codes, c
 
 
