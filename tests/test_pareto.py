@@ -30,7 +30,9 @@ def test_pareto_table_has_one_row_per_configuration_with_per_task_storage(tiny_b
 
 def test_pareto_without_records_says_what_to_run(tiny_bert, tmp_path):
     options = AnalysisOptions(output_dir=tmp_path / "out", results_dir=tmp_path / "none", plot=False)
-    with pytest.raises(ValueError, match="--hp format=sass"):
+    from mergebench.errors import MergebenchError
+
+    with pytest.raises(MergebenchError, match="--results-dir .*--hp format=sass"):
         run_analysis("pareto", tiny_bert, options)
 
 

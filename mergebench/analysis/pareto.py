@@ -19,6 +19,7 @@ import numpy as np
 
 from mergebench.analysis.groups import tensor_layer, tensor_type
 from mergebench.analysis.report import Report, finish_panels, markdown_table, points
+from mergebench.errors import MissingResourceError
 from mergebench.results import Result, load_results
 
 
@@ -65,8 +66,9 @@ def learned_switch_summary(result: Result) -> list[list]:
 def run(backbone, options) -> list[Path]:
     records = latest_records(load_results(Path(options.results_dir)), backbone.name, backbone.data_manifest_hash())
     if not records:
-        raise ValueError(f"no flexswitch or SASS t-switch records for {backbone.name} in {options.results_dir}; "
-                         "run e.g. `mergebench run --method t-switch --hp format=sass` and `--method flexswitch` first")
+        raise MissingResourceError(
+            f"--results-dir {options.results_dir}: no flexswitch or SASS t-switch records for {backbone.name} on its "
+            "current data; run e.g. `mergebench run --method t-switch --hp format=sass` and `--method flexswitch` first")
     tasks = [task.name for task in backbone.tasks]
     report = Report("pareto", f"Accuracy vs storage: FlexSwitch and T-Switch in SASS ({backbone.name})",
                     options.command, intro=__doc__.split("\n\n")[0])
