@@ -234,3 +234,49 @@ def sass_read(data, base, k, c, ib, bits, nonempty, mask, codes):
     if gi != n_groups or (k and eog == 0):
         return 1
     return 0
+
+
+@jit
+def line_counts(mask2d):
+    """Kept entries of every row and every column of a C-contiguous boolean matrix (int64),
+    in one pass."""
+    rows, cols = mask2d.shape
+    per_row = np.zeros(rows, dtype=np.int64)
+    per_col = np.zeros(cols, dtype=np.int64)
+    for r in range(rows):
+        total = 0
+        for q in range(cols):
+            v = np.int64(mask2d[r, q])
+            per_col[q] += v
+            total += v
+        per_row[r] = total
+    return per_row, per_col
+
+
+@jit
+def histogram(codes, size):
+    """np.bincount(codes, minlength=size) for uint8 codes < size."""
+    out = np.zeros(size, dtype=np.int64)
+    for i in range(codes.size):
+        out[codes[i]] += 1
+    return out
+
+
+@jit
+def bas_codes(x, v_neg, delta, top, as_printed):
+    """BAS bin indices Clamp(ceil((x + v_neg) / delta), 1, top) - 1 (floor when ``as_printed``),
+    in the float64 operations of the numpy path, as uint8."""
+    out = np.empty(x.size, dtype=np.uint8)
+    for i in range(x.size):
+        t = (np.float64(x[i]) + v_neg) / delta
+        t = np.floor(t) if as_printed else np.ceil(t)
+        t = min(max(t, 1.0), top)
+        out[i] = np.uint8(t - 1.0)
+    return out
+
+
+@jit
+def scatter_values(idx, codes, table, out):
+    """out[idx[j]] = table[codes[j]]: the decoded values of the kept entries, in place."""
+    for j in range(idx.size):
+        out[idx[j]] = table[codes[j]]

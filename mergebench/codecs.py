@@ -261,6 +261,8 @@ def quantize(x: Any, bits: int, *, as_printed: bool = False,
     delta = params.step
     if delta == 0.0:
         return np.zeros(x.size, dtype=np.uint8), params
+    if _FAST:
+        return _kernels.bas_codes(x, v_neg, delta, float(1 << bits), as_printed), params
     t = x.astype(np.float64)  # the same float64 operations as (x + v_neg) / delta, in place
     t += v_neg
     t /= delta
@@ -512,7 +514,10 @@ class CompressedTensor:
 
     def to_numpy(self) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.float32)
-        out[np.flatnonzero(self.mask)] = self.values()  # (integer scatter: faster than out[mask])
+        if _FAST:
+            _kernels.scatter_values(np.flatnonzero(self.mask), self.codes, self.value_table(), out)
+        else:
+            out[np.flatnonzero(self.mask)] = self.values()  # (integer scatter: faster than out[mask])
         return out.reshape(self.shape)
 
     def to_dense(self) -> torch.Tensor:
@@ -756,8 +761,9 @@ def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     length under the quantised bucket rates (with the zero bits that pad each line to whole
     bytes) plus the bucket indices and rates it stores."""
     best = None
+    counts = _kernels.line_counts(np.ascontiguousarray(mask2d)) if _FAST else None
     for orient, axis in ((0, 1), (1, 0)):
-        k = np.count_nonzero(mask2d, axis=axis)
+        k = counts[orient] if _FAST else np.count_nonzero(mask2d, axis=axis)
         width = mask2d.shape[axis]
         lines = k.size
         order = np.argsort(k, kind="stable")
@@ -910,7 +916,7 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
     k = codes.size
     raw, freq = True, None
     if k:
-        counts = np.bincount(codes, minlength=1 << bits)
+        counts = _kernels.histogram(codes, 1 << bits) if _FAST else np.bincount(codes, minlength=1 << bits)
         freq = _quantised_freq(counts)
         coded = float(_xlog2(counts, freq / float(freq.sum())).sum()) + (1 << bits) + 16 * np.count_nonzero(freq)
         raw = coded >= k * bits
