@@ -155,6 +155,8 @@ ORIGINAL = Protocol(
             "rank_rule": ("ratio", "Twin-Merging authors' sparsify.svd: rank = int(density * min(rows, cols))"),
             "rank_ratio": (0.1, "Twin-Merging authors' run script: mask_rate 0.9, i.e. density 0.1"),
             "rank": (16, "ours: the rank of rank_rule fixed"),
+            "svd": ("randomized", "ours: scikit-learn randomized_svd (Halko et al. 2011) defaults, rank-r error "
+                    "within 1.01x of the authors' full SVD (benchmarks/twin_svd.py); exact selectable"),
             "scope": ("all-2d", "Twin-Merging authors' extract_twin_vector: every tensor, 1-D ones dense"),
             "shared": ("task-arithmetic", "Twin-Merging authors' code: Task Arithmetic shared expert"),
             "shared_scaling": (0.3, "lambda 0.3 (T-Switch Table 5)"),

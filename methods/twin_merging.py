@@ -20,6 +20,12 @@ in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
   "fixed": r = min(``rank``, rows, cols). The T-Switch paper's Table 5 "discard 0.5" for
   Twin-Merging is read here as that mask rate, the one discard rate of the authors' method
   (their shared expert, Task Arithmetic, discards nothing): rank_ratio 0.5.
+  ``svd`` "randomized" (default): the top-r factors by a seeded randomized SVD (Halko et
+  al. 2011, scikit-learn's ``randomized_svd`` at its defaults), whose rank-r error is within
+  1.01x of the exact optimum on the task vectors ``benchmarks/twin_svd.py`` measures, at a
+  fraction of a full SVD's time; "exact": the full thin SVD in float64, truncated. The
+  authors take the full SVD in the tensor's own precision (``torch.linalg.svd``; on a GPU
+  with cuSOLVER's approximate ``gesvda`` driver).
 * Router: the authors' ``SimpleMLP`` (Linear d->2d, BatchNorm, LeakyReLU, Dropout
   0.5, Linear 2d->2d, BatchNorm, LeakyReLU, Dropout, Linear 2d->K) trained with
   cross-entropy to predict the task index of the exemplars from encoder features, on
@@ -62,8 +68,10 @@ these bytes.
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -195,11 +203,37 @@ def decode_experts(data: bytes, task: str, name: str | None = None) -> dict[str,
     return factors
 
 
-def svd_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Truncated SVD delta ~ U diag(S) V^T with U (out, r), S (r,), V (in, r)."""
+OVERSAMPLES = 10  # scikit-learn's randomized_svd default n_oversamples (Halko et al. suggest 5-10)
+
+
+def svd_factors(delta: torch.Tensor, rank: int, method: str = "exact",
+                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Truncated SVD delta ~ U diag(S) V^T with U (out, r), S (r,), V (in, r), fp32.
+
+    "exact": LAPACK's thin SVD of the float64 matrix. "randomized": scikit-learn's
+    ``randomized_svd`` (Halko, Martinsson & Tropp 2011, with LU-normalised power iterations
+    as Szlam et al. 2014) at its defaults, on the fp32 matrix with the seed ``seed``: 10
+    oversamples and 7 power iterations (4 where r >= 0.1 min(rows, cols)). Its rank-r
+    Frobenius error stays within 1.01x of the exact (Eckart-Young) optimum on the task
+    vectors measured by ``benchmarks/twin_svd.py``; a sketch of r + 10 columns that would span
+    the smaller dimension gains nothing, so such a matrix takes the exact path.
+    """
+    if method == "randomized" and rank + OVERSAMPLES < min(delta.shape):
+        from sklearn.utils.extmath import randomized_svd  # scikit-learn imports slowly: only here
+
+        u, s, vh = randomized_svd(delta.detach().float().cpu().numpy(), rank, n_oversamples=OVERSAMPLES,
+                                  n_iter="auto", random_state=seed)
+        return (torch.from_numpy(u).contiguous(), torch.from_numpy(s).contiguous(),
+                torch.from_numpy(vh.T).contiguous())
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     r = min(rank, len(s))
     return u[:, :r].float().contiguous(), s[:r].float().contiguous(), vh[:r].T.float().contiguous()
+
+
+def svd_seed(seed: int, key: str, task: int) -> int:
+    """The randomized SVD's seed of one (tensor, task): fixed by the run's seed, independent
+    of which other tensors get experts."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(key.encode()), task]).generate_state(1)[0])
 
 
 def linear_weight_keys(encoder: nn.Module, keys: list[str]) -> list[str]:
@@ -444,6 +478,8 @@ class TwinMerging(Method):
         "rank_ratio": Float(0.1, "rank_rule ratio: r = int(ratio x min(rows, cols)), 1 - the authors' mask_rate",
                             0.0, 1.0, low_open=True),
         "rank": Int(16, "rank_rule fixed: r of each exclusive expert's truncated SVD", 1),
+        "svd": Choice("randomized", ("randomized", "exact"), "the experts' truncated SVD: seeded randomized "
+                      "(Halko et al.; rank-r error within 1.01x of the optimum measured) or exact float64"),
         "scope": Choice("all-2d", ("all-2d", "linear"), "tensors with experts: every merged tensor, 1-D dense "
                         "(authors) or nn.Linear weights only"),
         "shared": Hyperparameter("str", "task-arithmetic", "the shared expert: a static, exemplar-free method (e.g. ties)"),
@@ -497,8 +533,9 @@ class TwinMerging(Method):
             r = expert_rank(tuple(deltas[0].shape), rule, ratio, rank)
             if r == 0:
                 continue
-            for task, delta in zip(pool.tasks, deltas):
-                u, s, v = svd_factors(delta.reshape(delta.shape[0], -1), r)
+            for index, (task, delta) in enumerate(zip(pool.tasks, deltas)):
+                u, s, v = svd_factors(delta.reshape(delta.shape[0], -1), r, self.hparams["svd"],
+                                      svd_seed(self.seed, key, index))
                 factors[task].update({f"{key}.U": u, f"{key}.S": s, f"{key}.V": v})
         for task in pool.tasks:
             artifacts[experts_artifact(task)] = encode_tensors(factors[task], {"content": EXPERTS_CONTENT, "task": task})
