@@ -68,7 +68,7 @@ def ans_encode(symbols, cdf, state, words, n_words):
     low32 = _U64(0xFFFFFFFF)
     st = state[0]
     for i in range(symbols.size - 1, -1, -1):
-        s = symbols[i]
+        s = np.int64(symbols[i])
         left = _U64(cdf[s])
         prob = _U64(cdf[s + 1]) - left
         if (st >> room) >= prob:

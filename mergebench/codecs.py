@@ -63,6 +63,7 @@ and ``read_artifact`` are importable from here too.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -108,11 +109,26 @@ SASS_CONST_BITS = SASS_COUNT_BITS + SASS_SIZE_BITS  # = 35, the constant of Eq. 
 
 
 from mergebench.errors import CorruptArtifactError  # noqa: E402  (re-exported)
-from mergebench import _codec_kernels as _kernels  # noqa: E402
 
-# The compiled kernels (numba, the `fast` extra) when installed, else numpy; both write the
-# same bytes (tests flip this flag to compare them).
-_FAST = _kernels.HAVE_NUMBA
+# Whether to run the compiled kernels of mergebench._codec_kernels (numba, the `fast` extra)
+# instead of numpy; both write the same bytes. None: decided on first use, so that importing
+# this module does not import numba (a second); tests set it to compare the two paths.
+_FAST: bool | None = None
+
+
+def _kernels():
+    """The compiled kernels module when numba is installed (and _FAST is not False), else None."""
+    global _FAST
+    if _FAST is None:
+        _FAST = importlib.util.find_spec("numba") is not None
+    if not _FAST:
+        return None
+    from mergebench import _codec_kernels
+
+    if not _codec_kernels.HAVE_NUMBA:  # installed but not importable: numpy it is
+        _FAST = False
+        return None
+    return _codec_kernels
 
 
 # --------------------------------------------------------------------------- bits
@@ -261,8 +277,9 @@ def quantize(x: Any, bits: int, *, as_printed: bool = False,
     delta = params.step
     if delta == 0.0:
         return np.zeros(x.size, dtype=np.uint8), params
-    if _FAST:
-        return _kernels.bas_codes(x, v_neg, delta, float(1 << bits), as_printed), params
+    kern = _kernels()
+    if kern is not None:
+        return kern.bas_codes(x, v_neg, delta, float(1 << bits), as_printed), params
     t = x.astype(np.float64)  # the same float64 operations as (x + v_neg) / delta, in place
     t += v_neg
     t /= delta
@@ -514,8 +531,9 @@ class CompressedTensor:
 
     def to_numpy(self) -> np.ndarray:
         out = np.zeros(self.n, dtype=np.float32)
-        if _FAST:
-            _kernels.scatter_values(np.flatnonzero(self.mask), self.codes, self.value_table(), out)
+        kern = _kernels()
+        if kern is not None:
+            kern.scatter_values(np.flatnonzero(self.mask), self.codes, self.value_table(), out)
         else:
             out[np.flatnonzero(self.mask)] = self.values()  # (integer scatter: faster than out[mask])
         return out.reshape(self.shape)
@@ -596,11 +614,12 @@ def sass_encode(mask: np.ndarray, codes: np.ndarray, bits: int, c: int) -> tuple
     L = ib + bits + 1
     idx = np.flatnonzero(mask)
     k = idx.size
-    if _FAST:  # the same stream, written record by record by a compiled kernel
+    kern = _kernels()
+    if kern is not None:  # the same stream, written record by record by a compiled kernel
         nbits = SASS_CONST_BITS + groups + k * L
         out = np.zeros((nbits + 7) // 8 + 8, dtype=np.uint8)
         out[:5] = np.frombuffer((groups | (c - 1) << SASS_COUNT_BITS).to_bytes(5, "little"), dtype=np.uint8)
-        _kernels.sass_write(idx, np.ascontiguousarray(codes, dtype=np.uint8), c, ib, int(bits),
+        kern.sass_write(idx, np.ascontiguousarray(codes, dtype=np.uint8), c, ib, int(bits),
                             SASS_CONST_BITS, SASS_CONST_BITS + groups, out)
         return out[:(nbits + 7) // 8].tobytes(), nbits
     rec = np.empty((k, L), dtype=np.uint8)
@@ -635,8 +654,9 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
     sizes (the gaps between flag positions), which is the same thing, faster."""
     if nbits < SASS_CONST_BITS or len(payload) * 8 < nbits:
         raise ValueError(f"SASS stream of {nbits} bits does not fit its {len(payload)} bytes")
-    if _FAST:
-        parsed = _sass_decode_fast(payload, nbits, n, bits)
+    kern = _kernels()
+    if kern is not None:
+        parsed = _sass_decode_fast(kern, payload, nbits, n, bits)
         if parsed is not None:
             return parsed
     stream = unpack_bits(payload)
@@ -679,7 +699,7 @@ def sass_decode(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarr
     return mask, codes, c
 
 
-def _sass_decode_fast(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int] | None:
+def _sass_decode_fast(kern, payload: bytes, nbits: int, n: int, bits: int) -> tuple[np.ndarray, np.ndarray, int] | None:
     """:func:`sass_decode` by the compiled record reader; None when the stream fails any of
     its checks (the numpy path then says which)."""
     if len(payload) != (nbits + 7) // 8 or not _padding_is_zero(payload, nbits):
@@ -697,7 +717,7 @@ def _sass_decode_fast(payload: bytes, nbits: int, n: int, bits: int) -> tuple[np
     nonempty = np.flatnonzero(np.unpackbits(data, count=base, bitorder="little")[SASS_CONST_BITS:].view(np.bool_))
     mask = np.zeros(n, dtype=np.bool_)
     codes = np.empty(k, dtype=np.uint8)
-    if _kernels.sass_read(data, base, k, c, ib, int(bits), nonempty, mask, codes):
+    if kern.sass_read(data, base, k, c, ib, int(bits), nonempty, mask, codes):
         return None
     return mask, codes, c
 
@@ -761,9 +781,10 @@ def _mask_model(mask2d: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     length under the quantised bucket rates (with the zero bits that pad each line to whole
     bytes) plus the bucket indices and rates it stores."""
     best = None
-    counts = _kernels.line_counts(np.ascontiguousarray(mask2d)) if _FAST else None
+    kern = _kernels()
+    counts = kern.line_counts(np.ascontiguousarray(mask2d)) if kern is not None else None
     for orient, axis in ((0, 1), (1, 0)):
-        k = counts[orient] if _FAST else np.count_nonzero(mask2d, axis=axis)
+        k = counts[orient] if counts is not None else np.count_nonzero(mask2d, axis=axis)
         width = mask2d.shape[axis]
         lines = k.size
         order = np.argsort(k, kind="stable")
@@ -824,8 +845,8 @@ class _AnsEncoder:
     same words."""
 
     def __init__(self, capacity: int):
-        self.fast = _FAST
-        if self.fast:
+        self.kern = _kernels()
+        if self.kern is not None:
             self.state = np.zeros(1, dtype=np.uint64)
             self.words = np.empty(capacity + 2, dtype=np.uint32)
             self.n_words = 0
@@ -833,16 +854,16 @@ class _AnsEncoder:
             self.coder = _constriction().stack.AnsCoder()
 
     def encode_reverse(self, symbols: np.ndarray, probs: np.ndarray) -> None:
-        if self.fast:
-            self.n_words = _kernels.ans_encode(np.ascontiguousarray(symbols, dtype=np.uint8),
-                                               _kernels.categorical_cdf(probs), self.state, self.words, self.n_words)
+        if self.kern is not None:
+            self.n_words = self.kern.ans_encode(np.ascontiguousarray(symbols, dtype=np.uint8),
+                                                self.kern.categorical_cdf(probs), self.state, self.words, self.n_words)
         else:
             self.coder.encode_reverse(np.asarray(symbols, dtype=np.int32),
                                       _constriction().model.Categorical(probs, perfect=False))
 
     def get_compressed(self) -> np.ndarray:
-        if self.fast:
-            return _kernels.ans_finish(self.state, self.words, self.n_words)
+        if self.kern is not None:
+            return self.kern.ans_finish(self.state, self.words, self.n_words)
         return self.coder.get_compressed()
 
 
@@ -850,24 +871,24 @@ class _AnsDecoder:
     """The decoding side of :class:`_AnsEncoder`."""
 
     def __init__(self, words: np.ndarray):
-        self.fast = _FAST
-        if self.fast:
+        self.kern = _kernels()
+        if self.kern is not None:
             self.words = words
-            self.state, self.pos = _kernels.ans_start(words)
+            self.state, self.pos = self.kern.ans_start(words)
         else:
             self.coder = _constriction().stack.AnsCoder(words)
 
     def decode(self, probs: np.ndarray, count: int) -> np.ndarray:
         """``count`` symbols (uint8) under the categorical model of ``probs``."""
-        if self.fast:
-            cdf = _kernels.categorical_cdf(probs)
+        if self.kern is not None:
+            cdf = self.kern.categorical_cdf(probs)
             out = np.empty(count, dtype=np.uint8)
-            self.pos = _kernels.ans_decode(self.words, self.pos, self.state, cdf, _kernels.decoder_table(cdf), out)
+            self.pos = self.kern.ans_decode(self.words, self.pos, self.state, cdf, self.kern.decoder_table(cdf), out)
             return out
         return self.coder.decode(_constriction().model.Categorical(probs, perfect=False), count).astype(np.uint8)
 
     def is_empty(self) -> bool:
-        return bool(self.state[0] == 0) if self.fast else self.coder.is_empty()
+        return bool(self.state[0] == 0) if self.kern is not None else self.coder.is_empty()
 
 
 def _value_symbols(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -916,7 +937,8 @@ def ans_encode(mask: np.ndarray, codes: np.ndarray, shape: tuple[int, ...], bits
     k = codes.size
     raw, freq = True, None
     if k:
-        counts = _kernels.histogram(codes, 1 << bits) if _FAST else np.bincount(codes, minlength=1 << bits)
+        kern = _kernels()
+        counts = kern.histogram(codes, 1 << bits) if kern is not None else np.bincount(codes, minlength=1 << bits)
         freq = _quantised_freq(counts)
         coded = float(_xlog2(counts, freq / float(freq.sum())).sum()) + (1 << bits) + 16 * np.count_nonzero(freq)
         raw = coded >= k * bits
