@@ -110,7 +110,7 @@ def write_encoder(encoder: nn.Module, folder: Path) -> dict[str, Any]:
         save_file(state, str(folder / ENCODER))
         return {"format": "state-dict", "file": ENCODER}
     model.save_pretrained(str(folder), safe_serialization=True)
-    saved = {prefix + key for key in read_weights(folder)}
+    saved = {prefix + key for key in model.state_dict()}  # its own names: transformers may rename keys on disk
     extra = {key: value for key, value in state.items() if key not in saved}
     if extra:
         save_file(extra, str(folder / ENCODER_EXTRA))
@@ -118,12 +118,22 @@ def write_encoder(encoder: nn.Module, folder: Path) -> dict[str, Any]:
             "extra": ENCODER_EXTRA if extra else None}
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a ``save_pretrained`` folder's safetensors files (one, or shards)."""
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("model*.safetensors")):
-        state.update(load_file(str(path)))
-    return state
+def library_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a ``save_pretrained`` folder under the model's own names, read by the
+    transformers class ``name`` itself: transformers 5 renames some models' keys on disk (ViT's
+    ``vit.layers.N.attention.q_proj`` is ``vit.encoder.layer.N.attention.attention.query`` in
+    the file). Modules the export left out (a classifier replaced by the identity) are not read."""
+    import transformers
+    from transformers.utils import logging
+
+    previous = logging.get_verbosity()
+    logging.set_verbosity_error()  # the warning about the left-out classifier it initialises
+    try:
+        model, info = getattr(transformers, name).from_pretrained(str(folder), output_loading_info=True)
+    finally:
+        logging.set_verbosity(previous)
+    missing = set(info["missing_keys"])
+    return {key: value for key, value in model.state_dict().items() if key not in missing}
 
 
 def read_encoder_state(folder: Path, description: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -131,7 +141,7 @@ def read_encoder_state(folder: Path, description: Mapping[str, Any]) -> dict[str
     if description.get("format") == "state-dict":
         return load_file(str(folder / description["file"]))
     prefix = description.get("prefix", "")
-    state = {prefix + key: value for key, value in read_weights(folder).items()}
+    state = {prefix + key: value for key, value in library_weights(folder, description["class"]).items()}
     if description.get("extra"):
         state.update(load_file(str(folder / description["extra"])))
     return state
