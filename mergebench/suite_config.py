@@ -7,7 +7,8 @@ The file, checked here before any work (an unknown key, a missing key or folder,
 the wrong type: one error naming the key and the file)::
 
     name = "my-suite"                 # suite and backbone name
-    kind = "text-classification"      # what the checkpoints are (the default, and the one kind built in)
+    kind = "text-classification"      # what the checkpoints are: text-classification (the default),
+                                      # image-classification or clip (``tasks/suite_files*.py``)
     pretrained = "./pretrained"       # a save_pretrained folder, or a Hugging Face Hub id
     description = "..."               # optional
     max_length = 128                  # optional: tokens per input
@@ -18,7 +19,8 @@ the wrong type: one error naming the key and the file)::
     test = "data/sentiment-test.jsonl"
     text = "sentence"                 # input column, or two for sentence pairs: ["premise", "hypothesis"]
     label = "label"                   # integers 0..n-1, or the names of the head's id2label
-    metric = "accuracy"               # accuracy or matthews (default accuracy)
+    metric = "accuracy"               # accuracy or matthews (default accuracy); a regression
+                                      # head (one output): pearson_spearman, its default
 
     [tasks.topic]
     checkpoint = "org/bert-topic"
@@ -28,6 +30,13 @@ the wrong type: one error naming the key and the file)::
     test = "validation"
     text = "text"
     label = "label"
+
+    [tasks.pets]                      # kinds image-classification and clip
+    checkpoint = "./vit-pets"
+    train = "images/train"            # a folder of <class>/*.png|jpg, or a data file / Hub split
+    test = "images/test"              # whose image column (bytes or paths) is named by `image`
+    classes = ["cat", "dog"]          # optional: the class names (clip), in label order
+    templates = ["a photo of a {}."]  # optional (clip): prompt templates, or a vision-8 task's name
 
 Paths are relative to the file. A value that exists as a path, or is written as one
 (starting with ``.``, ``/`` or ``~``), is a local folder; anything else is a Hub id, looked
@@ -49,10 +58,11 @@ from typing import Any, Mapping
 from mergebench.errors import MergebenchError
 
 KEYS = ("name", "kind", "pretrained", "description", "max_length", "tasks")
-TASK_KEYS = ("checkpoint", "dataset", "dataset_config", "train", "test", "text", "label", "metric")
+TASK_KEYS = ("checkpoint", "dataset", "dataset_config", "train", "test", "text", "label", "metric", "image", "classes",
+             "templates")
 REQUIRED = ("name", "pretrained", "tasks")
-TASK_REQUIRED = ("checkpoint", "train", "test", "text", "label")
-METRICS = ("accuracy", "matthews")
+TASK_REQUIRED = ("checkpoint", "train", "test")  # a kind requires more (``SuiteConfig.check_keys``)
+METRICS = ("accuracy", "matthews", "pearson_spearman")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 ENVIRONMENT = "MERGEBENCH_SUITE_CONFIGS"  # the files registered in this process, for the processes it starts
 
@@ -80,13 +90,17 @@ class Source:
 class TaskConfig:
     name: str
     checkpoint: Source
-    train: Source | str  # a local file, or a split name of ``dataset``
+    train: Source | str  # a local file or image folder, or a split name of ``dataset``
     test: Source | str
-    text: tuple[str, ...]
-    label: str
-    metric: str = "accuracy"
+    text: tuple[str, ...] = ()
+    label: str | None = None  # None: an image folder's class folders are the labels
+    metric: str | None = None  # None: the kind's default for the head (accuracy, pearson_spearman)
     dataset: str | None = None  # a Hub dataset id (then train and test are split names)
     dataset_config: str | None = None
+    image: str | None = None  # the image column of a data file (bytes or paths)
+    classes: tuple[str, ...] | None = None  # class names in label order, where a kind reads them from the file
+    templates: tuple[str, ...] | str | None = None  # prompt templates, or the name of a known set
+    keys: frozenset[str] = frozenset()  # the keys the file wrote for this task
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,17 @@ class SuiteConfig:
 
     def error(self, message: str, key: str | None = None) -> SuiteConfigError:
         return SuiteConfigError(f"{self.path}: {key + ': ' if key else ''}{message}")
+
+    def check_keys(self, required: tuple[str, ...] = (), unused: tuple[str, ...] = ()) -> None:
+        """What a kind needs of every task: each ``required`` key written, no ``unused`` one
+        (a key the kind would silently ignore)."""
+        for task in self.tasks:
+            for key in required:
+                if key not in task.keys:
+                    raise self.error(f"missing key 'tasks.{task.name}.{key}' (kind {self.kind!r})")
+            for key in unused:
+                if key in task.keys:
+                    raise self.error(f"kind {self.kind!r} does not use key 'tasks.{task.name}.{key}'")
 
     @property
     def fingerprint(self) -> str:
@@ -175,26 +200,39 @@ def read_config(path: Path | str, text: str | None = None) -> SuiteConfig:
         splits = {}
         for split in ("train", "test"):
             value = string(table, split, prefix + split)
-            splits[split] = value if dataset is not None else source(value, prefix + split, "data file")
+            splits[split] = value if dataset is not None else source(value, prefix + split, "data file or image folder")
             if dataset is None and splits[split].path is None:
-                raise fail(f"data file {where / value} does not exist (a Hub dataset is named by 'dataset', "
+                raise fail(f"data file or image folder {where / value} does not exist (a Hub dataset is named by 'dataset', "
                            "with train and test its split names)", prefix + split)
-        text_columns = table["text"]
+        text_columns = table.get("text", [])
         if isinstance(text_columns, str):
             text_columns = [text_columns]
-        if (not isinstance(text_columns, list) or not 1 <= len(text_columns) <= 2
+        if "text" in table and (not isinstance(text_columns, list) or not 1 <= len(text_columns) <= 2
                 or not all(isinstance(c, str) and c for c in text_columns)):
             raise fail(f"expected a column name or a list of two, got {table['text']!r}", prefix + "text")
-        metric = table.get("metric", "accuracy")
-        if metric not in METRICS:
+        metric = table.get("metric")
+        if metric is not None and metric not in METRICS:
             raise fail(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}", prefix + "metric")
+        names = {}
+        for key in ("classes", "templates"):
+            value = table.get(key)
+            if value is None or (key == "templates" and isinstance(value, str) and value):
+                names[key] = value
+            elif (not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value)
+                  or len(set(value)) != len(value)):
+                raise fail(f"expected a list of distinct non-empty strings, got {value!r}", prefix + key)
+            else:
+                names[key] = tuple(value)
         tasks.append(TaskConfig(
             name=task_name,
             checkpoint=source(string(table, "checkpoint", prefix + "checkpoint"), prefix + "checkpoint",
                               "checkpoint folder"),
             train=splits["train"], test=splits["test"], text=tuple(text_columns),
-            label=string(table, "label", prefix + "label"), metric=metric, dataset=dataset,
+            label=string(table, "label", prefix + "label") if "label" in table else None, metric=metric,
+            dataset=dataset,
             dataset_config=string(table, "dataset_config", prefix + "dataset_config") if "dataset_config" in table else None,
+            image=string(table, "image", prefix + "image") if "image" in table else None,
+            classes=names["classes"], templates=names["templates"], keys=frozenset(table),
         ))
     return SuiteConfig(path=path, name=name, kind=kind,
                        pretrained=source(string(raw, "pretrained", "pretrained"), "pretrained", "checkpoint folder"),

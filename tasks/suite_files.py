@@ -15,120 +15,39 @@ is then given as a sequence of one token.
 Checked when the file is registered, before any work: every checkpoint's ``config.json``
 (one ``model_type`` for all, a ``*ForSequenceClassification`` per task), every dataset's
 columns, and each task's labels against its head (as many distinct labels as the head has
-outputs; integer labels in range, or names of the head's ``id2label``). ``mergebench
+outputs; integer labels in range, or names of the head's ``id2label``). A head of one output
+(``num_labels = 1``, transformers' regression ``problem_type``, as STS-B's) is a regression
+task: its labels are numbers and its metric the mean of Pearson's and Spearman's
+correlations, as the merging papers report STS-B (``pearson_spearman``). ``mergebench
 prepare`` then converts the checkpoints once into safetensors under
 ``$MERGEBENCH_CACHE/<name>/<fingerprint of the file>/`` with the prepare manifest, as the
 built-in suites do (``--force`` converts again after the checkpoints changed).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from mergebench.cache import cache_dir, write_json, write_safetensors
-from mergebench.errors import CheckpointError, MissingResourceError
+from mergebench.cache import write_json, write_safetensors
+from mergebench.errors import CheckpointError
 from mergebench.registry import register_backbone, register_suite, register_suite_kind
 from mergebench.suite import Suite
-from mergebench.suite_config import Source, SuiteConfig, TaskConfig, export_metadata
+from mergebench.suite_config import Source, SuiteConfig, TaskConfig
 from mergebench.task import Batch, Task, TaskData
-from mergebench.tasks._hub import list_files, snapshot
-from mergebench.tasks._prepared import PreparedBackbone, check_like_pretrained
+from mergebench.tasks._prepared import check_like_pretrained
+from mergebench.tasks._suite_files import (SuiteFileBase, checkpoint_folder, class_names, classifier_name,
+                                           label_indices, quiet_transformers, read_model_config, read_split)
 from mergebench.tasks._text_classification import _stable_hash
-
-CONVERSION_VERSION = 1
-CLASSIFIER_NAMES = ("classifier", "score")
-WEIGHTS = (".safetensors", ".bin")
-DATA_FORMATS = {".csv": "csv", ".jsonl": "json lines", ".json": "json lines", ".parquet": "parquet"}
-
-
-# --- files -------------------------------------------------------------------------------------------
-def checkpoint_folder(source: Source, what: str) -> Path:
-    """The local folder of a checkpoint: the path itself, or the Hub snapshot of its id
-    (from the hub cache, fetched only when the hub answers)."""
-    if source.path is not None:
-        if not (source.path / "config.json").is_file():
-            raise CheckpointError(f"{source.path} holds no Hugging Face model: config.json is missing ({what})")
-        return source.path
-
-    def select(files: list[str]) -> list[str] | None:
-        top = [f for f in files if "/" not in f]
-        weights = [f for f in top if f.endswith(WEIGHTS)]
-        safetensors = [f for f in weights if f.endswith(".safetensors")]
-        if "config.json" not in top or not weights:
-            return None
-        return [f for f in top if not f.endswith(WEIGHTS)] + (safetensors or weights)
-
-    hint = (f"Download it where there is network (`huggingface-cli download {source.value} --local-dir DIR`), "
-            "copy DIR here and write its path in the suite file (starting with ./ or /).")
-    return snapshot(source.value, select=select, what=what, local_hint=hint)
-
-
-def read_model_config(folder: Path) -> dict[str, Any]:
-    return json.loads((folder / "config.json").read_text())
-
-
-@functools.lru_cache(maxsize=64)
-def read_split(task: TaskConfig, split: str):
-    """One split of a task as a pandas DataFrame (local file, or the Hub dataset's files of the split)."""
-    import pandas as pd
-
-    value = getattr(task, split)
-    if task.dataset is not None:
-        config = task.dataset_config
-
-        def select(files: list[str]) -> list[str] | None:
-            def of_split(file: str) -> bool:  # <split>-00000-of-00001.parquet, <split>.csv or <split>/...
-                path = Path(file)
-                return path.name.startswith(f"{value}-") or path.stem == value or path.parent.name == value
-
-            picked = [f for f in files if Path(f).suffix in DATA_FORMATS and of_split(f)
-                      and (config is None or f.split("/")[0] == config)]
-            return picked or None
-
-        hint = (f"Download it where there is network (`huggingface-cli download --repo-type dataset {task.dataset} "
-                "--local-dir DIR`) and name its split files in the suite file as train and test paths instead.")
-        root = snapshot(task.dataset, repo_type="dataset", select=select,
-                        what=f"the {split} split {value!r} of dataset {task.dataset!r}", local_hint=hint)
-        files = [root / f for f in (select(list_files(root)) or [])]
-    else:
-        files = [value.path]
-    frames = []
-    for path in files:
-        suffix = path.suffix.lower()
-        try:
-            if suffix == ".csv":
-                frames.append(pd.read_csv(path))
-            elif suffix in (".jsonl", ".json"):
-                frames.append(pd.read_json(path, lines=True))
-            elif suffix == ".parquet":
-                frames.append(pd.read_parquet(path))
-            else:
-                raise CheckpointError(f"{path}: unknown data format {suffix!r}; valid: {', '.join(DATA_FORMATS)}")
-        except (ValueError, OSError) as error:
-            if isinstance(error, CheckpointError):
-                raise
-            raise MissingResourceError(f"{path}: cannot read it as {DATA_FORMATS.get(suffix, suffix)} ({error})") from None
-    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 # --- modules -----------------------------------------------------------------------------------------
-def classifier_name(model: nn.Module) -> str:
-    for name in CLASSIFIER_NAMES:
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    raise CheckpointError(f"{type(model).__name__} has no classifier module ({' or '.join(CLASSIFIER_NAMES)})")
-
-
 class SequenceClassifierBody(nn.Module):
     """A transformers sequence classifier whose classifier is the identity: the features are
     what its classifier reads (the first token's state where the classifier reads the sequence)."""
@@ -149,19 +68,6 @@ def _as_sequence(module: nn.Module, args: tuple) -> tuple:
     return (args[0].unsqueeze(1),)  # (batch, hidden) -> (batch, 1, hidden): the first token's state
 
 
-@contextmanager
-def quiet_transformers():
-    """transformers' warnings about the classifier it initialises and then discards."""
-    from transformers.utils import logging
-
-    previous = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(previous)
-
-
 def read_classifier(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], Any]:
     """(encoder state, classifier state, config) of a fine-tuned sequence classifier folder."""
     from transformers import AutoModelForSequenceClassification
@@ -178,26 +84,9 @@ def read_classifier(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, to
 
 
 # --- the backbone ------------------------------------------------------------------------------------
-class SuiteFileBackbone(PreparedBackbone):
-    """The checkpoints of one suite file, converted once (``prepare``) into the encoder and
-    head safetensors, the encoder config and the tokenizer under ``root``."""
-
-    config: ClassVar[SuiteConfig]
-    prepare_hint = "(with the same --suite-config)"
-
-    def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None,
-                 root: Path | str | None = None):
-        super().__init__(checkpoint_dir=checkpoint_dir, data_dir=data_dir)
-        key = json.dumps({"version": CONVERSION_VERSION, "file": self.config.fingerprint})
-        self.root = Path(root) if root is not None else cache_dir() / self.name / hashlib.sha256(key.encode()).hexdigest()[:12]
-
-    @classmethod
-    def export_metadata(cls) -> dict[str, Any]:
-        return export_metadata(cls.config)
-
-    def task_config(self, task: str) -> TaskConfig:
-        self.check_task(task)
-        return next(t for t in self.config.tasks if t.name == task)
+class SuiteFileBackbone(SuiteFileBase):
+    """The checkpoints of a text-classification suite file, converted once (``prepare``) into
+    the encoder and head safetensors, the encoder config and the tokenizer under ``root``."""
 
     # --- the encoder and its tokenizer ------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
@@ -307,6 +196,8 @@ class SuiteFileTaskData(TaskData):
             raise ValueError(f"unknown split {split!r}; valid: train, test")
         config = self.backbone.task_config(task)
         frame = read_split(config, split)
+        if is_regression(config):
+            return frame, frame[config.label].to_numpy(dtype=np.float32)
         return frame, label_indices(config, frame[config.label], class_names(config))
 
     def tokenize(self, task: str, rows) -> dict[str, torch.Tensor]:
@@ -318,26 +209,43 @@ class SuiteFileTaskData(TaskData):
 
 
 # --- checks and registration -------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def class_names(task: TaskConfig) -> tuple[str, ...]:
-    """The head's classes, in output order (its config's id2label)."""
-    config = read_model_config(checkpoint_folder(task.checkpoint, f"the checkpoint of task {task.name!r}"))
-    labels = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(int(config.get("num_labels", 2)))}
-    return tuple(labels[str(i)] if str(i) in labels else labels[i] for i in range(len(labels)))
+def is_regression(task: TaskConfig) -> bool:
+    """A head of one output: transformers' regression ``problem_type`` (its loss is the mean squared error)."""
+    return len(class_names(task)) == 1
 
 
-def label_indices(task: TaskConfig, column, classes: tuple[str, ...]) -> np.ndarray:
-    """The labels of a column as the head's output indices (integers as they are, names through id2label)."""
-    values = column.to_numpy()
-    if np.issubdtype(values.dtype, np.integer):
-        return values.astype(np.int64)
-    index = {name: i for i, name in enumerate(classes)}
-    return np.array([index.get(str(value), -1) for value in values], dtype=np.int64)
+def metric_of(task: TaskConfig) -> str:
+    return task.metric or ("pearson_spearman" if is_regression(task) else "accuracy")
+
+
+def check_regression(config: SuiteConfig, task: TaskConfig) -> None:
+    """A regression task's metric is a correlation and its labels finite numbers."""
+    import pandas as pd
+
+    key = f"tasks.{task.name}"
+    if metric_of(task) != "pearson_spearman":
+        raise config.error(f"{task.checkpoint.describe()} has a regression head (one output): its metric is "
+                           f"pearson_spearman, not {task.metric!r}", f"{key}.metric")
+    for split in ("train", "test"):
+        frame = read_split(task, split)
+        values = frame[task.label]
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        numbers = values.to_numpy(dtype=np.float64) if numeric else None
+        if numbers is None or not np.isfinite(numbers).all():
+            bad = values.iloc[0] if numbers is None else values[~np.isfinite(numbers)].iloc[0]
+            raise config.error(f"label {bad!r} in {describe_split(task, split)} is not a finite number, which the "
+                               f"regression head of {task.checkpoint.describe()} predicts", f"{key}.label")
+
+
+def describe_split(task: TaskConfig, split: str) -> str:
+    where = getattr(task, split)
+    return where.describe() if isinstance(where, Source) else f"split {where!r} of {task.dataset}"
 
 
 def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
     """What the files hold, before any work: one architecture, sequence classifiers, columns
     and labels that fit each head. The classes of each task."""
+    config.check_keys(required=("text", "label"), unused=("image", "classes", "templates"))
     pretrained = read_model_config(checkpoint_folder(config.pretrained, f"the pretrained model of suite {config.name!r}"))
     model_type = pretrained.get("model_type")
     classes = {}
@@ -353,25 +261,30 @@ def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
             raise config.error(f"{task.checkpoint.describe()} is {', '.join(architectures) or 'no named architecture'}, "
                                "not a *ForSequenceClassification", f"{key}.checkpoint")
         names = class_names(task)
-        if len(names) < 2:
-            raise config.error(f"{task.checkpoint.describe()} has a head of {len(names)} output: regression heads "
-                               "are not supported", f"{key}.checkpoint")
+        if not is_regression(task) and task.metric == "pearson_spearman":
+            raise config.error(f"{task.checkpoint.describe()} has a classifier of {len(names)} outputs; "
+                               "pearson_spearman scores a regression head (num_labels = 1)", f"{key}.metric")
         for split in ("train", "test"):
             frame = read_split(task, split)
-            where = getattr(task, split)
-            where = where.describe() if isinstance(where, Source) else f"split {where!r} of {task.dataset}"
+            where = describe_split(task, split)
             for column, option in [*((c, "text") for c in task.text), (task.label, "label")]:
                 if column not in frame.columns:
                     raise config.error(f"column {column!r} is not in {where}; its columns: "
                                        f"{', '.join(map(str, frame.columns))}", f"{key}.{option}")
             if len(frame) == 0:
                 raise config.error(f"{where} has no rows", f"{key}.{split}")
+            if is_regression(task):
+                continue
             labels = label_indices(task, frame[task.label], names)
             bad = frame[task.label][(labels < 0) | (labels >= len(names))]
             if len(bad):
                 raise config.error(f"label {bad.iloc[0]!r} in {where} does not fit the head of "
                                    f"{task.checkpoint.describe()}: {len(names)} outputs, classes {', '.join(names)}",
                                    f"{key}.label")
+        if is_regression(task):
+            check_regression(config, task)
+            classes[task.name] = names
+            continue
         seen = np.unique(np.concatenate([label_indices(task, read_split(task, s)[task.label], names)
                                          for s in ("train", "test")]))
         if len(seen) != len(names):
@@ -385,7 +298,8 @@ def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
 def build(config: SuiteConfig) -> None:
     """Check a text-classification suite file's contents, then register its suite and backbone."""
     classes = check(config)
-    tasks = [Task(task.name, classes[task.name], metric=task.metric) for task in config.tasks]
+    tasks = [Task(task.name, classes[task.name], metric=metric_of(task),
+                  outputs="regression" if is_regression(task) else "class-logits") for task in config.tasks]
     register_suite(Suite(config.name, tasks, SuiteFileTaskData,
                          description=config.description or f"from {config.path}"))
     backbone = type(f"SuiteFile_{config.name.replace('-', '_')}", (SuiteFileBackbone,), {
