@@ -52,6 +52,19 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "config.json").read_text())
 
 
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+              "max_position_embeddings", "image_size", "patch_size", "num_channels", "hidden_sizes", "depths", "embed_dim")
+
+
+def shape_difference(model: dict[str, Any], pretrained: dict[str, Any]) -> str | None:
+    """The first config setting that fixes tensor shapes and differs from the pretrained model's
+    (a checkpoint of the same family but another size would pair the wrong tensors), or None."""
+    for key in SHAPE_KEYS:
+        if key in model and key in pretrained and model[key] != pretrained[key]:
+            return f"{key} {model[key]!r}, the pretrained model {pretrained[key]!r}"
+    return None
+
+
 def split_files(task: TaskConfig, split: str) -> list[Path]:
     """The data files of one split of a task: its local file, or the Hub dataset's files of the split."""
     value = getattr(task, split)

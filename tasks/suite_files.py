@@ -43,7 +43,8 @@ from mergebench.suite_config import Source, SuiteConfig, TaskConfig
 from mergebench.task import Batch, Task, TaskData
 from mergebench.tasks._prepared import check_like_pretrained
 from mergebench.tasks._suite_files import (SuiteFileBase, checkpoint_folder, class_names, classifier_name,
-                                           label_indices, quiet_transformers, read_model_config, read_split)
+                                           label_indices, quiet_transformers, read_model_config, read_split,
+                                           shape_difference)
 from mergebench.tasks._text_classification import _stable_hash
 
 
@@ -256,6 +257,8 @@ def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
             raise config.error(f"{task.checkpoint.describe()} is a {model.get('model_type')!r} model, the pretrained "
                                f"model {config.pretrained.describe()} a {model_type!r} one: architectures differ",
                                f"{key}.checkpoint")
+        if difference := shape_difference(model, pretrained):
+            raise config.error(f"{task.checkpoint.describe()} has {difference}: architectures differ", f"{key}.checkpoint")
         architectures = model.get("architectures") or []
         if not any(name.endswith("ForSequenceClassification") for name in architectures):
             raise config.error(f"{task.checkpoint.describe()} is {', '.join(architectures) or 'no named architecture'}, "

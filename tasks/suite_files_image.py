@@ -54,7 +54,8 @@ from mergebench.task import Batch, Task, TaskData
 from mergebench.tasks import _clip
 from mergebench.tasks._prepared import check_like_pretrained
 from mergebench.tasks._suite_files import (SuiteFileBase, checkpoint_folder, class_names, quiet_transformers,
-                                           read_model_config, read_split, split_files)
+                                           read_model_config, read_split, shape_difference,
+                                           split_files)
 from mergebench.tasks._text_classification import _stable_hash
 from mergebench.tasks._vision8_prompts import TEMPLATES
 
@@ -493,6 +494,9 @@ def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
                                    f"model {config.pretrained.describe()} a 'clip' one: architectures differ "
                                    "(a CLIPModel, CLIPVisionModelWithProjection or CLIPVisionModel is needed)",
                                    f"{key}.checkpoint")
+            if difference := shape_difference(model.get("vision_config", model), pretrained.get("vision_config", {})):
+                raise config.error(f"{task.checkpoint.describe()} has a vision tower of {difference}: architectures "
+                                   "differ", f"{key}.checkpoint")
             check_templates(config, task)
         else:
             if model.get("model_type") != model_type:
@@ -502,6 +506,9 @@ def check(config: SuiteConfig) -> dict[str, tuple[str, ...]]:
             if not any(name.endswith("ForImageClassification") for name in architectures):
                 raise config.error(f"{task.checkpoint.describe()} is {', '.join(architectures) or 'no named architecture'}, "
                                    "not a *ForImageClassification", f"{key}.checkpoint")
+            if difference := shape_difference(model, pretrained):
+                raise config.error(f"{task.checkpoint.describe()} has {difference}: architectures differ",
+                                   f"{key}.checkpoint")
         if task.metric == "pearson_spearman":
             raise config.error("pearson_spearman scores a regression head; image tasks are scored by accuracy or "
                                "matthews", f"{key}.metric")

@@ -88,6 +88,8 @@ def files(tmp_path_factory):
         model.vit.load_state_dict(pretrained.state_dict())
         perturbed(model.vit)
         model.save_pretrained(root / f"vit-{task}")
+    other = ViTConfig(**{**labelled(vit, "colour"), "patch_size": 4})  # the same family at another size
+    ViTForImageClassification(other).save_pretrained(root / "vit-patch4-colour")
     # ConvNeXt
     convnext = ConvNextConfig(num_channels=3, patch_size=4, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
                               image_size=32)
@@ -123,6 +125,8 @@ def files(tmp_path_factory):
     perturbed(whole.vision_model)
     perturbed(whole.visual_projection)
     whole.save_pretrained(root / "clip-tone")
+    wider = CLIPVisionModel(type(clip.vision_config)(**{**clip.vision_config.to_dict(), "hidden_size": 16}))
+    wider.save_pretrained(root / "clip-narrow-colour")
     return root
 
 
@@ -359,6 +363,12 @@ def test_an_exported_image_merge_loads_with_plain_transformers(files, tmp_path, 
     (CLIP, {'checkpoint = "./clip-colour"': 'checkpoint = "./vit-colour"'},
      r"bad-13\.toml: tasks\.colour\.checkpoint: .*vit-colour is a 'vit' model, the pretrained model .* a 'clip' one: "
      r"architectures differ"),
+    (VIT, {'checkpoint = "./vit-colour"': 'checkpoint = "./vit-patch4-colour"'},
+     r"bad-14\.toml: tasks\.colour\.checkpoint: .*vit-patch4-colour has patch_size 4, the pretrained model 8: "
+     r"architectures differ"),
+    (CLIP, {'checkpoint = "./clip-colour"': 'checkpoint = "./clip-narrow-colour"'},
+     r"bad-15\.toml: tasks\.colour\.checkpoint: .*clip-narrow-colour has a vision tower of hidden_size 16, the "
+     r"pretrained model 32: architectures differ"),
 ])
 def test_bad_image_suite_files_are_named_with_their_key(files, text, replace, match):
     stem = match.split("\\")[0]
