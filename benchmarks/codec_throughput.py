@@ -22,7 +22,10 @@ matrices of two encoder layers, P-Spar masks): the entropy bounds of mask + valu
 per model over the i.i.d. one, next to the ans payload.
 
     python benchmarks/codec_throughput.py [--clock cpu|wall] [--output codecs.md]
-        [--sections throughput,vit-file,vit-structure]
+        [--sections throughput,vit-file,vit-structure] [--path auto|numpy]
+
+``--path numpy`` times the numpy code that runs where numba (the ``fast`` extra) is not
+installed; the default uses the compiled kernels when numba is there (same bytes).
 """
 from __future__ import annotations
 
@@ -61,7 +64,9 @@ clock = CLOCKS["cpu"]
 
 
 def _timed(fn, repeat: int):
-    times, out = [], None
+    """Median time of ``repeat`` calls after one untimed call (which loads or compiles the
+    numba kernels on first use)."""
+    times, out = [], fn()
     for _ in range(repeat):
         t0 = clock()
         out = fn()
@@ -197,19 +202,30 @@ def main(argv: list[str] | None = None) -> None:
                     help="cpu: process time (one thread: the wall time of an idle machine, robust to other jobs); wall")
     ap.add_argument("--output", type=Path, help="also write the table as markdown to this file")
     ap.add_argument("--vit-alpha", type=float, default=0.99, help="sparsity of the whole ViT-B/32 file")
+    ap.add_argument("--path", choices=["auto", "numpy"], default="auto",
+                    help="auto: the numba kernels when numba is installed; numpy: the numpy code without them")
     ap.add_argument("--sections", default="throughput,vit-file,vit-structure",
                     help="comma-separated: throughput (the codec table), vit-file (header share of a whole "
                          "ViT-B/32 file), vit-structure (entropy bounds per model on synthetic ViT-B/32 task vectors)")
     args = ap.parse_args(argv)
     global clock
     clock = CLOCKS[args.clock]
+    if args.path == "numpy":
+        C._FAST = False
+    kern = C._kernels()
+    if kern is not None:
+        import numba
+
+        path = f"numba {numba.__version__} kernels"
+    else:
+        path = "numpy path"
     torch.set_num_threads(1)
     sections = set(args.sections.split(","))
     unknown = sections - {"throughput", "vit-file", "vit-structure"}
     if unknown:
         ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
     title = (f"Codec throughput: {args.rows}x{args.cols} fp32 Student-t(df={args.df}) tensor, "
-             f"magnitude mask, median of {args.repeat} ({args.clock} time, one thread); formula = Eq. 16 (sass), "
+             f"magnitude mask, {path}, median of {args.repeat} ({args.clock} time, one thread); formula = Eq. 16 (sass), "
              f"(b+1) (indep), 1 + (1 - alpha) (tswitch), the empirical i.i.d. bound (ans)")
     text = ""
     if "throughput" in sections:

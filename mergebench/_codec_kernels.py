@@ -53,9 +53,12 @@ def categorical_cdf(probabilities: np.ndarray) -> np.ndarray:
 
 
 def decoder_table(cdf: np.ndarray) -> np.ndarray:
-    """For every block of 2^(24 - 12) quantiles, the symbol holding the block's first quantile."""
+    """For every block of 2^(24 - 12) quantiles, the symbol holding the block's first quantile
+    (uint8: the codecs' alphabets have at most 256 symbols; a 4 kB table stays in L1)."""
+    if cdf.size > 257:
+        raise ValueError("decoder tables hold alphabets of at most 256 symbols")
     starts = np.arange(1 << ANS_LOOKUP_BITS, dtype=np.int64) << (ANS_PRECISION - ANS_LOOKUP_BITS)
-    return (np.searchsorted(cdf, starts, side="right") - 1).astype(np.int32)
+    return (np.searchsorted(cdf, starts, side="right") - 1).astype(np.uint8)
 
 
 @jit
@@ -119,7 +122,7 @@ def ans_decode(words, pos, state, cdf, table, out):
     st = state[0]
     for i in range(out.size):
         q = st & qmask
-        s = table[q >> shift]
+        s = np.int64(table[q >> shift])
         while _U64(cdf[s + 1]) <= q:
             s += 1
         left = _U64(cdf[s])
