@@ -21,9 +21,11 @@ in Model Merging", NeurIPS 2024; authors' code ``LZY-the-boys/Twin-Merging``).
   Twin-Merging is read here as that mask rate, the one discard rate of the authors' method
   (their shared expert, Task Arithmetic, discards nothing): rank_ratio 0.5.
   ``svd`` "randomized" (default): the top-r factors by a seeded randomized SVD (Halko et
-  al. 2011, scikit-learn's ``randomized_svd`` at its defaults), whose rank-r error is within
-  1.01x of the exact optimum on the task vectors ``benchmarks/twin_svd.py`` measures, at a
-  fraction of a full SVD's time; "exact": the full thin SVD in float64, truncated. The
+  al. 2011, scikit-learn's ``randomized_svd``) where r + 10 is at most a quarter of the
+  smaller side (the default rank ratio 0.1; at 0.5 every matrix takes the exact path),
+  whose rank-r error is within 1.01x of the exact optimum on the task vectors
+  ``benchmarks/twin_svd.py`` measures, at a fraction of a full SVD's time; "exact": the
+  full thin SVD in float64, truncated. The
   authors take the full SVD in the tensor's own precision (``torch.linalg.svd``; on a GPU
   with cuSOLVER's approximate ``gesvda`` driver).
 * Router: the authors' ``SimpleMLP`` (Linear d->2d, BatchNorm, LeakyReLU, Dropout
@@ -204,6 +206,7 @@ def decode_experts(data: bytes, task: str, name: str | None = None) -> dict[str,
 
 
 OVERSAMPLES = 10  # scikit-learn's randomized_svd default n_oversamples (Halko et al. suggest 5-10)
+POWER_ITERATIONS = 7  # scikit-learn's randomized_svd n_iter for a rank below 0.1 x the smaller side
 
 
 def svd_factors(delta: torch.Tensor, rank: int, method: str = "exact",
@@ -212,17 +215,19 @@ def svd_factors(delta: torch.Tensor, rank: int, method: str = "exact",
 
     "exact": LAPACK's thin SVD of the float64 matrix. "randomized": scikit-learn's
     ``randomized_svd`` (Halko, Martinsson & Tropp 2011, with LU-normalised power iterations
-    as Szlam et al. 2014) at its defaults, on the fp32 matrix with the seed ``seed``: 10
-    oversamples and 7 power iterations (4 where r >= 0.1 min(rows, cols)). Its rank-r
-    Frobenius error stays within 1.01x of the exact (Eckart-Young) optimum on the task
-    vectors measured by ``benchmarks/twin_svd.py``; a sketch of r + 10 columns that would span
-    the smaller dimension gains nothing, so such a matrix takes the exact path.
+    as Szlam et al. 2014) on the fp32 matrix with the seed ``seed``: 10 oversamples and 7
+    power iterations, its defaults for a rank below a tenth of the smaller side (its 4 for a
+    larger rank left errors up to 1.016x the optimum on flat spectra). It runs where the
+    sketch of r + 10 columns is at most a quarter of the smaller side; beyond, its error
+    grows and its time nears the exact SVD's, so such a matrix takes the exact path. Its
+    rank-r Frobenius error stays within 1.01x of the exact (Eckart-Young) optimum on the
+    task vectors measured by ``benchmarks/twin_svd.py``.
     """
-    if method == "randomized" and rank + OVERSAMPLES < min(delta.shape):
+    if method == "randomized" and 4 * (rank + OVERSAMPLES) <= min(delta.shape):
         from sklearn.utils.extmath import randomized_svd  # scikit-learn imports slowly: only here
 
         u, s, vh = randomized_svd(delta.detach().float().cpu().numpy(), rank, n_oversamples=OVERSAMPLES,
-                                  n_iter="auto", random_state=seed)
+                                  n_iter=POWER_ITERATIONS, random_state=seed)
         return (torch.from_numpy(u).contiguous(), torch.from_numpy(s).contiguous(),
                 torch.from_numpy(vh.T).contiguous())
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)

@@ -55,16 +55,20 @@ def test_randomized_is_seeded_and_far_from_a_plain_sketch():
                 svd_seed(0, "a.weight", 0)}) == 4
 
 
-def test_a_sketch_spanning_the_smaller_side_is_the_exact_svd():
-    a = torch.from_numpy(matrix(30, 12, "gaussian", seed=2)).float()  # r + 10 oversamples >= 12
-    randomized, exact = svd_factors(a, 3, "randomized", seed=0), svd_factors(a, 3, "exact")
-    assert all(torch.equal(x, y) for x, y in zip(randomized, exact))
+@pytest.mark.parametrize("rows, cols, rank, sketched", [
+    (30, 12, 3, False), (200, 120, 60, False), (200, 123, 21, False), (123, 200, 21, False),  # 4 (r + 10) > min
+    (200, 124, 21, True), (124, 200, 21, True),  # 4 (r + 10) = min: the sketch runs
+])
+def test_a_sketch_over_a_quarter_of_the_smaller_side_is_the_exact_svd(rows, cols, rank, sketched):
+    a = torch.from_numpy(matrix(rows, cols, "gaussian", seed=2)).float()
+    randomized, exact = svd_factors(a, rank, "randomized", seed=0), svd_factors(a, rank, "exact")
+    assert all(torch.equal(x, y) for x, y in zip(randomized, exact)) is not sketched
 
 
 class WideEncoder(nn.Module):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(48, 80), nn.Tanh(), nn.Linear(80, 48))
+        self.net = nn.Sequential(nn.Linear(64, 160), nn.Tanh(), nn.Linear(160, 64))
         self.register_buffer("count", torch.zeros(1, dtype=torch.long))  # the stub's integer buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,9 +113,17 @@ def test_randomized_experts_and_merged_features_are_close_to_the_exact_path(wide
         assert sorted(fast_e) == sorted(exact_e) == sorted(wide_pool.merged_keys)
         for key, value in exact_e.items():
             assert (fast_e[key] - value).norm() <= 1e-3 * value.norm(), key
-    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3))
     weights = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(4)), -1)
     out_fast = TwinMerged(wide_pool, shared_r, fast).features({"x": x}, weights)
     out_exact = TwinMerged(wide_pool, shared_e, exact).features({"x": x}, weights)
     assert torch.allclose(out_fast, out_exact, atol=1e-4, rtol=1e-4)
     assert not torch.equal(out_fast, out_exact)  # the randomized path ran
+
+
+def test_rank_ratio_0_5_takes_the_exact_path_bit_for_bit(wide_pool):
+    """At the t-switch-cvpr2025 protocol's rank ratio every sketch would exceed a quarter of
+    the smaller side: the stored experts are the exact path's, byte for byte."""
+    _, fast = make_method("twin-merging", {"rank_ratio": 0.5}).build(wide_pool)
+    _, exact = make_method("twin-merging", {"rank_ratio": 0.5, "svd": "exact"}).build(wide_pool)
+    assert all(fast[experts_artifact(task)] == exact[experts_artifact(task)] for task in wide_pool.tasks)
