@@ -4,7 +4,10 @@ This module turns one tensor's compressed task vector into a real bitstream and
 back, exactly; :mod:`mergebench.container` puts these payloads, with any dense
 tensors and metadata, into one checksummed file.
 Everything is vectorised with numpy: there is no Python loop per element or per
-group, only over a fixed handful of bit fields.
+group, only over a fixed handful of bit fields. Where numba is installed (the ``fast``
+extra), the loops numpy cannot vectorise well (SASS records, the ANS coder, BAS codes, the
+dense scatter) run as compiled kernels (:mod:`mergebench._codec_kernels`) that write the
+same bytes.
 
 Specification
 -------------
@@ -620,7 +623,7 @@ def sass_encode(mask: np.ndarray, codes: np.ndarray, bits: int, c: int) -> tuple
         out = np.zeros((nbits + 7) // 8 + 8, dtype=np.uint8)
         out[:5] = np.frombuffer((groups | (c - 1) << SASS_COUNT_BITS).to_bytes(5, "little"), dtype=np.uint8)
         kern.sass_write(idx, np.ascontiguousarray(codes, dtype=np.uint8), c, ib, int(bits),
-                            SASS_CONST_BITS, SASS_CONST_BITS + groups, out)
+                        SASS_CONST_BITS, SASS_CONST_BITS + groups, out)
         return out[:(nbits + 7) // 8].tobytes(), nbits
     rec = np.empty((k, L), dtype=np.uint8)
     if ib:
