@@ -323,6 +323,11 @@ def test_an_exported_image_merge_loads_with_plain_transformers(files, tmp_path, 
         torch.testing.assert_close(logits, loaded(task=task, pixel_values=pixels), rtol=1e-4, atol=1e-5)
         accuracy = float(np.mean(logits.argmax(1).numpy() == np.array([labels(n) for n in names])))
         assert accuracy == pytest.approx(record["metrics"][task], abs=1e-9)
+    # `merge --out` writes the same model without evaluating it
+    assert main(["merge", "--suite-config", str(suite), "--method", "task-arithmetic", "--out", str(tmp_path / "m")]) == 0
+    written = [json.loads((folder / "mergebench.json").read_text())["files"] for folder in (out, tmp_path / "m")]
+    assert written[0] == written[1] and {"model.safetensors", "heads.safetensors", "preprocessor_config.json"} <= set(
+        written[0])
 
 
 # --- bad input ---------------------------------------------------------------------------------------------
