@@ -31,7 +31,7 @@ the wrong type: one error naming the key and the file)::
     text = "text"
     label = "label"
 
-    [tasks.pets]                      # kinds image-classification and clip
+    [tasks.pets]                      # in a file of kind image-classification or clip
     checkpoint = "./vit-pets"
     train = "images/train"            # a folder of <class>/*.png|jpg, or a data file / Hub split
     test = "images/test"              # whose image column (bytes or paths) is named by `image`

@@ -86,11 +86,12 @@ def is_folder(task: TaskConfig, split: str) -> bool:
 
 
 def folder_split(folder: Path) -> ImageSplit:
-    """An image folder: each sub-folder a class, its image files (sorted) the examples."""
+    """An image folder: each sub-folder a class, the image files under it (at any depth, sorted,
+    as torchvision's ``ImageFolder`` walks them) its examples."""
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     images, labels = [], []
     for name in classes:
-        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         images += files
         labels += [name] * len(files)
     return ImageSplit(tuple(images), np.array(labels, dtype=object), str(folder), tuple(classes))
