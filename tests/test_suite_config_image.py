@@ -401,3 +401,30 @@ def test_a_hub_image_dataset_fails_fast_offline(files, monkeypatch):
                                              'dataset = "someone/not-cached-images"\ntrain = "train"\ntest = "test"'})
     with pytest.raises(MergebenchError, match=r"someone/not-cached-images.*offline mode: HF_HUB_OFFLINE"):
         register_suite_config(suite)
+
+
+def test_a_hub_image_dataset_in_the_hub_cache_is_read_offline(files, tmp_path, monkeypatch):
+    """A Hub dataset's parquet files already in the hub cache: read without the network, its
+    ClassLabel names the CLIP task's classes, scored as the same files given locally."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    from mergebench.registry import SUITES
+
+    snapshot = tmp_path / "hub" / "datasets--someone--tones" / "snapshots" / ("0" * 40)
+    (snapshot / "data").mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    for split in ("train", "test"):
+        shutil.copyfile(files / f"tone-{split}.parquet", snapshot / "data" / f"{split}-00000-of-00001.parquet")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    suite = write(files, CLIP, "hub-tones", {'train = "tone-train.parquet"\ntest = "tone-test.parquet"':
+                                             'dataset = "someone/tones"\ntrain = "train"\ntest = "test"'})
+    results = tmp_path / "results"
+    assert main(["prepare", "--suite-config", str(suite)]) == 0
+    assert main(["run", "--suite-config", str(suite), "--method", "pretrained", "--results-dir", str(results)]) == 0
+    assert next(t for t in SUITES.get("hub-tones").tasks if t.name == "tone").classes == tuple(TONES)
+    record = json.loads((results / "hub-tones.jsonl").read_text())
+    assert record["metrics"]["tone"] == pytest.approx(pretrained_clip_accuracy(files, "tone"))
