@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mergebench.cache import write_json, write_safetensors
-from mergebench.errors import CheckpointError
+from mergebench.errors import CheckpointError, CorruptArtifactError
 from mergebench.registry import register_backbone, register_suite, register_suite_kind
 from mergebench.suite import Suite
 from mergebench.suite_config import Source, SuiteConfig, TaskConfig
@@ -122,11 +122,18 @@ def image_split(task: TaskConfig, split: str) -> ImageSplit:
     return ImageSplit(images, frame[task.label].to_numpy(), describe_split(task, split))
 
 
-def open_image(value: Any):
+def open_image(split: ImageSplit, position: int):
+    """Image ``position`` of a split as RGB (greyscale and RGBA files alike); CorruptArtifactError
+    naming the file, or the row of the table, if PIL cannot read it."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
-        return image.convert("RGB")  # greyscale (MNIST) and RGBA files alike
+    value = split.images[position]
+    try:
+        with Image.open(io.BytesIO(value) if isinstance(value, bytes) else value) as image:
+            return image.convert("RGB")
+    except OSError as error:  # PIL's UnidentifiedImageError, a truncated or vanished file
+        where = str(value) if isinstance(value, Path) else f"the image of row {position} of {split.where}"
+        raise CorruptArtifactError(f"{where}: not an image PIL can read ({error})") from None
 
 
 def recorded_class_names(task: TaskConfig, split: str) -> tuple[str, ...] | None:
@@ -412,19 +419,21 @@ class ImageSuiteTaskData(TaskData):
     def split_size(self, task: str, split: str) -> int:
         return len(self.split(task, split)[0].images)
 
-    def pixels(self, images: tuple[Any, ...]) -> torch.Tensor:
-        return self.backbone.processor(images=[open_image(image) for image in images], return_tensors="pt")["pixel_values"]
+    def pixels(self, images: ImageSplit, positions: range | list[int]) -> torch.Tensor:
+        opened = [open_image(images, position) for position in positions]
+        return self.backbone.processor(images=opened, return_tensors="pt")["pixel_values"]
 
     def batch(self, task: str, split: str, start: int, stop: int) -> Batch:
         images, labels = self.split(task, split)
-        return {"pixel_values": self.pixels(images.images[start:stop])}, torch.from_numpy(labels[start:stop])
+        positions = range(start, min(stop, len(images.images)))
+        return {"pixel_values": self.pixels(images, positions)}, torch.from_numpy(labels[start:stop])
 
     def exemplars(self, task: str, n: int, seed: int, split: str = "train") -> dict[str, Any]:
         images, _ = self.split(task, split)
         if n > len(images.images):
             raise ValueError(f"{self.backbone.name}/{task}: {n} exemplars asked, the {split} split has {len(images.images)}")
         picks = sorted(np.random.default_rng([seed, _stable_hash(task)]).choice(len(images.images), n, replace=False).tolist())
-        return {"pixel_values": self.pixels(tuple(images.images[i] for i in picks))}
+        return {"pixel_values": self.pixels(images, picks)}
 
 
 # --- checks and registration ------------------------------------------------------------------------------

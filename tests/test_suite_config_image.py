@@ -428,3 +428,18 @@ def test_a_hub_image_dataset_in_the_hub_cache_is_read_offline(files, tmp_path, m
     assert next(t for t in SUITES.get("hub-tones").tasks if t.name == "tone").classes == tuple(TONES)
     record = json.loads((results / "hub-tones.jsonl").read_text())
     assert record["metrics"]["tone"] == pytest.approx(pretrained_clip_accuracy(files, "tone"))
+
+
+def test_an_unreadable_image_is_named_in_one_line(files, tmp_path, capsys):
+    """Images are decoded when read: a cell PIL cannot read stops the run with its row and file."""
+    import pandas as pd
+
+    frame = pd.read_parquet(files / "tone-test.parquet")
+    frame.at[1, "image"] = {"bytes": b"not an image", "path": None}
+    frame.to_parquet(tmp_path / "broken.parquet")
+    suite = write(files, VIT, "broken-image", {'test = "tone-test.parquet"': f'test = "{tmp_path / "broken.parquet"}"'})
+    assert main(["prepare", "--suite-config", str(suite)]) == 0
+    capsys.readouterr()
+    assert main(["run", "--suite-config", str(suite), "--method", "task-arithmetic", "--no-save"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the image of row 1 of" in error and "broken.parquet: not an image PIL can read" in error
