@@ -66,7 +66,6 @@ and ``read_artifact`` are importable from here too.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -120,18 +119,15 @@ _FAST: bool | None = None
 
 
 def _kernels():
-    """The compiled kernels module when numba is installed (and _FAST is not False), else None."""
+    """The compiled kernels module when numba imports (and _FAST is not False), else None."""
     global _FAST
-    if _FAST is None:
-        _FAST = importlib.util.find_spec("numba") is not None
-    if not _FAST:
+    if _FAST is False:
         return None
     from mergebench import _codec_kernels
 
-    if not _codec_kernels.HAVE_NUMBA:  # installed but not importable: numpy it is
-        _FAST = False
-        return None
-    return _codec_kernels
+    if _FAST is None:
+        _FAST = _codec_kernels.HAVE_NUMBA
+    return _codec_kernels if _FAST and _codec_kernels.HAVE_NUMBA else None
 
 
 # --------------------------------------------------------------------------- bits
