@@ -230,10 +230,12 @@ def check_regression(config: SuiteConfig, task: TaskConfig) -> None:
     for split in ("train", "test"):
         frame = read_split(task, split)
         values = frame[task.label]
-        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        numbers = values.to_numpy(dtype=np.float64) if numeric else None
-        if numbers is None or not np.isfinite(numbers).all():
-            bad = values.iloc[0] if numbers is None else values[~np.isfinite(numbers)].iloc[0]
+        if pd.api.types.is_bool_dtype(values):
+            numbers = np.full(len(values), np.nan)
+        else:
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        if not np.isfinite(numbers).all():
+            bad = values[~np.isfinite(numbers)].iloc[0]
             raise config.error(f"label {bad!r} in {describe_split(task, split)} is not a finite number, which the "
                                f"regression head of {task.checkpoint.describe()} predicts", f"{key}.label")
 

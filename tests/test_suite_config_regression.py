@@ -49,7 +49,7 @@ def files(tmp_path_factory):
         scores = np.round(rng.uniform(0, 5, n), 2)
         lines = [f"{' '.join(a)},{' '.join(b)},{s},{int(s > 2.5)}" for a, b, s in zip(first, second, scores)]
         (root / f"pairs-{split}.csv").write_text("sentence1,sentence2,score,same\n" + "\n".join(lines) + "\n")
-    (root / "words-test.csv").write_text("sentence1,sentence2,score\ncat,dog,high\nsun,rain,low\n")
+    (root / "words-test.csv").write_text("sentence1,sentence2,score\ncat,dog,4.5\nsun,rain,low\n")
     return root
 
 
@@ -104,7 +104,7 @@ def test_a_regression_head_is_scored_by_its_correlations(files, tmp_path):
      r"scores a regression head"),
     ("word-scores", "", '[tasks.words]\ncheckpoint = "./similarity"\ntrain = "pairs-train.csv"\n'
      'test = "words-test.csv"\ntext = ["sentence1", "sentence2"]\nlabel = "score"\n',
-     r"word-scores\.toml: tasks\.words\.label: label 'high' in .*words-test\.csv is not a finite number"),
+     r"word-scores\.toml: tasks\.words\.label: label 'low' in .*words-test\.csv is not a finite number"),
 ])
 def test_bad_regression_tasks_are_named_with_their_key(files, name, similarity, pairs, match):
     with pytest.raises(SuiteConfigError, match=match):
