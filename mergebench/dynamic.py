@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -39,6 +40,11 @@ class TaskVectorStore(abc.ABC):
     @abc.abstractmethod
     def combine(self, key: str, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[k] * tau_hat_k[key] as a dense float tensor."""
+
+    def combine_into(self, key: str, weights: torch.Tensor, base: torch.Tensor, out: torch.Tensor) -> None:
+        """out = base + combine(key, weights), the same float operations as a merged weight
+        set's tensor; a store that can write into ``out`` without temporaries overrides this."""
+        torch.add(base, self.combine(key, weights).to(base.device), out=out)
 
     def to(self, device: torch.device) -> "TaskVectorStore":
         """Keep the parts on ``device`` (and set ``self.device``) so that ``combine`` runs there.
@@ -142,6 +148,11 @@ class ComposedMerged(RoutedMerged):
         self.cache_used = 0  # bytes the cached weight sets hold now (never above cache_bytes)
         self.cache_bytes = cache_bytes  # the budget of the cache (run --cache-mb)
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
+        self.keep_min_inputs = 4  # a group this large gets a whole weight set, kept in the cache (``_layered``)
+        self.layered_forwards = 0  # batches run by one layered forward (for tests/benchmarks)
+        self._plan = self._layered_plan()
+        self._plan_checked = False  # the first layered forward checks that every planned module ran
+        self._buffers: dict[tuple, torch.Tensor] = {}  # reused per-module buffers of the layered forward
 
     @property
     def cache_bytes(self) -> int:
@@ -171,6 +182,7 @@ class ComposedMerged(RoutedMerged):
         self.pretrained = {key: value.to(self.device) for key, value in self.pretrained.items()}
         self.store.to(self.device)
         self.clear_cache()
+        self._buffers.clear()
         return self
 
     def merged_parameters(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,8 +191,10 @@ class ComposedMerged(RoutedMerged):
             self._cache.move_to_end(key)
             return self._cache[key]
         weights = weights.to(getattr(self.store, "device", torch.device("cpu")))
-        params = {name: self.pretrained[name] + self.store.combine(name, weights).to(self.device)
-                  for name in self.pretrained}
+        params = {}
+        for name, base in self.pretrained.items():  # pretrained + combine, written in place
+            params[name] = torch.empty_like(base)
+            self.store.combine_into(name, weights, base, params[name])
         self.materialisations += 1
         size = _nbytes(params)
         if size <= self._cache_bytes:
@@ -191,17 +205,135 @@ class ComposedMerged(RoutedMerged):
 
     @torch.no_grad()
     def features(self, inputs: Mapping[str, Any], weights: torch.Tensor) -> torch.Tensor:
-        """One forward per group of inputs with equal weights."""
+        """One weight set for a batch of equal weights; several groups of equal weights run
+        as one layered forward where the encoder's modules allow it (``_layered``), else one
+        forward per group."""
         unique, inverse = torch.unique(weights, dim=0, return_inverse=True)
         if len(unique) == 1:
             return functional_call(self.encoder, self.merged_parameters(unique[0]), args=(), kwargs=dict(inputs))
+        if self._plan is not None:
+            output = self._layered(inputs, unique, inverse)
+            if output is not None:
+                return output
+        return self._grouped(inputs, unique, inverse)
+
+    def _layered_plan(self) -> dict[str, tuple[nn.Module, dict[str, str]]] | None:
+        """{module name: (module, {"weight"/"bias": key})} when every composed tensor is the
+        weight or bias of a plain Linear, LayerNorm or Embedding (no max_norm), else None."""
+        modules = dict(self.encoder.named_modules())
+        plan: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+        for key in self.pretrained:
+            name, _, attribute = key.rpartition(".")
+            module = modules.get(name)
+            if type(module) not in LAYERED or attribute not in ("weight", "bias") or \
+                    getattr(module, "max_norm", None) is not None:
+                return None
+            plan.setdefault(name, (module, {}))[1][attribute] = key
+        return plan
+
+    def _layered(self, inputs: Mapping[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor | None:
+        """One forward of the whole batch, its inputs sorted by group, in which every module with
+        composed tensors runs each group's contiguous slice under that group's tensors. The
+        network is then, for each input, the forward under its own theta(x) (every module sees
+        the input's own activations), with the other modules batched. A group's tensors come
+        from the cache, from a whole set built and kept for a group of at least
+        ``keep_min_inputs`` inputs (likely to recur, e.g. a task's one-hot vector), or else are
+        built module by module into reused buffers, which saves the allocation of a whole weight
+        set per small group and one encoder call per group. Returns None (and the grouped path
+        is used from then on) if a planned module never ran or saw an input that is not the
+        batch: a parent reading its parameters directly (``nn.MultiheadAttention``'s out_proj)."""
+        batch = len(inverse)
+        order = torch.argsort(inverse, stable=True)
+        counts = torch.bincount(inverse, minlength=len(unique)).tolist()
+        groups, start = [], 0
+        for row, count in zip(unique, counts):
+            key = tuple(row.cpu().tolist())
+            params = None
+            if key in self._cache or count >= self.keep_min_inputs:
+                params = self.merged_parameters(row)
+            groups.append((row.to(self.store.device), start, start + count, params))
+            start += count
+        sorted_inputs = {name: value[order.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
+                         and value.shape[0] == batch else value for name, value in inputs.items()}
+        fired: set[str] | None = None if self._plan_checked else set()
+        patched = []
+        try:
+            for name, (module, parts) in self._plan.items():
+                module.forward = self._group_forward(name, module, parts, groups, batch, fired)
+                patched.append(module)
+            features = self.encoder(**sorted_inputs)
+        except _NotLayered:
+            self._plan = None
+            return None
+        finally:
+            for module in patched:
+                del module.forward
+        if fired is not None:
+            if set(self._plan) - fired:
+                self._plan = None
+                return None
+            self._plan_checked = True
+        self.layered_forwards += 1
+        output = torch.empty_like(features)
+        output[order.to(features.device)] = features
+        return output
+
+    def _group_forward(self, name: str, module: nn.Module, parts: dict[str, str], groups: list, batch: int,
+                       fired: set[str] | None):
+        """The forward of ``module`` for one layered pass: each group's slice of the input under
+        the group's weight and bias (an input of batch 1, shared by the batch like BERT's
+        position ids, gives each group its own output for all of its inputs)."""
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            if fired is not None:
+                fired.add(name)
+            if x.shape[0] not in (batch, 1):
+                raise _NotLayered(name)
+            out = None
+            for row, start, stop, params in groups:
+                weight, bias = (self._group_tensor(module, parts.get(attribute), attribute, row, params)
+                                for attribute in ("weight", "bias"))
+                part = x[start:stop] if x.shape[0] == batch else x
+                if type(module) is nn.Linear and out is None:
+                    out = x.new_empty((batch, *x.shape[1:-1], weight.shape[0]))
+                if type(module) is nn.Linear and part.shape[0] == stop - start:
+                    flat, target = part.reshape(-1, part.shape[-1]), out[start:stop].view(-1, weight.shape[0])
+                    if bias is None:
+                        torch.mm(flat, weight.t(), out=target)
+                    else:
+                        torch.addmm(bias, flat, weight.t(), out=target)
+                    continue
+                result = _module_forward(module, part, weight, bias)
+                if out is None:
+                    out = result.new_empty((batch, *result.shape[1:]))
+                out[start:stop] = result
+            return out
+
+        return forward
+
+    def _group_tensor(self, module: nn.Module, key: str | None, attribute: str, row: torch.Tensor,
+                      params: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
+        """A module's weight or bias for one group: its own if no task vector changes it, the
+        group's whole set's, or built now into a buffer reused by the next module and group."""
+        if key is None:
+            return getattr(module, attribute, None)
+        if params is not None:
+            return params[key]
+        base = self.pretrained[key]
+        buffer = self._buffers.get((attribute, base.shape, base.dtype, base.device))
+        if buffer is None:
+            buffer = self._buffers[(attribute, base.shape, base.dtype, base.device)] = torch.empty_like(base)
+        self.store.combine_into(key, row, base, buffer)
+        return buffer
+
+    def _grouped(self, inputs: Mapping[str, Any], unique: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        """One forward per group of inputs with equal weights, each under its whole weight set."""
         output = None
         for group, row in enumerate(unique):
             index = (inverse == group).nonzero().squeeze(1).to(self.device)
             subset = {name: value[index] for name, value in inputs.items()}
             features = functional_call(self.encoder, self.merged_parameters(row), args=(), kwargs=subset)
             if output is None:
-                output = features.new_empty((weights.shape[0], *features.shape[1:]))
+                output = features.new_empty((len(inverse), *features.shape[1:]))
             output[index] = features
         return output
 
@@ -258,6 +390,22 @@ class KNNRouter:
             votes = torch.bincount(self.knn_weights(vectors).argmax(1), minlength=self.num_tasks)
             weights[i, votes.argmax()] = 1.0
         return weights
+
+
+LAYERED = (nn.Linear, nn.LayerNorm, nn.Embedding)  # modules the layered forward composes per group
+
+
+class _NotLayered(Exception):
+    """A planned module saw an input whose first dimension is not the batch."""
+
+
+def _module_forward(module: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``module``'s forward (one of ``LAYERED``) with the given weight and bias."""
+    if isinstance(module, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+    return F.embedding(x, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
 
 
 def _nbytes(params: Mapping[str, torch.Tensor]) -> int:
