@@ -315,6 +315,7 @@ class TwinMerged(RoutedMerged):
         self._hooks = {name: modules[name].register_forward_hook(self._hook(name, keys))
                        for name, keys in by_module.items()}
         self._fired: set[str] | None = None  # the hooked modules that ran, recorded on the first forward
+        self._concatenated: dict[str, tuple[torch.Tensor, ...]] = {}  # Linear experts' factors side by side
 
     def stacked_factors(self, artifacts: Mapping[str, bytes]) -> dict[str, tuple[torch.Tensor, ...]]:
         """{key: (U, S, V)} stacked over the tasks, (K, out, r), (K, r), (K, in, r), or {key: (D,)}
@@ -392,10 +393,11 @@ class TwinMerged(RoutedMerged):
             flat_out = output.reshape(output.shape[0], -1, output.shape[-1])  # (B, N, out)
             delta = torch.zeros(flat_out.shape, dtype=torch.float32, device=output.device)
             if "weight" in parts and isinstance(module, nn.Linear):
-                U, S, V = self.factors[parts["weight"]]  # (K, out, r), (K, r), (K, in, r); ``to`` may move them
-                flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(V.dtype)  # (B, N, in)
-                z = torch.einsum("bni,kir->bknr", flat, V) * S[None, :, None, :] * w[:, :, None, None]
-                delta = delta + torch.einsum("bknr,kor->bno", z, U)
+                # every expert at once: x V_cat (in, K r), scaled per block by w_k S_k, times U_cat (K r, out)
+                U_cat, S, V_cat = self.concatenated(parts["weight"])
+                flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(V_cat.dtype)  # (B, N, in)
+                z = torch.matmul(flat, V_cat) * (w[:, :, None] * S[None]).reshape(len(w), 1, -1)
+                delta = delta + torch.matmul(z, U_cat)
             elif "weight" in parts and isinstance(module, nn.Embedding):
                 U, S, V = self.factors[parts["weight"]]  # (K, rows, r), (K, r), (K, dim, r)
                 rows = U[:, h.reshape(h.shape[0], -1)] * S[:, None, None, :]  # (K, B, N, r)
@@ -409,6 +411,18 @@ class TwinMerged(RoutedMerged):
             return output + delta.reshape(output.shape).to(output.dtype)
 
         return hook
+
+    def concatenated(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A Linear expert's factors side by side, U_cat (K r, out), S (K, r), V_cat (in, K r), made
+        once (again after ``to`` moves the factors), so that a hook applies the K experts with two
+        matmuls instead of K pairs."""
+        U, S, V = self.factors[key]
+        cached = self._concatenated.get(key)
+        if cached is None or cached[1] is not S:
+            cached = (U.transpose(1, 2).reshape(-1, U.shape[1]).contiguous(), S,
+                      V.permute(1, 0, 2).reshape(V.shape[1], -1).contiguous())
+            self._concatenated[key] = cached
+        return cached
 
     def expert_sum(self, key: str, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[k] E_k[key] as a dense tensor of the parameter's shape."""
