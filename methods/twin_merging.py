@@ -396,8 +396,8 @@ class TwinMerged(RoutedMerged):
                 # every expert at once: x V_cat (in, K r), scaled per block by w_k S_k, times U_cat (K r, out)
                 U_cat, S, V_cat = self.concatenated(parts["weight"])
                 flat = h.reshape(h.shape[0], -1, h.shape[-1]).to(V_cat.dtype)  # (B, N, in)
-                z = torch.matmul(flat, V_cat) * (w[:, :, None] * S[None]).reshape(len(w), 1, -1)
-                delta = delta + torch.matmul(z, U_cat)
+                z = torch.matmul(flat, V_cat).mul_((w[:, :, None] * S[None]).reshape(len(w), 1, -1))
+                delta.view(-1, delta.shape[-1]).addmm_(z.view(-1, z.shape[-1]), U_cat)  # accumulated in place
             elif "weight" in parts and isinstance(module, nn.Embedding):
                 U, S, V = self.factors[parts["weight"]]  # (K, rows, r), (K, r), (K, dim, r)
                 rows = U[:, h.reshape(h.shape[0], -1)] * S[:, None, None, :]  # (K, B, N, r)
