@@ -8,7 +8,11 @@ weights), Twin-Merging (router forward on shared-expert features, then one forwa
 with per-input low-rank corrections) and Auto-FlexSwitch when it is registered.
 Inputs are test inputs mixed from every task of the suite, so that routing really
 has several groups. *Cold*: the merged-weight cache emptied before the batch
-(methods that build merged weights per routing group; Twin-Merging has no cache).
+(methods that build merged weights per routing group; Twin-Merging has no cache, its
+cold figure is one more timing of the same work). Several routing groups run as one
+layered forward (``ComposedMerged._layered``); the *grouped* column times the previous
+path, one forward per group under its whole weight set, in the same process, and the
+*routing* column the router alone (its forward and the k-NN search or MLP).
 
     OMP_NUM_THREADS=1 python benchmarks/dynamic_overhead.py --backbone minilm-l6 --batch-sizes 1 32 256
 """
@@ -59,6 +63,15 @@ def timed(function, repeat: int) -> float:
     return statistics.median(times)
 
 
+def cold_time(model, task: str, inputs) -> float:
+    """One prediction with the merged-weight cache emptied first (where there is one)."""
+    if isinstance(model, ComposedMerged):
+        model.clear_cache()
+    start = clock()
+    model.predict(task, inputs)
+    return clock() - start
+
+
 def routing_groups(merged, task: str, inputs) -> str:
     """How many distinct weight vectors the batch is split into (one forward each)."""
     if isinstance(merged, ComposedMerged):
@@ -101,15 +114,21 @@ def main() -> None:
             base = timed(lambda: plain.predict(task, inputs), args.repeat)
             for name, model in merged.items():
                 warm = timed(lambda: model.predict(task, inputs), args.repeat)
-                cold = "-"
-                if isinstance(model, ComposedMerged):
-                    model.clear_cache()
-                    start = clock()
-                    model.predict(task, inputs)
-                    cold = f"{(clock() - start) / base:.2f}"
-                rows.append([size, f"{1000 * base:.1f}", name, routing_groups(model, task, inputs), f"{warm / base:.2f}", cold])
-    table = tabulate(rows, headers=["batch", f"plain forward ({args.clock} ms)", "method", "routing groups", "× plain (cached)",
-                                    "× plain (cold cache)"], tablefmt="github", disable_numparse=True)
+                routing = "-"
+                if model.router is not None:
+                    routing = f"{timed(lambda: model.routing_weights(task, inputs), args.repeat) / base:.2f}"
+                cold, grouped = cold_time(model, task, inputs), "-"
+                if isinstance(model, ComposedMerged) and model._plan is not None and routing_groups(model, task, inputs) != "1":
+                    plan, model._plan = model._plan, None  # the grouped path: one forward per group
+                    try:
+                        grouped = f"{cold_time(model, task, inputs) / base:.2f}"
+                    finally:
+                        model._plan = plan
+                rows.append([size, f"{1000 * base:.1f}", name, routing_groups(model, task, inputs), routing,
+                             f"{warm / base:.2f}", f"{cold / base:.2f}", grouped])
+    table = tabulate(rows, headers=["batch", f"plain forward ({args.clock} ms)", "method", "routing groups", "routing × plain",
+                                    "× plain (cached)", "× plain (cold cache)", "× plain (cold, grouped)"],
+                     tablefmt="github", disable_numparse=True)
     note = f"\n\nNot registered, left out: {', '.join(missing)}." if missing else ""
     shortened = {m: o for m, o in SHORT_TRAINING.items() if m in merged and not args.full_training}
     note += f"\n\nShortened training for the timing: {shortened}." if shortened else ""
