@@ -149,6 +149,11 @@ class ComposedMerged(RoutedMerged):
         self.cache_bytes = cache_bytes  # the budget of the cache (run --cache-mb)
         self.materialisations = 0  # how many times merged weights were built (for tests/benchmarks)
         self.keep_min_inputs = 4  # a group this large gets a whole weight set, kept in the cache (``_layered``)
+        # one expansion pass of a task vector over a weight costs about a matmul of the weight with
+        # this many rows (``_corrections``): on the 32-token mixed batches of the benchmark, always
+        # correcting was slower than never, so this is set below 32
+        self.build_rows = 16
+        self.corrected_inputs = 0  # (input, task, Linear) corrections applied (for tests/benchmarks)
         self.layered_forwards = 0  # batches run by one layered forward (for tests/benchmarks)
         self._plan = self._layered_plan()
         self._plan_checked = False  # the first layered forward checks that every planned module ran
@@ -288,20 +293,13 @@ class ComposedMerged(RoutedMerged):
                 fired.add(name)
             if x.shape[0] not in (batch, 1):
                 raise _NotLayered(name)
+            if type(module) is nn.Linear and x.shape[0] == batch:
+                return self._linear_forward(module, parts, groups, x, batch)
             out = None
             for row, start, stop, params in groups:
                 weight, bias = (self._group_tensor(module, parts.get(attribute), attribute, row, params)
                                 for attribute in ("weight", "bias"))
                 part = x[start:stop] if x.shape[0] == batch else x
-                if type(module) is nn.Linear and out is None:
-                    out = x.new_empty((batch, *x.shape[1:-1], weight.shape[0]))
-                if type(module) is nn.Linear and part.shape[0] == stop - start:
-                    flat, target = part.reshape(-1, part.shape[-1]), out[start:stop].view(-1, weight.shape[0])
-                    if bias is None:
-                        torch.mm(flat, weight.t(), out=target)
-                    else:
-                        torch.addmm(bias, flat, weight.t(), out=target)
-                    continue
                 result = _module_forward(module, part, weight, bias)
                 if out is None:
                     out = result.new_empty((batch, *result.shape[1:]))
@@ -309,6 +307,78 @@ class ComposedMerged(RoutedMerged):
             return out
 
         return forward
+
+    def _linear_forward(self, module: nn.Linear, parts: dict[str, str], groups: list, x: torch.Tensor,
+                        batch: int) -> torch.Tensor:
+        """A Linear over the sorted batch: each group's rows times its own weight, or, where the cost
+        model (``_corrections``) says so, times the one-hot weight of its dominant task a,
+        theta_pre + tau_a, plus the remaining sum_k (w_k - [k = a]) (x tau_k^T) per input, exact
+        because a Linear is linear in its weight. The corrections of task k for every such group
+        are one matmul over their rows. The group's own bias is always composed (it is small)."""
+        weight_key = parts.get("weight")
+        rows = x[0].numel() // x.shape[-1]  # rows this Linear multiplies per input (e.g. tokens)
+        out = x.new_empty((batch, *x.shape[1:-1], module.out_features))
+        corrections: dict[int, list[tuple[int, int, float]]] = {}
+        bases: dict[int, torch.Tensor] = {}  # dominant task -> theta_pre + tau_a of this weight
+        for row, start, stop, params in groups:
+            bias = self._group_tensor(module, parts.get("bias"), "bias", row, params)
+            plan = None
+            if weight_key is not None and params is None:
+                plan = self._corrections(row, (stop - start) * rows)
+            if plan is None:
+                weight = self._group_tensor(module, weight_key, "weight", row, params)
+            else:
+                dominant, remaining = plan
+                weight = bases.get(dominant)
+                if weight is None:
+                    weight = bases[dominant] = self._task_tensor(weight_key, dominant, ("base", dominant),
+                                                                 self.pretrained[weight_key])
+                for k, coefficient in remaining:
+                    corrections.setdefault(k, []).append((start, stop, coefficient))
+            flat, target = x[start:stop].reshape(-1, x.shape[-1]), out[start:stop].view(-1, module.out_features)
+            if bias is None:
+                torch.mm(flat, weight.t(), out=target)
+            else:
+                torch.addmm(bias, flat, weight.t(), out=target)
+        for k, spans in corrections.items():
+            tau = self._task_tensor(weight_key, k, ("task",), self._zeros(weight_key))
+            index = torch.cat([torch.arange(start, stop, device=x.device) for start, stop, _ in spans])
+            scale = torch.cat([torch.full((stop - start,), c, dtype=x.dtype, device=x.device) for start, stop, c in spans])
+            z = torch.matmul(x[index], tau.t())
+            out.index_add_(0, index, z.mul_(scale.view(-1, *[1] * (z.dim() - 1))))
+            self.corrected_inputs += len(index)
+        return out
+
+    def _corrections(self, row: torch.Tensor, rows: int) -> tuple[int, list[tuple[int, float]]] | None:
+        """For a group of ``rows`` Linear rows with weights ``row``: (its dominant task a, the
+        remaining coefficients (k, w_k - [k = a])) when multiplying its rows by those d task
+        vectors costs less than building its own weight (one expansion pass per active task,
+        each costing about ``build_rows`` rows of matmul), else None."""
+        dominant = int(row.argmax())
+        remaining = row.clone()
+        remaining[dominant] -= 1
+        active = remaining.nonzero().flatten().tolist()
+        if len(active) * rows >= self.build_rows * int((row != 0).sum()):
+            return None
+        return dominant, [(k, float(remaining[k])) for k in active]
+
+    def _task_tensor(self, key: str, k: int, slot: tuple, base: torch.Tensor) -> torch.Tensor:
+        """base + tau_hat_k[key] in a reused buffer (the one-hot composition of task k)."""
+        onehot = torch.zeros(len(self.store.tasks), device=self.store.device)
+        onehot[k] = 1.0
+        buffer_key = (*slot, base.shape, base.dtype, base.device)
+        buffer = self._buffers.get(buffer_key)
+        if buffer is None:
+            buffer = self._buffers[buffer_key] = torch.empty_like(base)
+        self.store.combine_into(key, onehot, base, buffer)
+        return buffer
+
+    def _zeros(self, key: str) -> torch.Tensor:
+        base = self.pretrained[key]
+        slot = ("zeros", base.shape, base.dtype, base.device)
+        if slot not in self._buffers:
+            self._buffers[slot] = torch.zeros_like(base)
+        return self._buffers[slot]
 
     def _group_tensor(self, module: nn.Module, key: str | None, attribute: str, row: torch.Tensor,
                       params: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:

@@ -81,6 +81,17 @@ def test_mixed_weights_run_one_layered_forward_equal_to_each_inputs_own_weights(
     # the grouped path (one forward per group) agrees
     unique, inverse = torch.unique(weights, dim=0, return_inverse=True)
     torch.testing.assert_close(merged._grouped(inputs, unique, inverse), got, rtol=0, atol=1e-5 * float(scale))
+    # every Linear weight built per group, or every small group corrected from its dominant task's weights
+    for build_rows in (0, 10**9):
+        merged.build_rows = build_rows
+        merged.clear_cache()
+        corrected = merged.corrected_inputs
+        with torch.no_grad():
+            other = merged.features(inputs, weights)
+        assert (merged.corrected_inputs > corrected) == (build_rows > 0)
+        with torch.no_grad():
+            assert torch.equal(head(other).argmax(-1), head(expected).argmax(-1))
+        torch.testing.assert_close(other, expected, rtol=0, atol=1e-5 * float(scale))
 
 
 def test_combine_into_writes_the_composed_tensor_bit_for_bit(switched):
