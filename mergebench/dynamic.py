@@ -6,9 +6,12 @@ artifacts and the diagnostics, all given at construction. :class:`ComposedMerged
 runs theta(x) = theta_pre + sum_k w_k(x) * tau_hat_k without one weight
 materialisation per sample: the inputs of a batch are grouped by their
 routing-weight vectors (Auto-Switch weights are multiples of 1/C, so a batch has few
-distinct vectors); merged weights are built once per distinct vector and kept in a
-small LRU cache, and the encoder runs through ``torch.func.functional_call`` so no
-module is copied.
+distinct vectors). A batch of one vector runs through ``torch.func.functional_call``
+under a whole merged weight set kept in a small LRU cache; several vectors run as one
+layered forward in which each composed module runs every group's slice of the batch
+under that group's tensors, built module by module (or, where a cost model says so, the
+group's dominant task's tensors plus per-input corrections), so that no module is
+copied and no small group pays for a whole weight set.
 """
 from __future__ import annotations
 
