@@ -13,9 +13,9 @@ import mergebench
 from mergebench.container import decode_tensors
 from mergebench.errors import HyperparameterError
 from mergebench.exemplars import draw_exemplars
-from mergebench.export import saver
 from mergebench.pool import ModelPool
-from mergebench.runner import execute, make_method, resolve
+from mergebench.runner import make_method
+from tests.test_export import run_and_save
 
 HP = {"steps": 3, "exemplars": 8, "batch_size": 4, "lr_bas": 0.3}  # settings no other test uses: trained once here
 
@@ -79,15 +79,7 @@ def test_ans_predicts_exactly_as_sass_and_is_counted_by_its_own_bytes(tiny_bert,
 
 def test_an_exported_ans_flexswitch_reloads_and_predicts_the_same(tiny_bert, tmp_path):
     out = tmp_path / "flex-ans"
-    plan = resolve("flexswitch", "tiny-bert", hyperparameters={**HP, "format": "ans"})
-    kept = {}
-    save = saver(plan, out)
-
-    def keep(merged, pool):
-        kept["merged"] = merged
-        save(merged, pool)
-
-    result = execute(plan, keep=keep)
+    result, merged = run_and_save("flexswitch", out, **HP, format="ans")
     assert result.hyperparameters["format"] == "ans"
     files = sorted((out / "artifacts").iterdir())
     assert [p.name for p in files] == sorted(f"{task}.ans" for task in tiny_bert.task_names)
@@ -96,7 +88,7 @@ def test_an_exported_ans_flexswitch_reloads_and_predicts_the_same(tiny_bert, tmp
     loaded = mergebench.load(out)
     for task in tiny_bert.task_names:
         inputs, _ = next(iter(tiny_bert.task(task).batches("test", 32)))
-        assert torch.equal(loaded(task=task, **inputs), kept["merged"].predict(task, inputs))
+        assert torch.equal(loaded(task=task, **inputs), merged.predict(task, inputs))
 
 
 def test_a_format_that_cannot_hold_b_bit_values_is_refused():
