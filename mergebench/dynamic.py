@@ -369,19 +369,21 @@ class ComposedMerged(RoutedMerged):
         """base + tau_hat_k[key] in a reused buffer (the one-hot composition of task k)."""
         onehot = torch.zeros(len(self.store.tasks), device=self.store.device)
         onehot[k] = 1.0
-        buffer_key = (*slot, base.shape, base.dtype, base.device)
-        buffer = self._buffers.get(buffer_key)
-        if buffer is None:
-            buffer = self._buffers[buffer_key] = torch.empty_like(base)
+        buffer = self._buffer(slot, base)
         self.store.combine_into(key, onehot, base, buffer)
         return buffer
 
     def _zeros(self, key: str) -> torch.Tensor:
-        base = self.pretrained[key]
-        slot = ("zeros", base.shape, base.dtype, base.device)
-        if slot not in self._buffers:
-            self._buffers[slot] = torch.zeros_like(base)
-        return self._buffers[slot]
+        return self._buffer(("zeros",), self.pretrained[key], zeros=True)
+
+    def _buffer(self, slot: tuple, like: torch.Tensor, *, zeros: bool = False) -> torch.Tensor:
+        """The reused buffer of ``slot`` shaped as ``like`` (allocated on first use; zero-filled
+        once if ``zeros``)."""
+        key = (*slot, like.shape, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = torch.zeros_like(like) if zeros else torch.empty_like(like)
+        return buffer
 
     def _group_tensor(self, module: nn.Module, key: str | None, attribute: str, row: torch.Tensor,
                       params: Mapping[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -392,9 +394,7 @@ class ComposedMerged(RoutedMerged):
         if params is not None:
             return params[key]
         base = self.pretrained[key]
-        buffer = self._buffers.get((attribute, base.shape, base.dtype, base.device))
-        if buffer is None:
-            buffer = self._buffers[(attribute, base.shape, base.dtype, base.device)] = torch.empty_like(base)
+        buffer = self._buffer((attribute,), base)
         self.store.combine_into(key, row, base, buffer)
         return buffer
 
