@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mergebench.merging import task_vector_slices
 from mergebench.pool import ModelPool
 
 
@@ -65,7 +66,6 @@ def magnitude_threshold(magnitudes: torch.Tensor, keep: float) -> float:
     return float(magnitudes.kthvalue(k).values)
 
 
-_THRESHOLD_SLICE = 1 << 16  # entries of one tensor read at a time by trim_thresholds
 
 
 def trim_thresholds(pool: ModelPool, keep: float) -> list[float]:
@@ -86,12 +86,8 @@ def trim_thresholds(pool: ModelPool, keep: float) -> list[float]:
     high = torch.zeros(len(tasks), 1 << 15, dtype=torch.int64)  # sign bit 0: 2^15 upper halves
 
     def magnitude_bits(key: str):
-        pre = pool.pretrained(key).reshape(-1)
-        finetuned = [pool.finetuned(task, key).reshape(-1) for task in tasks]
-        for start in range(0, pre.numel(), _THRESHOLD_SLICE):
-            base = pre[start:start + _THRESHOLD_SLICE]
-            for k, theta in enumerate(finetuned):
-                yield k, (theta[start:start + _THRESHOLD_SLICE] - base).abs_().float().view(torch.int32)
+        for taus in task_vector_slices(pool, key)():
+            yield from enumerate(taus.abs().float().view(torch.int32))
 
     for key in tqdm(pool.merged_keys, desc="ties: trim thresholds", leave=False):
         for k, bits in magnitude_bits(key):
