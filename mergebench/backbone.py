@@ -29,6 +29,10 @@ class Backbone(abc.ABC):
     # where ``prepare`` fine-tunes locally (``mergebench prepare --device``); checkpoints are
     # always written from CPU float32 tensors, and a backbone that only converts ignores it
     prepare_device: torch.device = torch.device("cpu")
+    # SHA-256 of the prepare manifest (``mergebench.manifest``) of the checkpoints the committed
+    # results were scored with, for a backbone fine-tuned locally; ``prepare`` says whether it
+    # reproduced them. None: nothing to compare with.
+    reference_checkpoints: ClassVar[str | None] = None
 
     def __init__(self, checkpoint_dir: Path | str | None = None, data_dir: Path | str | None = None):
         """``checkpoint_dir`` / ``data_dir``: local copies of the checkpoints and datasets a

@@ -259,4 +259,23 @@ def prepare_checkpoints(backbone: Backbone, force: bool = False, repair: bool = 
     unchanged = recorded is not None and recorded.path == path
     if unchanged and {_name(path, file): entry for file, entry in entries.items()} == recorded.files:
         return recorded
-    return _write(backbone, path, entries)
+    manifest = _write(backbone, path, entries)
+    report_reference(backbone, manifest)
+    return manifest
+
+
+def report_reference(backbone: Backbone, manifest: Manifest) -> None:
+    """One line on stderr saying whether newly prepared checkpoints are the ones the
+    committed results were scored with (``backbone.reference_checkpoints``): a locally
+    fine-tuned suite can round differently on another CPU or library version, and then
+    its results are another set's (the leaderboard shows each set apart)."""
+    reference = backbone.reference_checkpoints
+    if reference is None:
+        return
+    if manifest.sha256 == reference:
+        print(f"mergebench: {backbone.name}: the checkpoints reproduce the committed results' "
+              f"(checkpoint manifest {reference[:12]})", file=sys.stderr)
+    else:
+        print(f"mergebench: {backbone.name}: the checkpoints (manifest {manifest.sha256[:12]}) differ from those "
+              f"the committed results used ({reference[:12]}): other library versions or another CPU round "
+              "differently, so results on them are a set of their own on the leaderboard", file=sys.stderr)

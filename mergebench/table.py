@@ -173,6 +173,19 @@ def mean_over_seeds(results: list[Result]) -> list[Result]:
     return rows
 
 
+def _by_checkpoints(records: list[Result]) -> list[tuple[str | None, list[Result]]]:
+    """The records of one leaderboard section split by the checkpoints they were scored with
+    (the prepare manifest), where they name several: methods are ranked on the same models
+    only. Each set in the order first recorded, then the records naming none ("").
+    ``[(None, records)]`` where they name one set at most: one section, as it is."""
+    manifests = list(dict.fromkeys(r.checkpoint_manifest for r in records if r.checkpoint_manifest))
+    if len(manifests) <= 1:
+        return [(None, records)]
+    sets = [(manifest, [r for r in records if r.checkpoint_manifest == manifest]) for manifest in manifests]
+    unrecorded = [r for r in records if not r.checkpoint_manifest]
+    return [*sets, *([("", unrecorded)] if unrecorded else [])]
+
+
 def results_table(results: list[Result], tablefmt: str = "github", known_methods: Collection[str] | None = None) -> str:
     """One row per result: tasks, average, storage, merge and evaluation time, peak memory.
     With ``known_methods``, a record of any other method is marked and listed last, so it
@@ -332,7 +345,9 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
         "are never ranked together. A hyperparameter marked * was set explicitly over the protocol. "
         f"'({SINGLE_TASK_BATCHES} of N)': routing averaged over an evaluation batch of N inputs of one task, as the T-Switch "
         "authors' code evaluates Auto-Switch; not automatic in deployment. Results scored on different "
-        "pinned data (the manifest of a suite's shipped splits) are in sections of their own. "
+        "pinned data (the manifest of a suite's shipped splits), or on different checkpoints of one backbone "
+        "(the prepare manifest: a suite fine-tuned locally can round differently on another machine), are in "
+        "sections of their own. "
         "Avg 95 % CI: the average and its 95 % confidence interval, a percentile bootstrap over each task's test "
         "examples (1,000 resamples, seeded, as recorded); a row of several seeds shows the mean of its seeds' "
         f"bounds; '-': not recorded. {OVERLAP_MARK} marks a row whose interval overlaps that of the row with the "
@@ -352,9 +367,14 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
     pinned = {(backbone, family) for backbone, family, data in by_backbone if data}
     registered_first = sorted(by_backbone.items(),
                               key=lambda item: (item[0][0] not in known_backbones, item[0][:2], not item[0][2], item[0]))
-    for (backbone, family, data), records in registered_first:
+    sections = [(key, manifest, subset) for key, records in registered_first
+                for manifest, subset in _by_checkpoints(records)]
+    for (backbone, family, data), manifest, records in sections:
         latest = mean_over_seeds(latest_per_configuration(records))
-        checkpoints = f", checkpoints: {family}" if family else ""
+        checkpoint_parts = [family] if family else []
+        if manifest is not None:
+            checkpoint_parts.append(f"manifest {manifest[:12]}" if manifest else "manifest not recorded")
+        checkpoints = f", checkpoints: {', '.join(checkpoint_parts)}" if checkpoint_parts else ""
         unknown = " (unknown backbone)" if backbone not in known_backbones else ""
         if data:
             data_label = f", data: manifest {data[:12]}"
@@ -367,7 +387,8 @@ def leaderboard_markdown(results_dir: Path, figure_dir: Path | None = None) -> s
             from mergebench.figure import figure_name, write_figure  # lazily: matplotlib
 
             shown = to_frame([row for _, rows in by_protocol(latest) for row in rows])
-            name = figure_name(backbone, "-".join(part for part in (family, data[:12]) if part))
+            set_name = None if manifest is None else f"checkpoints-{manifest[:12] or 'unrecorded'}"
+            name = figure_name(backbone, "-".join(part for part in (family, data[:12], set_name) if part))
             write_figure(shown, Path(figure_dir) / name,
                          f"{backbone}{unknown} (suite: {latest[0].suite}{checkpoints}{', data ' + data[:12] if data else ''})")
             lines += ["", f"![{backbone}: average metric against extra storage]({name})"]

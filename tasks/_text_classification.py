@@ -14,6 +14,7 @@ import abc
 import hashlib
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence
@@ -30,6 +31,25 @@ from mergebench.task import Batch, TaskData
 from mergebench.tasks._prepared import PreparedBackbone
 
 Example = tuple[str, int]
+
+
+@contextmanager
+def cpu_threads(count: int, device: torch.device) -> Iterator[None]:
+    """Torch's intra-op threads set to ``count`` while fine-tuning on the CPU, restored after.
+
+    A CPU matmul split over another number of threads rounds differently, so the same
+    seeded recipe gives other checkpoints (and other results) with 1 and 2 threads; one
+    thread makes the checkpoints depend on the recipe, the data and the library versions
+    only, not on how many cores the preparing machine has. Another device is left alone."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class MeanPooledEncoder(nn.Module):
@@ -137,8 +157,9 @@ class TextClassificationBackbone(PreparedBackbone):
             write_safetensors(pretrained_path, encoder.state_dict())
         missing = [t for t in self.task_names if force or not (self.root / f"{t}.safetensors").exists()]
         if missing:
-            for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
-                self._fine_tune(task)
+            with cpu_threads(1, torch.device(self.prepare_device)):
+                for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
+                    self._fine_tune(task)
 
     def _fine_tune(self, task: str) -> None:
         recipe, data = self.recipe, self.data(task)

@@ -321,3 +321,24 @@ def test_leaderboard_never_ranks_rows_scored_on_different_data_together(tmp_path
     pinned, unpinned = markdown.split("## tiny-bert")[1:]
     assert "60.00" in pinned and "90.00" not in pinned
     assert "90.00" in unpinned and "60.00" not in unpinned
+
+
+def test_leaderboard_never_ranks_rows_scored_on_different_checkpoints_together(tmp_path):
+    """Where one section's records name two checkpoint sets (the prepare manifest), each set
+    is a section of its own, and the records naming none a third; one set stays one section."""
+    first, second = "cd" * 32, "ef" * 32
+    append_result(tmp_path, make_result(average=0.9, checkpoint_manifest=first))
+    append_result(tmp_path, make_result(method="ties", hyperparameters={"keep": 0.2}, average=0.5))
+    alone = [line for line in leaderboard_markdown(tmp_path).splitlines() if line.startswith("## ")]
+    assert alone == ["## tiny-bert (suite: tiny)"]  # one set and records naming none: as before
+
+    append_result(tmp_path, make_result(average=0.6, checkpoint_manifest=second))
+    markdown = leaderboard_markdown(tmp_path)
+    headings = [line for line in markdown.splitlines() if line.startswith("## ")]
+    assert headings == ["## tiny-bert (suite: tiny, checkpoints: manifest cdcdcdcdcdcd)",
+                        "## tiny-bert (suite: tiny, checkpoints: manifest efefefefefef)",
+                        "## tiny-bert (suite: tiny, checkpoints: manifest not recorded)"]
+    on_first, on_second, unrecorded = markdown.split("## tiny-bert")[1:]
+    assert "90.00" in on_first and "60.00" not in on_first and "50.00" not in on_first
+    assert "60.00" in on_second and "90.00" not in on_second
+    assert "50.00" in unrecorded and "task-arithmetic" not in unrecorded
