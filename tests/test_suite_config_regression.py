@@ -28,7 +28,8 @@ def files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("regression-suite-files")
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    tokenizer = BertTokenizerFast.from_pretrained(str(root))  # reads vocab.txt (the constructor ignores vocab_file in transformers 5)
+    assert tokenizer.unk_token_id not in tokenizer(" ".join(WORDS))["input_ids"]
     config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, initializer_range=0.1)  # varied outputs
     torch.manual_seed(0)
