@@ -492,6 +492,7 @@ def _frame_row(result: Result) -> dict[str, Any]:
     if seeds is not None:
         row["seeds"] = len(seeds) or 1
         row["average_std"] = result.average_std if len(seeds) > 1 else None
+        row["extra_storage_std"] = result.storage_std if len(seeds) > 1 else None
         row.update({f"std.{task}": value for task, value in result.metrics_std.items()})
     row.update({f"hp.{name}": value for name, value in result.hyperparameters.items()})
     row.update({f"examples.{task}": count for task, count in (result.examples or {}).items()})
@@ -504,7 +505,8 @@ def to_frame(results: list[Result], where: list[str] | None = None):
     ``metric.<task>`` (fractions, as recorded), each hyperparameter as ``hp.<name>``,
     ``examples.<task>`` and ``version.<package>``; with ``where``, the ``file:line`` of each.
     ``average_low``/``average_high``: the bounds of the average's 95 % interval (missing if not recorded).
-    Rows of several seeds (the leaderboard's) add ``seeds``, ``average_std`` and ``std.<task>``.
+    Rows of several seeds (the leaderboard's) add ``seeds``, ``average_std``, ``extra_storage_std``
+    (their ``extra_storage_bytes`` is the seeds' mean) and ``std.<task>``.
     Columns keep the first record's task order; a value a record lacks is missing (NaN/None)."""
     import pandas as pd  # lazily: reading records and the command line need no pandas
 
@@ -516,7 +518,8 @@ def to_frame(results: list[Result], where: list[str] | None = None):
     first = [name for name in _FRAME_FIELDS if name != "average"]
     groups = [first[:first.index("seed") + 1], [c for c in columns if c.startswith("metric.")],
               ["average", "average_low", "average_high"],
-              [c for c in ("seeds", "average_std") if c in columns], [c for c in columns if c.startswith("std.")],
+              [c for c in ("seeds", "average_std", "extra_storage_std") if c in columns],
+              [c for c in columns if c.startswith("std.")],
               first[first.index("seed") + 1:], [c for c in columns if c.startswith("hp.")],
               [c for c in columns if c.startswith("examples.")], [c for c in columns if c.startswith("version.")],
               ["where"] if where is not None else []]

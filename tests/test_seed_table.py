@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mergebench.results import append_result
+from mergebench.results import append_result, to_frame
 from mergebench.table import SeedMean, latest_per_configuration, leaderboard_markdown, mean_over_seeds, results_table
 from tests.test_results import make_result, table_rows
 
@@ -37,3 +37,17 @@ def test_a_single_seed_row_prints_exactly_as_before(tmp_path):
 def test_precisions_are_never_averaged_together():
     rows = mean_over_seeds([make_result(seed=0), make_result(seed=1), make_result(seed=0, precision="bf16")])
     assert sorted((type(r).__name__, r.precision) for r in rows) == [("Result", "bf16"), ("SeedMean", "fp32")]
+
+
+def test_a_storage_that_differs_between_seeds_is_their_mean_with_its_spread():
+    """A learned budget (FlexSwitch) stores another size per seed: the row shows the seeds'
+    mean ± sample standard deviation, not the last seed's size; an equal size prints as before."""
+    sizes = (5_000_000, 6_000_000, 7_000_000)
+    (learned,) = mean_over_seeds([make_result(seed=seed, storage=size) for seed, size in enumerate(sizes)])
+    assert learned.extra_storage_bytes == 6_000_000 and learned.storage_std == pytest.approx(1_000_000)
+    cells = dict(zip(*table_rows(results_table([learned]))[:2]))
+    assert cells["Extra storage (MB)"] == "6.00 ± 1.00"
+    (fixed,) = mean_over_seeds([make_result(seed=seed, storage=5_000_000) for seed in range(3)])
+    assert dict(zip(*table_rows(results_table([fixed]))[:2]))["Extra storage (MB)"] == "5.00"
+    frame = to_frame([learned])
+    assert frame.loc[0, "extra_storage_bytes"] == 6_000_000 and frame.loc[0, "extra_storage_std"] == pytest.approx(1e6)
