@@ -25,8 +25,8 @@ def _percent(value: float) -> str:
 def _storage(result: Result) -> str:
     if not result.extra_storage_bytes:
         return "-"
-    spread = getattr(result, "storage_std", 0.0)
-    return f"{result.extra_storage_bytes / MB:.2f}" + (f" ± {spread / MB:.2f}" if spread else "")
+    spread = f"{getattr(result, 'storage_std', 0.0) / MB:.2f}"
+    return f"{result.extra_storage_bytes / MB:.2f}" + (f" ± {spread}" if float(spread) else "")  # a header's bytes: none
 
 
 def _automatic(result: Result) -> str:

@@ -51,3 +51,8 @@ def test_a_storage_that_differs_between_seeds_is_their_mean_with_its_spread():
     assert dict(zip(*table_rows(results_table([fixed]))[:2]))["Extra storage (MB)"] == "5.00"
     frame = to_frame([learned])
     assert frame.loc[0, "extra_storage_bytes"] == 6_000_000 and frame.loc[0, "extra_storage_std"] == pytest.approx(1e6)
+
+
+def test_storage_differing_by_a_few_container_bytes_shows_no_spread():
+    (row,) = mean_over_seeds([make_result(seed=seed, storage=17_520_000 + seed * 40) for seed in range(3)])
+    assert dict(zip(*table_rows(results_table([row]))[:2]))["Extra storage (MB)"] == "17.52"
