@@ -53,3 +53,24 @@ def test_pareto_points_are_the_current_datas_and_flexswitch_formats_stay_apart()
     chosen = latest_records(records, "tiny-bert", current)
     assert chosen == {"flexswitch (kl)": records[1], "flexswitch (kl, ans)": records[2]}
     assert latest_records(records, "tiny-bert") == {"flexswitch (kl)": records[0]}
+
+
+def test_a_configuration_with_several_seeds_is_one_point_at_their_mean():
+    """The newest record of each seed counts; the point is the seeds' mean accuracy and
+    storage (FlexSwitch learns another budget per seed), its switches the lowest seed's."""
+    from mergebench.analysis.pareto import latest_records
+    from tests.test_results import make_result
+
+    def flex(seed, accuracy, size, created):
+        return make_result(method="flexswitch", seed=seed, average=accuracy, storage=size,
+                           hyperparameters={"loss": "kl", "format": "sass"}, created=created,
+                           diagnostics={"artifact_bytes": {"markers-a.sass": size // 2, "markers-b.sass": size // 2},
+                                        "flexswitch": {"seed": seed}})
+
+    records = [flex(0, 0.2, 1_000, "2026-01-01T00:00:00+00:00"), flex(1, 0.6, 3_000, "2026-01-02T00:00:00+00:00"),
+               flex(0, 0.4, 2_000, "2026-01-03T00:00:00+00:00")]  # seed 0 again: the newer one counts
+    (point,) = latest_records(records, "tiny-bert").values()
+    assert point.average == pytest.approx(0.5) and point.metrics["markers-a"] == pytest.approx(0.5)
+    assert point.extra_storage_bytes == 2_500
+    assert point.diagnostics["artifact_bytes"]["markers-a.sass"] == pytest.approx(1_250)
+    assert point.diagnostics["seeds"] == [0, 1] and point.diagnostics["flexswitch"] == {"seed": 0}

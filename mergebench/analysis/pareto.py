@@ -12,6 +12,8 @@ the record's diagnostics), so the figure has one panel per task, as the paper's.
 """
 from __future__ import annotations
 
+import dataclasses
+import statistics
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,20 +26,38 @@ from mergebench.results import Result, load_results
 
 
 def latest_records(results: list[Result], backbone: str, data_manifest: str | None = None) -> dict[str, Result]:
-    """The newest record per Fig. 8 configuration: 'flexswitch (kl)', 't-switch a=0.5', ...,
-    of those scored on the backbone's current data (``data_manifest``; points on other data
-    are not comparable)."""
-    chosen: dict[str, Result] = {}
+    """One point per Fig. 8 configuration: 'flexswitch (kl)', 't-switch a=0.5', ..., of the
+    records scored on the backbone's current data (``data_manifest``; points on other data
+    are not comparable): the newest record of each seed, several seeds as their mean."""
+    chosen: dict[str, dict[int, Result]] = defaultdict(dict)
     current = (r for r in results if r.backbone == backbone and r.data_manifest == data_manifest)
     for result in sorted(current, key=lambda r: r.created):
         hp = result.hyperparameters
         if result.method == "flexswitch":
             coded = f", {hp['format']}" if hp.get("format", "sass") != "sass" else ""
-            chosen[f"flexswitch ({hp.get('loss')}{coded})"] = result
+            chosen[f"flexswitch ({hp.get('loss')}{coded})"][result.seed] = result
         elif result.method == "t-switch" and hp.get("format") in ("sass", "ans"):
             # the same switches entropy-coded (ans): the same accuracy at a smaller size
-            chosen[f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")] = result
-    return dict(sorted(chosen.items()))
+            label = f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")
+            chosen[label][result.seed] = result
+    return {label: mean_of_seeds(list(seeds.values())) for label, seeds in sorted(chosen.items())}
+
+
+def mean_of_seeds(records: list[Result]) -> Result:
+    """A configuration run with several seeds as one point: the seeds' mean accuracies and
+    sizes (a learned budget differs from seed to seed), the learned switches of the lowest
+    seed (``diagnostics.seeds`` lists them all). One record stays as it is."""
+    if len(records) == 1:
+        return records[0]
+    first = min(records, key=lambda r: r.seed)
+    names = set.intersection(*(set(r.diagnostics.get("artifact_bytes", {})) for r in records))
+    sizes = {name: statistics.fmean(r.diagnostics["artifact_bytes"][name] for r in records) for name in sorted(names)}
+    tasks = [task for task in first.metrics if all(task in r.metrics for r in records)]
+    return dataclasses.replace(
+        first, metrics={task: statistics.fmean(r.metrics[task] for r in records) for task in tasks},
+        average=statistics.fmean(r.average for r in records),
+        extra_storage_bytes=round(statistics.fmean(r.extra_storage_bytes for r in records)),
+        diagnostics={**first.diagnostics, "artifact_bytes": sizes, "seeds": sorted(r.seed for r in records)})
 
 
 def task_megabytes(result: Result, task: str) -> float:
@@ -75,16 +95,17 @@ def run(backbone, options) -> list[Path]:
     rows, raw = [], {}
     for label, result in records.items():
         sizes = [task_megabytes(result, task) for task in tasks]
-        rows.append([label, points(result.average), f"{result.extra_storage_bytes / 1e6:.2f}",
+        seeds = result.diagnostics.get("seeds", [result.seed])
+        rows.append([label, len(seeds), points(result.average), f"{result.extra_storage_bytes / 1e6:.2f}",
                      *(f"{points(result.metrics[t])} / {mb:.2f}" for t, mb in zip(tasks, sizes))])
-        raw[label] = {"average": result.average, "megabytes": result.extra_storage_bytes / 1e6,
+        raw[label] = {"average": result.average, "megabytes": result.extra_storage_bytes / 1e6, "seeds": seeds,
                       "metrics": result.metrics, "task_megabytes": dict(zip(tasks, sizes)),
                       "hyperparameters": result.hyperparameters, "created": result.created}
-    report.add("Average accuracy (%) and total storage (MB); per task: accuracy % / MB",
-               markdown_table(["configuration", "avg", "MB", *tasks], rows))
+    report.add("Average accuracy (%) and total storage (MB), the mean over the seeds recorded; per task: "
+               "accuracy % / MB", markdown_table(["configuration", "seeds", "avg", "MB", *tasks], rows))
     flex = {label: r for label, r in records.items() if label.startswith("flexswitch")}
     for label, result in flex.items():
-        report.add(f"Learned sparsity and bit-width, {label} (size-weighted over tasks)",
+        report.add(f"Learned sparsity and bit-width, {label}, seed {result.seed} (size-weighted over tasks)",
                    markdown_table(["tensor type", "layer", "tensors", "sparsity", "mean bits"],
                                   learned_switch_summary(result)))
     report.raw = raw
