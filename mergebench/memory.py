@@ -166,13 +166,14 @@ def estimate_footprint(method: Any, pool: Any) -> tuple[int, int]:
 
 def available_memory(device: torch.device) -> tuple[int, int]:
     """(free host RAM, free memory on ``device``) in bytes; on the CPU both are the RAM."""
-    host = _available_ram()
+    host = available_ram()
     if device.type == "cuda":
         return host, int(torch.cuda.mem_get_info(device)[0])
     return host, host
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
+    """Free host RAM in bytes (psutil's available memory, else the free pages)."""
     try:
         import psutil
     except ImportError:

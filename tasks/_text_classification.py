@@ -13,7 +13,10 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 
 from mergebench.cache import cache_dir, write_json, write_safetensors
 from mergebench.device import to_device
+from mergebench.memory import available_ram
 from mergebench.task import Batch, TaskData
 from mergebench.tasks._prepared import PreparedBackbone
 
@@ -50,6 +54,21 @@ def cpu_threads(count: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _fine_tune_in_process(backbone: "TextClassificationBackbone", task: str) -> None:
+    """One task's fine-tuning in a worker process: one thread, no per-step bar (several
+    processes would draw over each other's)."""
+    torch.set_num_threads(1)
+    backbone._fine_tune(task, progress=False)
 
 
 class MeanPooledEncoder(nn.Module):
@@ -92,6 +111,10 @@ class TextClassificationBackbone(PreparedBackbone):
     The backbone reads the data too: it fine-tunes its encoders on it."""
 
     recipe: ClassVar[FineTuneRecipe]
+    # the most processes ``prepare`` fine-tunes tasks in at once on the CPU (each on one thread;
+    # also bounded by the usable cores and the tasks missing); 1: one after another, in-process
+    fine_tune_processes: ClassVar[int] = 1
+    fine_tune_bytes: ClassVar[int] = 0  # peak memory of one fine-tuning process: the free RAM bounds them too
 
     def __init__(self, root: Path | None = None, **locations: Any):
         super().__init__(**locations)
@@ -157,11 +180,38 @@ class TextClassificationBackbone(PreparedBackbone):
             write_safetensors(pretrained_path, encoder.state_dict())
         missing = [t for t in self.task_names if force or not (self.root / f"{t}.safetensors").exists()]
         if missing:
-            with cpu_threads(1, torch.device(self.prepare_device)):
-                for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
-                    self._fine_tune(task)
+            device = torch.device(self.prepare_device)
+            processes = self._processes(len(missing)) if device.type == "cpu" else 1
+            with cpu_threads(1, device):
+                if processes > 1:
+                    self._fine_tune_in_processes(missing, processes)
+                else:
+                    for task in tqdm(missing, desc=f"{self.name}: fine-tuning", unit="task"):
+                        self._fine_tune(task)
 
-    def _fine_tune(self, task: str) -> None:
+    def _processes(self, tasks: int) -> int:
+        processes = min(self.fine_tune_processes, tasks, usable_cores())
+        if processes > 1 and self.fine_tune_bytes:
+            processes = max(1, min(processes, available_ram() // self.fine_tune_bytes))
+        return processes
+
+    def _fine_tune_in_processes(self, tasks: Sequence[str], processes: int) -> None:
+        """Fine-tune ``tasks`` in ``processes`` worker processes, each task in one. The
+        checkpoints are those of one after another (every task seeds its own recipe, on one
+        thread); the workers are spawned, not forked, so none inherits torch's thread pools."""
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [pool.submit(_fine_tune_in_process, self, task) for task in tasks]
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), unit="task",
+                                   desc=f"{self.name}: fine-tuning ({processes} processes, one thread each)"):
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # those not started; the running ones finish (no half-written files)
+                raise
+
+    def _fine_tune(self, task: str, progress: bool = True) -> None:
         recipe, data = self.recipe, self.data(task)
         torch.manual_seed(recipe.seed)
         rng = np.random.default_rng([recipe.seed, _stable_hash(task)])
@@ -186,7 +236,7 @@ class TextClassificationBackbone(PreparedBackbone):
         encoder.train()
         order = _epochs(rng, len(data.train))
         losses = []
-        for _ in tqdm(range(recipe.steps), desc=f"fine-tune {task}", unit="step", leave=False):
+        for _ in tqdm(range(recipe.steps), desc=f"fine-tune {task}", unit="step", leave=False, disable=not progress):
             batch = [data.train[next(order)] for _ in range(recipe.batch_size)]
             inputs = to_device(self.tokenize([text for text, _ in batch]), device)
             labels = torch.tensor([y for _, y in batch]).to(device)

@@ -67,3 +67,39 @@ def test_prepare_says_whether_the_checkpoints_reproduce_the_reference(tmp_path, 
     prepare_checkpoints(TinyBert())
     err = capsys.readouterr().err
     assert f"(manifest {digest[:12]}) differ from those the committed results used (000000000000)" in err
+
+
+def test_fine_tuning_in_processes_gives_the_checkpoints_of_one_after_another(tmp_path, monkeypatch):
+    from mergebench.tasks import _text_classification as text_classification
+
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "sequential"))
+    sequential = prepare_checkpoints(TinyBert()).files
+    monkeypatch.setattr(text_classification, "usable_cores", lambda: 4)
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path / "processes"))
+    backbone = TinyBert()
+    backbone.fine_tune_processes = 2
+    used = []
+    in_processes = TinyBert._fine_tune_in_processes
+
+    def spy(self, tasks, processes):
+        used.append(processes)
+        in_processes(self, tasks, processes)
+
+    monkeypatch.setattr(TinyBert, "_fine_tune_in_processes", spy)
+    assert prepare_checkpoints(backbone).files == sequential and used == [2]
+
+
+def test_the_processes_are_bounded_by_tasks_cores_and_free_memory(tmp_path, monkeypatch):
+    from mergebench.tasks import _text_classification as text_classification
+
+    monkeypatch.setenv("MERGEBENCH_CACHE", str(tmp_path))
+    backbone = TinyBert()
+    backbone.fine_tune_processes, backbone.fine_tune_bytes = 8, 1_000
+    monkeypatch.setattr(text_classification, "usable_cores", lambda: 6)
+    monkeypatch.setattr(text_classification, "available_ram", lambda: 10_000)
+    assert backbone._processes(3) == 3 and backbone._processes(8) == 6
+    monkeypatch.setattr(text_classification, "available_ram", lambda: 2_500)
+    assert backbone._processes(8) == 2
+    monkeypatch.setattr(text_classification, "available_ram", lambda: 500)
+    assert backbone._processes(8) == 1
+    assert TinyBert()._processes(8) == 1  # the default: one after another
