@@ -74,3 +74,20 @@ def test_a_configuration_with_several_seeds_is_one_point_at_their_mean():
     assert point.extra_storage_bytes == 2_500
     assert point.diagnostics["artifact_bytes"]["markers-a.sass"] == pytest.approx(1_250)
     assert point.diagnostics["seeds"] == [0, 1] and point.diagnostics["flexswitch"] == {"seed": 0}
+
+
+def test_records_of_another_configuration_under_the_same_label_are_not_its_seeds():
+    """A FlexSwitch run with other steps is the same 'flexswitch (kl)' point, but not a seed
+    of the newest configuration: the point averages the newest configuration's seeds only."""
+    from mergebench.analysis.pareto import latest_records
+    from tests.test_results import make_result
+
+    def flex(seed, accuracy, steps, created):
+        return make_result(method="flexswitch", seed=seed, average=accuracy, created=created,
+                           hyperparameters={"loss": "kl", "format": "sass", "steps": steps})
+
+    records = [flex(2, 0.9, 500, "2026-01-01T00:00:00+00:00"), flex(0, 0.4, 40, "2026-01-02T00:00:00+00:00"),
+               flex(1, 0.6, 40, "2026-01-03T00:00:00+00:00")]
+    (point,) = latest_records(records, "tiny-bert").values()
+    assert point.average == pytest.approx(0.5) and point.diagnostics["seeds"] == [0, 1]
+    assert point.hyperparameters["steps"] == 40

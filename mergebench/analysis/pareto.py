@@ -28,19 +28,30 @@ from mergebench.results import Result, load_results
 def latest_records(results: list[Result], backbone: str, data_manifest: str | None = None) -> dict[str, Result]:
     """One point per Fig. 8 configuration: 'flexswitch (kl)', 't-switch a=0.5', ..., of the
     records scored on the backbone's current data (``data_manifest``; points on other data
-    are not comparable): the newest record of each seed, several seeds as their mean."""
-    chosen: dict[str, dict[int, Result]] = defaultdict(dict)
+    are not comparable): the newest record's configuration, the newest record of each of its
+    seeds, several seeds as their mean (records of another configuration under the same label,
+    e.g. other steps, are not seeds of it)."""
+    chosen: dict[str, list[Result]] = defaultdict(list)
     current = (r for r in results if r.backbone == backbone and r.data_manifest == data_manifest)
     for result in sorted(current, key=lambda r: r.created):
         hp = result.hyperparameters
         if result.method == "flexswitch":
             coded = f", {hp['format']}" if hp.get("format", "sass") != "sass" else ""
-            chosen[f"flexswitch ({hp.get('loss')}{coded})"][result.seed] = result
+            chosen[f"flexswitch ({hp.get('loss')}{coded})"].append(result)
         elif result.method == "t-switch" and hp.get("format") in ("sass", "ans"):
             # the same switches entropy-coded (ans): the same accuracy at a smaller size
-            label = f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")
-            chosen[label][result.seed] = result
-    return {label: mean_of_seeds(list(seeds.values())) for label, seeds in sorted(chosen.items())}
+            chosen[f"t-switch α={hp.get('alpha')}" + (" (ans)" if hp.get("format") == "ans" else "")].append(result)
+    return {label: mean_of_seeds(_newest_configuration(records)) for label, records in sorted(chosen.items())}
+
+
+def _newest_configuration(records: list[Result]) -> list[Result]:
+    """Of records in the order written, the newest one of each seed run with the newest
+    record's hyperparameters, protocol and precision."""
+    def configuration(r: Result) -> tuple:
+        return r.hyperparameters, r.protocol, r.precision
+
+    newest = configuration(records[-1])
+    return list({r.seed: r for r in records if configuration(r) == newest}.values())
 
 
 def mean_of_seeds(records: list[Result]) -> Result:
