@@ -66,8 +66,6 @@ def magnitude_threshold(magnitudes: torch.Tensor, keep: float) -> float:
     return float(magnitudes.kthvalue(k).values)
 
 
-
-
 def trim_thresholds(pool: ModelPool, keep: float) -> list[float]:
     """Per task, the magnitude of the k-th largest entry of its whole task vector (TIES
     trims over all merged tensors at once, as the authors do): exactly

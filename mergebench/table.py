@@ -25,8 +25,9 @@ def _percent(value: float) -> str:
 def _storage(result: Result) -> str:
     if not result.extra_storage_bytes:
         return "-"
+    # a spread that rounds to 0.00 MB (container headers differing by a few bytes) is not shown
     spread = f"{getattr(result, 'storage_std', 0.0) / MB:.2f}"
-    return f"{result.extra_storage_bytes / MB:.2f}" + (f" ± {spread}" if float(spread) else "")  # a header's bytes: none
+    return f"{result.extra_storage_bytes / MB:.2f}" + (f" ± {spread}" if float(spread) else "")
 
 
 def _automatic(result: Result) -> str:
